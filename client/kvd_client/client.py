@@ -1,0 +1,245 @@
+"""Synchronous kvd client."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kvd.v1 import kvd_pb2 as pb
+from kvd.v1 import kvd_pb2_grpc as pb_grpc
+from kvd_client import calls
+from kvd_client import target as targets
+from kvd_client.errors import KvdError, from_rpc_error
+from kvd_client.transport import Placer, Transport
+from kvd_client.types import FetchResult, RetrieveResult, SessionInfo, Stats
+
+T = TypeVar("T")
+APPEND_CHUNK_BYTES = 256 << 20
+
+
+class KvdClient:
+    """Talks to a kvd daemon.
+
+    target: "unix:///path/kvd.sock", "/path/kvd.sock", "host:port", or None for $KVD_TARGET or the default
+            socket. shm: "auto" (shared memory when the daemon is on this host, inline bytes otherwise),
+            True (require it) or False. token: bearer token for a daemon that requires one.
+    """
+
+    def __init__(self, target: str | None = None, *, shm: bool | str = "auto", token: str | None = None,
+                 tls_root_cert: bytes | None = None, timeout: float | None = None,
+                 max_shm_bytes: int = 1 << 30) -> None:
+        self.target = targets.normalize(target)
+        options = targets.channel_options()
+        if tls_root_cert is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=tls_root_cert)
+            self._channel = grpc.secure_channel(self.target, creds, options=options)
+        else:
+            self._channel = grpc.insecure_channel(self.target, options=options)
+        self._stub = pb_grpc.KvdStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.timeout = timeout
+        use_shm = shm if shm != "auto" else ("auto" if targets.is_local(self.target) else False)
+        self._transport = Transport(use_shm, max_shm_bytes)
+        self._lock = threading.RLock()
+        self._shapes: dict[str, SessionInfo] = {}
+
+    # -- plumbing --------------------------------------------------------------------------------------
+
+    def _invoke(self, method: str, request: Any) -> Any:
+        try:
+            return getattr(self._stub, method)(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def _placer(self, needed: int) -> Placer:
+        """Grow (or create) the shared-memory region so that `needed` bytes fit; falls back to inline."""
+        region = self._transport.wanted_region(needed)
+        if region is not None:
+            try:
+                self._invoke("RegisterSharedMemory", pb.RegisterSharedMemoryRequest(
+                    name=region.key, key=region.key, offset=0, byte_size=region.size))
+            except KvdError:
+                region.close()
+                if self._transport.mode is True:
+                    raise
+                self._transport.disable()
+            else:
+                previous = self._transport.adopt(region)
+                if previous is not None:
+                    self._release(previous)
+        return self._transport.placer(needed)
+
+    def _release(self, region: Any) -> None:
+        with contextlib.suppress(KvdError):
+            self._invoke("UnregisterSharedMemory", pb.UnregisterSharedMemoryRequest(name=region.key))
+        region.close()
+
+    def _with_tensors(self, needed: int, call: Callable[[Placer], T]) -> T:
+        with self._lock:
+            return call(self._placer(needed))
+
+    @property
+    def uses_shared_memory(self) -> bool:
+        return self._transport.region is not None
+
+    def close(self) -> None:
+        with self._lock:
+            region = self._transport.close()
+            if region is not None:
+                self._release(region)
+            self._channel.close()
+
+    def __enter__(self) -> KvdClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- sessions --------------------------------------------------------------------------------------
+
+    def create_session(self, session_id: str = "", *, num_layers: int, num_kv_heads: int, head_dim: int,
+                       num_query_heads: int | None = None, dtype: torch.dtype | str = torch.float16,
+                       index: str | None = None, sink_tokens: int = 0, window_tokens: int = 0,
+                       exist_ok: bool = False, pinned: bool = False, ttl_seconds: int = 0,
+                       index_params: dict[str, Any] | None = None, labels: dict[str, str] | None = None
+                       ) -> SessionInfo:
+        request = calls.create_request(session_id, num_layers=num_layers, num_kv_heads=num_kv_heads,
+                                       num_query_heads=num_query_heads, head_dim=head_dim, dtype=dtype, index=index,
+                                       sink_tokens=sink_tokens, window_tokens=window_tokens, exist_ok=exist_ok,
+                                       pinned=pinned, ttl_seconds=ttl_seconds, index_params=index_params,
+                                       labels=labels)
+        info = SessionInfo.from_wire(self._invoke("CreateSession", request).session)
+        self._shapes[info.session_id] = info
+        return info
+
+    def get_session(self, session_id: str) -> SessionInfo:
+        info = SessionInfo.from_wire(self._invoke("GetSession", pb.GetSessionRequest(session_id=session_id)))
+        self._shapes[session_id] = info
+        return info
+
+    def list_sessions(self, prefix: str = "") -> list[SessionInfo]:
+        found: list[SessionInfo] = []
+        token = ""
+        while True:
+            reply = self._invoke("ListSessions", pb.ListSessionsRequest(prefix=prefix, limit=1000, page_token=token))
+            found.extend(SessionInfo.from_wire(s) for s in reply.sessions)
+            token = reply.next_page_token
+            if not token:
+                return found
+
+    def delete_session(self, session_id: str) -> pb.DeleteSessionResponse:
+        self._shapes.pop(session_id, None)
+        return self._invoke("DeleteSession", pb.DeleteSessionRequest(session_id=session_id))
+
+    def stats(self) -> Stats:
+        return Stats.from_wire(self._invoke("Stats", pb.StatsRequest()))
+
+    def health(self, service: str = "") -> str:
+        try:
+            reply = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout or 5)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    def _shape(self, session_id: str) -> SessionInfo:
+        return self._shapes.get(session_id) or self.get_session(session_id)
+
+    # -- data path -------------------------------------------------------------------------------------
+
+    def append(self, session_id: str, start: int, keys: Any, values: Any, *, layers: Sequence[int] | None = None,
+               token_ids: Any = None, hint_queries: Any = None, hint_topn: Any = None) -> pb.AppendResponse:
+        """Store K/V of tokens [start, start + n) for some layers.
+
+        keys, values: [n_layers, num_kv_heads, n, head_dim] (or [num_kv_heads, n, head_dim] with one layer in
+        `layers`), torch or numpy, in the session dtype. layers: which layers (default: all, in order).
+        token_ids: the n token ids (for prefix reuse). hint_queries [n_layers, num_query_heads, s, head_dim] and
+        hint_topn [n_layers, num_query_heads, s, N]: prefill-query sample and its exact top-N key positions,
+        which let the daemon build attention-aware indexes cheaply. Large appends are split automatically.
+        """
+        keys, values = calls.normalize_kv(keys, values, layers)
+        token_tensor = None if token_ids is None else torch.as_tensor(token_ids).reshape(-1)
+        reply = pb.AppendResponse()
+        chunks = calls.append_chunks(keys, APPEND_CHUNK_BYTES)
+        for i, (a, b) in enumerate(chunks):
+            last = i == len(chunks) - 1
+            part_k, part_v = keys[:, :, a:b], values[:, :, a:b]
+            part_ids = None if token_tensor is None else token_tensor[a:b]
+            hq, ht = (hint_queries, hint_topn) if last else (None, None)
+            needed = calls.nbytes(part_k) * 2 + calls.nbytes(hq) + calls.nbytes(ht) + 1024
+            reply = self._with_tensors(needed, lambda placer, a=a, part_k=part_k, part_v=part_v, part_ids=part_ids,
+                                       hq=hq, ht=ht: self._invoke("Append", calls.append_request(
+                                           placer, session_id, start + a, part_k, part_v, layers, part_ids, hq, ht)))
+        return reply
+
+    def retrieve(self, session_ids: str | Sequence[str], layer: int, queries: Any, *, k: int,
+                 mode: str = "attention", ranges: Sequence[tuple[int, int]] | None = None,
+                 scale: float | None = None, exact: bool = False, search_params: dict[str, Any] | None = None
+                 ) -> RetrieveResult:
+        """Top-k keys per query head of one layer, for one session or a batch of sessions.
+
+        queries: [n, num_query_heads, head_dim] for a list of n sessions, or [num_query_heads, head_dim] for one
+        session id (then the result drops the batch axis). mode: "ids" (positions), "ids_kv" (positions plus
+        gathered K/V) or "attention" (partial attention: float32 output and log-sum-exp, mergeable exactly with
+        attention over other keys by kvd_client.merge_attention). ranges: per sequence (begin, end) token range
+        to search (end 0 = the session's length); default: everything except the session's sink and window.
+        scale: softmax scale (default 1/sqrt(head_dim)). exact: force the exact scan.
+        """
+        ids, tensor, single = calls.normalize_queries(session_ids, queries)
+        info = self._shape(ids[0])
+        out = calls.retrieve_output_bytes(len(ids), tensor.shape[-2], k, tensor.shape[-1], mode,
+                                          calls.element_size(info.dtype))
+        return self._with_tensors(calls.nbytes(tensor) + out, lambda placer: calls.retrieve_result(
+            self._invoke("Retrieve", calls.retrieve_request(placer, ids, layer, tensor, k, mode, ranges, scale, exact,
+                                                            search_params)), placer, single))
+
+    def fetch(self, session_id: str, begin: int = 0, end: int | None = None, *, layers: Sequence[int] | None = None,
+              with_token_ids: bool = False) -> FetchResult:
+        """K/V of tokens [begin, end) (default: to the end) for some layers (default all), to rehydrate a cache."""
+        info = self.get_session(session_id) if end is None else self._shape(session_id)
+        stop = end if end is not None else info.num_tokens
+        n_layers = len(layers) if layers else info.num_layers
+        out = calls.fetch_output_bytes(n_layers, info.num_kv_heads, max(0, stop - begin), info.head_dim,
+                                       calls.element_size(info.dtype))
+        return self._with_tensors(out, lambda placer: calls.fetch_result(
+            self._invoke("Fetch", calls.fetch_request(placer, session_id, begin, stop, layers, with_token_ids)),
+            placer, with_token_ids))
+
+    def persist(self, session_id: str, *, seal: bool = False) -> int:
+        """Make the session durable up to its current length; returns the durable token count."""
+        return self._invoke("Persist", pb.PersistRequest(session_id=session_id, seal=seal)).durable_tokens
+
+    def truncate(self, session_id: str, num_tokens: int) -> SessionInfo:
+        reply = self._invoke("Truncate", pb.TruncateRequest(session_id=session_id, num_tokens=num_tokens))
+        return SessionInfo.from_wire(reply.session)
+
+    def lookup_prefix(self, token_ids: Any) -> tuple[str | None, int]:
+        """The stored session sharing the longest prefix with `token_ids`, and that prefix's length."""
+        ids = [int(t) for t in torch.as_tensor(token_ids).reshape(-1).tolist()]
+        reply = self._invoke("LookupPrefix", pb.LookupPrefixRequest(token_ids=ids))
+        return (reply.session_id or None), reply.matched_tokens
+
+    def export_session(self, session_id: str) -> Iterator[bytes]:
+        try:
+            for chunk in self._stub.ExportSession(pb.ExportSessionRequest(session_id=session_id),
+                                                  timeout=self.timeout, metadata=self._metadata):
+                yield chunk.data
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def import_session(self, chunks: Iterator[bytes] | bytes) -> SessionInfo:
+        if isinstance(chunks, bytes | bytearray):
+            data = bytes(chunks)
+            chunks = iter([data[i: i + (4 << 20)] for i in range(0, len(data), 4 << 20)] or [b""])
+        try:
+            reply = self._stub.ImportSession((pb.ExportChunk(data=c) for c in chunks), timeout=self.timeout,
+                                             metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return SessionInfo.from_wire(reply.session)

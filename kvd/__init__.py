@@ -1,0 +1,3 @@
+"""kvd: a tiered KV-cache storage daemon with attention-aware retrieval for long-context LLMs."""
+
+__version__ = "0.1.0"

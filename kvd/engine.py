@@ -1,0 +1,262 @@
+"""The daemon's operations on plain Python values: sessions, append, retrieve, fetch, persist.
+
+The gRPC servicer (kvd.service) decodes messages and calls these methods in worker threads; everything here
+is thread-safe and raises kvd.errors.KvdError subclasses for bad input or state.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from kvd.config import Config
+from kvd.errors import FailedPrecondition, InvalidArgument
+from kvd.index.manager import IndexManager
+from kvd.retrieval import Mode, RetrieveSpec, SequenceResult, default_scale, retrieve_batch
+from kvd.shm import SharedMemoryRegistry
+from kvd.store.registry import Registry
+from kvd.store.session import ModelShape, Session, SessionOptions, State, Tier
+from kvd.tiering import Tiering
+from kvd.validate import (
+    MAX_HEAD_DIM,
+    MAX_HEADS,
+    MAX_K,
+    MAX_LAYERS,
+    QUERY_DTYPES,
+    STORAGE_DTYPES,
+    check_dtype,
+    check_finite,
+    check_range,
+    check_scale,
+    check_shape,
+)
+
+log = logging.getLogger("kvd.engine")
+INDEX_KINDS = ("flat", "hnsw", "graph", "wave")
+
+
+@dataclass
+class FetchResult:
+    keys: torch.Tensor
+    values: torch.Tensor
+    token_ids: torch.Tensor | None
+    begin: int
+    end: int
+
+
+class Engine:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.started = time.time()
+        self.registry = Registry(config.memory_budget_bytes)
+        self.shm = SharedMemoryRegistry()
+        workers = config.server.workers or (torch.get_num_threads() or 1)
+        self.fanout = ThreadPoolExecutor(max_workers=max(2, workers), thread_name_prefix="kvd-seq")
+        self.counters: Counter[str] = Counter()
+        self.indexes = IndexManager(config.index)
+        self.tiering = Tiering(config, self.registry, self.indexes)
+
+    def start(self) -> list[str]:
+        """Open the disk tier and recover durable sessions; returns messages about rolled-back data."""
+        return self.tiering.open()
+
+    def close(self) -> None:
+        if self.config.storage.persist_on_shutdown:
+            self.tiering.persist_all()
+        self.tiering.close()
+        self.indexes.close()
+        self.shm.close()
+        self.fanout.shutdown(wait=False, cancel_futures=True)
+
+    # -- sessions --------------------------------------------------------------------------------------
+
+    def create_session(self, tenant: str, session_id: str, shape: ModelShape, options: SessionOptions,
+                       exist_ok: bool) -> tuple[Session, bool]:
+        check_range("num_layers", shape.num_layers, 1, MAX_LAYERS)
+        check_range("num_kv_heads", shape.num_kv_heads, 1, MAX_HEADS)
+        check_range("num_query_heads", shape.num_query_heads, 1, MAX_HEADS)
+        check_range("head_dim", shape.head_dim, 1, MAX_HEAD_DIM)
+        if shape.num_query_heads % shape.num_kv_heads:
+            raise InvalidArgument(
+                f"num_query_heads ({shape.num_query_heads}) must be a multiple of num_kv_heads "
+                f"({shape.num_kv_heads})"
+            )
+        if shape.dtype not in STORAGE_DTYPES:
+            raise InvalidArgument(f"dtype {shape.dtype} cannot store K/V; use float16, bfloat16 or float32")
+        if options.index_kind and options.index_kind not in INDEX_KINDS:
+            raise InvalidArgument(f"unknown index kind {options.index_kind!r}")
+        options.index_kind = options.index_kind or self.config.index.default_kind
+        if options.ttl_seconds == 0:
+            options.ttl_seconds = self.config.storage.default_ttl_seconds
+        if session_id:
+            self.tiering.ensure_loaded(tenant, session_id)
+        session, created = self.registry.create(tenant, session_id, shape, options, exist_ok)
+        if created:
+            self.tiering.on_create(session)
+            self.counters["sessions_created"] += 1
+            log.info("session created", extra={"fields": {"session": session.session_id, "tenant": tenant}})
+        return session, created
+
+    def session(self, tenant: str, session_id: str) -> Session:
+        self.tiering.ensure_loaded(tenant, session_id)
+        session = self.registry.get(tenant, session_id)
+        session.touch()
+        return session
+
+    def list_sessions(self, tenant: str, prefix: str = "") -> list[Session]:
+        return [s for s in self.registry.sessions(tenant) if s.session_id.startswith(prefix)]
+
+    def delete_session(self, tenant: str, session_id: str) -> tuple[int, int]:
+        session = self.session(tenant, session_id)
+        with session.lock.write():
+            memory = session.memory_bytes
+            session.deleted = True
+            self.registry.remove(session)
+            self.indexes.drop(session)
+            for layer in session.layers:
+                layer.release()
+            session.token_ids.load(torch.empty(0, dtype=torch.int64))
+            disk = self.tiering.delete(session)
+        self.counters["sessions_deleted"] += 1
+        return memory, disk
+
+    # -- data path -------------------------------------------------------------------------------------
+
+    def append(self, tenant: str, session_id: str, start: int, layers: list[int], keys: torch.Tensor,
+               values: torch.Tensor, token_ids: torch.Tensor | None, hint_queries: torch.Tensor | None,
+               hint_topn: torch.Tensor | None) -> Session:
+        session = self.session(tenant, session_id)
+        shape = session.shape
+        layers = layers or list(range(shape.num_layers))
+        if len(set(layers)) != len(layers):
+            raise InvalidArgument(f"append lists a layer twice: {layers}")
+        for layer in layers:
+            check_range("layer", layer, 0, shape.num_layers - 1)
+        check_dtype("keys", keys, (shape.dtype,))
+        check_dtype("values", values, (shape.dtype,))
+        if keys.dim() != 4:
+            raise InvalidArgument(f"keys must be [n_layers, num_kv_heads, n_tokens, head_dim], got {list(keys.shape)}")
+        n_tokens = keys.shape[2]
+        expected = (len(layers), shape.num_kv_heads, n_tokens, shape.head_dim)
+        check_shape("keys", keys, expected)
+        check_shape("values", values, expected)
+        check_finite("keys", keys)
+        check_finite("values", values)
+        if token_ids is not None and token_ids.numel() != n_tokens:
+            raise InvalidArgument(f"{token_ids.numel()} token ids given for {n_tokens} tokens")
+        hints = self.indexes.check_hints(session, layers, hint_queries, hint_topn)
+        self.tiering.promote(session)
+        with session.lock.write():
+            self._check_writable(session)
+            for layer in layers:
+                have = session.layers[layer].length
+                if have != start:
+                    raise FailedPrecondition(
+                        f"session {session_id!r} layer {layer} holds {have} tokens: append must start at "
+                        f"{have}, not {start}"
+                    )
+            growth = sum(session.layers[layer].bytes_after_append(n_tokens) - session.layers[layer].nbytes
+                         for layer in layers)
+            self.registry.reserve(growth, session)
+            if token_ids is not None:
+                try:
+                    session.token_ids.write(start, token_ids.to(torch.int64))
+                except ValueError as exc:
+                    raise InvalidArgument(str(exc)) from None
+            for i, layer in enumerate(layers):
+                session.layers[layer].append(keys[i], values[i])
+            self.tiering.on_append(session, layers, start, n_tokens)
+        self.indexes.on_append(session, layers, hints)
+        self.counters["appends"] += 1
+        self.counters["appended_tokens"] += n_tokens * len(layers)
+        return session
+
+    def _check_writable(self, session: Session) -> None:
+        if session.deleted:
+            raise FailedPrecondition(f"session {session.session_id!r} was deleted")
+        if session.state is State.SEALED:
+            raise FailedPrecondition(f"session {session.session_id!r} is sealed (read-only)")
+        if session.state is State.DAMAGED:
+            raise FailedPrecondition(f"session {session.session_id!r} is damaged and cannot be used")
+
+    def retrieve(self, tenant: str, session_ids: list[str], layer: int, queries: torch.Tensor, k: int,
+                 mode: Mode, ranges: list[tuple[int, int]] | None, scale: float, exact: bool,
+                 params: dict[str, str]) -> tuple[list[SequenceResult], list[Session], list[bool]]:
+        if not session_ids:
+            raise InvalidArgument("retrieve needs at least one session")
+        sessions = [self.session(tenant, sid) for sid in session_ids]
+        first = sessions[0].shape
+        for session in sessions:
+            if session.state is State.DAMAGED:
+                raise FailedPrecondition(f"session {session.session_id!r} is damaged and cannot be served")
+            if (session.shape.num_query_heads, session.shape.head_dim) != (first.num_query_heads, first.head_dim):
+                raise InvalidArgument("sessions of one retrieve must share num_query_heads and head_dim")
+        check_range("layer", layer, 0, min(s.shape.num_layers for s in sessions) - 1)
+        check_range("k", k, 1, MAX_K)
+        check_dtype("queries", queries, QUERY_DTYPES)
+        check_shape("queries", queries, (len(sessions), first.num_query_heads, first.head_dim))
+        check_finite("queries", queries)
+        if ranges is not None and len(ranges) != len(sessions):
+            raise InvalidArgument(f"{len(ranges)} ranges given for {len(sessions)} sequences")
+        scale = check_scale(scale) or default_scale(first.head_dim)
+        promoted = [self.tiering.promote(session) for session in sessions]
+        spec = RetrieveSpec(layer=layer, k=k, mode=mode, scale=scale, exact=exact, params=params)
+        results = retrieve_batch(sessions, queries.float(), spec, ranges, self.fanout)
+        self.counters["retrieves"] += 1
+        self.counters["retrieved_sequences"] += len(sessions)
+        return results, sessions, promoted
+
+    def fetch(self, tenant: str, session_id: str, layers: list[int], begin: int, end: int,
+              with_token_ids: bool) -> FetchResult:
+        session = self.session(tenant, session_id)
+        shape = session.shape
+        layers = layers or list(range(shape.num_layers))
+        for layer in layers:
+            check_range("layer", layer, 0, shape.num_layers - 1)
+        self.tiering.promote(session)
+        with session.lock.read():
+            length = min(session.layers[layer].length for layer in layers)
+            end = length if end == 0 else end
+            if begin > end or end > length:
+                raise InvalidArgument(f"fetch range [{begin}, {end}) is outside the {length} stored tokens")
+            keys = torch.stack([session.layers[layer].view()[0][:, begin:end] for layer in layers])
+            values = torch.stack([session.layers[layer].view()[1][:, begin:end] for layer in layers])
+            token_ids = None
+            if with_token_ids:
+                stored = session.token_ids.view()
+                token_ids = stored[begin: min(end, stored.numel())].clone()
+        self.counters["fetches"] += 1
+        return FetchResult(keys, values, token_ids, begin, end)
+
+    def persist(self, tenant: str, session_id: str, seal: bool) -> Session:
+        session = self.session(tenant, session_id)
+        if session.state is State.DAMAGED:
+            raise FailedPrecondition(f"session {session_id!r} is damaged and cannot be persisted")
+        self.tiering.persist(session, seal)
+        self.counters["persists"] += 1
+        return session
+
+    def truncate(self, tenant: str, session_id: str, num_tokens: int) -> Session:
+        session = self.session(tenant, session_id)
+        self.tiering.promote(session)
+        with session.lock.write():
+            self._check_writable(session)
+            if num_tokens > session.num_tokens:
+                raise InvalidArgument(f"cannot truncate to {num_tokens} tokens: the session has {session.num_tokens}")
+            for layer in session.layers:
+                layer.truncate(num_tokens)
+            session.token_ids.truncate(num_tokens)
+            self.tiering.on_truncate(session, num_tokens)
+        self.indexes.on_truncate(session, num_tokens)
+        return session
+
+    def lookup_prefix(self, tenant: str, token_ids: torch.Tensor) -> tuple[str, int]:
+        return self.tiering.lookup_prefix(tenant, token_ids)
+
+    def is_in_memory(self, session: Session) -> bool:
+        return session.tier is Tier.MEMORY

@@ -1,0 +1,1 @@
+"""Key indexes: one interface (base.KeyIndex), several kinds."""

@@ -1,0 +1,101 @@
+"""The one interface every key index implements.
+
+An index covers the keys of one layer of one session: `num_kv_heads` key sets, each holding the keys of
+positions 0..n-1 *local to the index* (the daemon maps local ids to token positions). Searches come per
+query head; query head h belongs to KV head h // (num_query_heads // num_kv_heads) (GQA).
+
+Contract:
+- build() receives all keys known so far plus optional hints from the GPU side; it may run in a background
+  thread, and search() is never called before build() returns.
+- add() appends keys of newly offloaded tokens (decode); their local ids continue from the current count.
+- search() returns, per query head, up to k local ids ordered by decreasing q.k, padded with -1. An index
+  kind with an estimation zone (WAVE) also returns an Estimate: a partial attention (output, log-sum-exp)
+  over keys it did not return as ids, which the daemon merges by log-sum-exp into the exact part.
+- Serialization round-trips everything search() needs (the disk tier stores it next to the KV).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class IndexShape:
+    num_kv_heads: int
+    num_query_heads: int
+    head_dim: int
+
+    @property
+    def group_size(self) -> int:
+        return self.num_query_heads // self.num_kv_heads
+
+
+@dataclass
+class BuildHints:
+    """GPU-side help for attention-aware builds, in local key ids.
+
+    queries: float32 [num_query_heads, n_samples, head_dim], a sample of prefill queries.
+    topn_ids: int64 [num_query_heads, n_samples, N], exact top-N local key ids of those queries
+              (ordered by decreasing score), or None when the index must compute them itself.
+    """
+
+    queries: torch.Tensor | None = None
+    topn_ids: torch.Tensor | None = None
+
+
+@dataclass
+class Estimate:
+    """Partial attention over keys summarized rather than retrieved: output float32 [Hq, head_dim] and
+    lse float32 [Hq] (-inf where nothing is estimated). Merged exactly like any other partial attention."""
+
+    output: torch.Tensor
+    lse: torch.Tensor
+
+
+@dataclass
+class SearchResult:
+    ids: torch.Tensor               # int64 [Hq, k], local ids, -1 padded
+    estimate: Estimate | None = None
+    keys_touched: int = 0           # keys whose score was computed (for the fraction-touched metric)
+
+
+class KeyIndex(ABC):
+    kind: str = "abstract"
+
+    def __init__(self, shape: IndexShape, params: dict[str, str] | None = None) -> None:
+        self.shape = shape
+        self.params = dict(params or {})
+
+    @abstractmethod
+    def build(self, keys: torch.Tensor, values: torch.Tensor | None, hints: BuildHints | None) -> None:
+        """keys/values: float32 [num_kv_heads, n, head_dim]. values are needed only by kinds that estimate."""
+
+    @abstractmethod
+    def add(self, keys: torch.Tensor, values: torch.Tensor | None) -> None:
+        """Append keys (float32 [num_kv_heads, n_new, head_dim]) with the next local ids."""
+
+    @abstractmethod
+    def search(self, queries: torch.Tensor, k: int, scale: float, params: dict[str, str] | None = None
+               ) -> SearchResult:
+        """queries: float32 [num_query_heads, head_dim]."""
+
+    @property
+    @abstractmethod
+    def count(self) -> int:
+        """Number of keys indexed per KV head."""
+
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes the index holds beyond the keys themselves."""
+
+    @abstractmethod
+    def to_bytes(self) -> bytes:
+        ...
+
+    @classmethod
+    @abstractmethod
+    def from_bytes(cls, shape: IndexShape, params: dict[str, str], data: bytes) -> KeyIndex:
+        ...

@@ -1,0 +1,127 @@
+"""Batched retrieval: top-k per query head over each session's keys, gathered K/V, partial attention."""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from kvd_client.attention import merge_attention, partial_attention
+
+from kvd.errors import FailedPrecondition, InvalidArgument
+from kvd.index.flat import exact_topk, pad_ids
+from kvd.store.session import Session
+
+
+class Mode(Enum):
+    IDS = "ids"
+    IDS_KV = "ids_kv"
+    ATTENTION = "attention"
+
+
+@dataclass
+class SequenceResult:
+    ids: torch.Tensor                  # int64 [Hq, k], absolute positions, -1 padded
+    count: int
+    index_kind: str
+    keys: torch.Tensor | None = None   # [Hq, k, d] session dtype
+    values: torch.Tensor | None = None
+    output: torch.Tensor | None = None  # float32 [Hq, d]
+    lse: torch.Tensor | None = None     # float32 [Hq]
+
+
+@dataclass
+class RetrieveSpec:
+    layer: int
+    k: int
+    mode: Mode
+    scale: float
+    exact: bool
+    params: dict[str, str]
+
+
+def resolve_range(session: Session, length: int, requested: tuple[int, int] | None) -> tuple[int, int]:
+    if requested is None:
+        return session.offloaded_range(length)
+    begin, end = requested
+    end = length if end == 0 else end
+    if begin > end or end > length:
+        raise InvalidArgument(
+            f"session {session.session_id!r}: range [{begin}, {end}) is outside the {length} stored tokens"
+        )
+    return begin, end
+
+
+def _gather(store: torch.Tensor, ids: torch.Tensor, group: int) -> torch.Tensor:
+    """store [Hkv, n, d], ids [Hq, k] (may hold -1) -> [Hq, k, d] (rows of -1 ids are zero)."""
+    num_query_heads = ids.shape[0]
+    head_of_query = torch.arange(num_query_heads) // group
+    gathered = store[head_of_query.unsqueeze(1), ids.clamp(min=0)]
+    if (ids < 0).any():
+        gathered[ids < 0] = 0
+    return gathered
+
+
+def retrieve_sequence(session: Session, queries: torch.Tensor, spec: RetrieveSpec,
+                      requested_range: tuple[int, int] | None) -> SequenceResult:
+    """queries: float32 [Hq, d]. Runs under the session's read lock."""
+    shape = session.shape
+    with session.lock.read():
+        layer = session.layers[spec.layer]
+        keys, values = layer.view()
+        length = keys.shape[1]
+        if length == 0:
+            raise FailedPrecondition(f"session {session.session_id!r}: layer {spec.layer} has no tokens appended")
+        begin, end = resolve_range(session, length, requested_range)
+        search = _search(session, queries, keys, spec, begin, end)
+        ids, estimate, kind = search
+        count = int((ids[0] >= 0).sum()) if ids.numel() else 0
+        result = SequenceResult(ids=pad_ids(ids, spec.k), count=count, index_kind=kind)
+        if spec.mode is Mode.IDS:
+            return result
+        gathered_keys = _gather(keys, ids, shape.group_size)
+        gathered_values = _gather(values, ids, shape.group_size)
+        if spec.mode is Mode.IDS_KV:
+            result.keys = _pad_rows(gathered_keys, spec.k)
+            result.values = _pad_rows(gathered_values, spec.k)
+            return result
+        output, lse = partial_attention(queries, gathered_keys, gathered_values, spec.scale, valid=ids >= 0)
+        if estimate is not None:
+            output, lse = merge_attention(output, lse, estimate[0], estimate[1])
+        result.output, result.lse = output, lse
+        return result
+
+
+def _search(session: Session, queries: torch.Tensor, keys: torch.Tensor, spec: RetrieveSpec, begin: int,
+            end: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, str]:
+    index = session.indexes[spec.layer]
+    if not spec.exact and index is not None:
+        found = index.search(queries, keys, spec.k, spec.scale, begin, end, spec.params)
+        if found is not None:
+            return found
+    ids, _ = exact_topk(queries, keys, spec.k, begin, end)
+    return ids, None, "flat"
+
+
+def _pad_rows(tensor: torch.Tensor, k: int) -> torch.Tensor:
+    if tensor.shape[1] >= k:
+        return tensor
+    pad = torch.zeros((tensor.shape[0], k - tensor.shape[1], tensor.shape[2]), dtype=tensor.dtype)
+    return torch.cat([tensor, pad], dim=1)
+
+
+def retrieve_batch(sessions: list[Session], queries: torch.Tensor, spec: RetrieveSpec,
+                   ranges: list[tuple[int, int]] | None, pool: Executor | None) -> list[SequenceResult]:
+    """queries: float32 [n, Hq, d]. Sequences run in parallel on `pool` when there are several."""
+    def one(i: int) -> SequenceResult:
+        return retrieve_sequence(sessions[i], queries[i], spec, ranges[i] if ranges else None)
+
+    if pool is None or len(sessions) == 1:
+        return [one(i) for i in range(len(sessions))]
+    return list(pool.map(one, range(len(sessions))))
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

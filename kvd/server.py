@@ -1,0 +1,145 @@
+"""The daemon process: grpc.aio on uvloop, Unix socket (and TCP when configured), graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kvd import __version__
+from kvd.config import Config
+from kvd.engine import Engine
+from kvd.service import KvdServicer
+from kvd.v1 import kvd_pb2 as pb
+from kvd.v1 import kvd_pb2_grpc as pb_grpc
+
+log = logging.getLogger("kvd.server")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Kvd"].full_name
+
+
+class StartupError(RuntimeError):
+    pass
+
+
+def prepare_socket_path(path: str) -> None:
+    """Create the socket's directory; remove a stale socket file, refuse if another daemon listens there."""
+    socket_path = Path(path)
+    socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+    if not socket_path.exists() and not socket_path.is_symlink():
+        return
+    if not stat.S_ISSOCK(socket_path.lstat().st_mode):
+        raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(socket_path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        socket_path.unlink(missing_ok=True)
+        return
+    finally:
+        probe.close()
+    raise StartupError(f"another process is already serving on {path}")
+
+
+def tenant_default(context: grpc.aio.ServicerContext) -> str:
+    return "default"
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.engine = Engine(config)
+        workers = config.server.workers or os.cpu_count() or 2
+        torch.set_num_threads(workers)
+        self.pool = ThreadPoolExecutor(max_workers=max(4, workers), thread_name_prefix="kvd-rpc")
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.stopping = asyncio.Event()
+        self.addresses: list[str] = []
+
+    def _build_server(self) -> grpc.aio.Server:
+        limit = self.config.server.max_message_mb * 1024 * 1024
+        options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+                   ("grpc.so_reuseport", 0)]
+        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=None)
+        servicer = KvdServicer(self.engine, self.pool, tenant_default)
+        pb_grpc.add_KvdServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server)
+        return server
+
+    def _bind(self, server: grpc.aio.Server) -> None:
+        cfg = self.config.server
+        if cfg.socket:
+            prepare_socket_path(cfg.socket)
+            server.add_insecure_port(f"unix:{cfg.socket}")
+            self.addresses.append(f"unix://{cfg.socket}")
+        if cfg.tcp:
+            port = server.add_insecure_port(cfg.tcp)
+            if port == 0:
+                raise StartupError(f"cannot listen on {cfg.tcp}")
+            host = cfg.tcp.rsplit(":", 1)[0]
+            self.addresses.append(f"{host}:{port}")
+        if not self.addresses:
+            raise StartupError("no listener configured: set server.socket and/or server.tcp")
+
+    async def start(self) -> None:
+        for message in self.engine.start():
+            log.warning(message)
+        self.server = self._build_server()
+        self._bind(self.server)
+        await self.server.start()
+        if self.config.server.socket:
+            os.chmod(self.config.server.socket, self.config.server.socket_mode)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        log.info("kvd serving", extra={"fields": {"version": __version__, "addresses": self.addresses,
+                                                  "memory_budget": self.engine.registry.memory_budget_bytes,
+                                                  "data_dir": self.config.storage.data_dir}})
+
+    async def stop(self) -> None:
+        log.info("shutting down: draining in-flight calls")
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(self.config.server.grace_seconds)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.engine.close)
+        self.pool.shutdown(wait=True)
+        if self.config.server.socket:
+            Path(self.config.server.socket).unlink(missing_ok=True)
+        log.info("kvd stopped")
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        await self.start()
+        await self.stopping.wait()
+        await self.stop()
+
+
+def serve(config: Config) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; asyncio's loop works too
+        uvloop = None
+    runner = uvloop.run if uvloop is not None else asyncio.run
+
+    async def main() -> None:
+        daemon = Daemon(config)
+        await daemon.run()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        runner(main())

@@ -1,0 +1,1 @@
+"""Session storage: the memory tier (this package) and the LMDB disk tier."""
