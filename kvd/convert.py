@@ -50,7 +50,7 @@ def session_info(session: Session) -> pb.SessionInfo:
                                   window_tokens=options.window_tokens, labels=options.labels),
         num_tokens=session.num_tokens, layer_tokens=session.layer_tokens, state=STATE_WIRE[session.state],
         tier=TIER_WIRE[session.tier], durable_tokens=session.durable_tokens, memory_bytes=session.memory_bytes,
-        disk_bytes=getattr(session, "disk_bytes", 0), created_unix=session.created,
+        disk_bytes=session.disk_bytes, created_unix=session.created,
         last_access_unix=session.last_access, tenant=session.tenant, has_token_ids=session.token_ids.length > 0,
         promotions=session.promotions,
     )

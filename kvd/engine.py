@@ -6,18 +6,21 @@ is thread-safe and raises kvd.errors.KvdError subclasses for bad input or state.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
 from kvd.config import Config
-from kvd.errors import FailedPrecondition, InvalidArgument
+from kvd.errors import FailedPrecondition, InvalidArgument, KvdError
 from kvd.index.manager import IndexManager
-from kvd.retrieval import Mode, RetrieveSpec, SequenceResult, default_scale, retrieve_batch
+from kvd.retrieval import Mode, RetrieveSpec, SequenceResult, SessionSpilled, default_scale, retrieve_batch
 from kvd.shm import SharedMemoryRegistry
 from kvd.store.registry import Registry
 from kvd.store.session import ModelShape, Session, SessionOptions, State, Tier
@@ -60,12 +63,55 @@ class Engine:
         self.counters: Counter[str] = Counter()
         self.indexes = IndexManager(config.index)
         self.tiering = Tiering(config, self.registry, self.indexes)
+        self._stop = threading.Event()
+        self._reaper: threading.Thread | None = None
 
     def start(self) -> list[str]:
         """Open the disk tier and recover durable sessions; returns messages about rolled-back data."""
-        return self.tiering.open()
+        messages = self.tiering.open()
+        self._reaper = threading.Thread(target=self._reap_loop, name="kvd-ttl", daemon=True)
+        self._reaper.start()
+        return messages
+
+    def _reap_loop(self) -> None:
+        while not self._stop.wait(1.0):
+            self.expire_idle(time.time())
+
+    def expire_idle(self, now: float) -> list[str]:
+        """Delete unpinned sessions idle for longer than their TTL, from both tiers."""
+        expired = []
+        for session in self.registry.sessions():
+            ttl = session.options.ttl_seconds
+            if ttl and not session.options.pinned and now - session.last_access > ttl and not session.deleted:
+                try:
+                    self.delete_session(session.tenant, session.session_id)
+                except KvdError:
+                    continue
+                expired.append(session.session_id)
+                self.counters["expired"] += 1
+                log.info("session expired", extra={"fields": {"session": session.session_id, "ttl": ttl}})
+        return expired
+
+    @contextlib.contextmanager
+    def in_memory(self, session: Session, write: bool) -> Iterator[None]:
+        """Hold the session's lock with its data in RAM (promoting it from disk as needed)."""
+        while True:
+            self.tiering.promote(session)
+            lock = session.lock.write() if write else session.lock.read()
+            with lock:
+                if session.tier is Tier.MEMORY:
+                    yield
+                    return
+
+    def counter_values(self) -> dict[str, float]:
+        values = {k: float(v) for k, v in self.counters.items()}
+        values.update(self.tiering.counters)
+        return values
 
     def close(self) -> None:
+        self._stop.set()
+        if self._reaper is not None:
+            self._reaper.join(5)
         if self.config.storage.persist_on_shutdown:
             self.tiering.persist_all()
         self.tiering.close()
@@ -150,8 +196,7 @@ class Engine:
         if token_ids is not None and token_ids.numel() != n_tokens:
             raise InvalidArgument(f"{token_ids.numel()} token ids given for {n_tokens} tokens")
         hints = self.indexes.check_hints(session, layers, hint_queries, hint_topn)
-        self.tiering.promote(session)
-        with session.lock.write():
+        with self.in_memory(session, write=True):
             self._check_writable(session)
             for layer in layers:
                 have = session.layers[layer].length
@@ -204,9 +249,16 @@ class Engine:
         if ranges is not None and len(ranges) != len(sessions):
             raise InvalidArgument(f"{len(ranges)} ranges given for {len(sessions)} sequences")
         scale = check_scale(scale) or default_scale(first.head_dim)
-        promoted = [self.tiering.promote(session) for session in sessions]
         spec = RetrieveSpec(layer=layer, k=k, mode=mode, scale=scale, exact=exact, params=params)
-        results = retrieve_batch(sessions, queries.float(), spec, ranges, self.fanout)
+        promoted = [False] * len(sessions)
+        while True:
+            for i, session in enumerate(sessions):
+                promoted[i] = self.tiering.promote(session) or promoted[i]
+            try:
+                results = retrieve_batch(sessions, queries.float(), spec, ranges, self.fanout)
+                break
+            except SessionSpilled:
+                continue
         self.counters["retrieves"] += 1
         self.counters["retrieved_sequences"] += len(sessions)
         return results, sessions, promoted
@@ -218,8 +270,7 @@ class Engine:
         layers = layers or list(range(shape.num_layers))
         for layer in layers:
             check_range("layer", layer, 0, shape.num_layers - 1)
-        self.tiering.promote(session)
-        with session.lock.read():
+        with self.in_memory(session, write=False):
             length = min(session.layers[layer].length for layer in layers)
             end = length if end == 0 else end
             if begin > end or end > length:
@@ -243,8 +294,7 @@ class Engine:
 
     def truncate(self, tenant: str, session_id: str, num_tokens: int) -> Session:
         session = self.session(tenant, session_id)
-        self.tiering.promote(session)
-        with session.lock.write():
+        with self.in_memory(session, write=True):
             self._check_writable(session)
             if num_tokens > session.num_tokens:
                 raise InvalidArgument(f"cannot truncate to {num_tokens} tokens: the session has {session.num_tokens}")

@@ -12,7 +12,11 @@ from kvd_client.attention import merge_attention, partial_attention
 
 from kvd.errors import FailedPrecondition, InvalidArgument
 from kvd.index.flat import exact_topk, pad_ids
-from kvd.store.session import Session
+from kvd.store.session import Session, Tier
+
+
+class SessionSpilled(Exception):
+    """The session moved to disk between its promotion and this read; the caller promotes and retries."""
 
 
 class Mode(Enum):
@@ -69,6 +73,8 @@ def retrieve_sequence(session: Session, queries: torch.Tensor, spec: RetrieveSpe
     """queries: float32 [Hq, d]. Runs under the session's read lock."""
     shape = session.shape
     with session.lock.read():
+        if session.tier is not Tier.MEMORY:
+            raise SessionSpilled(session.session_id)
         layer = session.layers[spec.layer]
         keys, values = layer.view()
         length = keys.shape[1]

@@ -106,7 +106,7 @@ class KvdServicer(pb_grpc.KvdServicer):
             sessions_in_memory=in_memory, sessions_on_disk=on_disk, memory_bytes=engine.registry.memory_bytes(),
             memory_budget_bytes=engine.registry.memory_budget_bytes, disk_bytes=engine.tiering.disk_bytes(),
             disk_budget_bytes=engine.config.storage.disk_budget, shared_memory_regions=engine.shm.count(),
-            counters={k: float(v) for k, v in engine.counters.items()},
+            counters=engine.counter_values(),
             index_build_queue=engine.indexes.queue_length(),
         )
 

@@ -46,3 +46,9 @@ class IndexManager:
 
     def queue_length(self) -> int:
         return 0
+
+    def export_blobs(self, session: Session) -> dict[int, bytes]:
+        return {}
+
+    def import_blobs(self, session: Session, blobs: dict) -> None:
+        pass

@@ -42,3 +42,16 @@ class RWLock:
             with self._cond:
                 self._writer = False
                 self._cond.notify_all()
+
+    def try_write(self) -> bool:
+        """Take the write side only if nobody holds or waits for the lock; pair with release_write()."""
+        with self._cond:
+            if self._writer or self._readers or self._writers_waiting:
+                return False
+            self._writer = True
+            return True
+
+    def release_write(self) -> None:
+        with self._cond:
+            self._writer = False
+            self._cond.notify_all()

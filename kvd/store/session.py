@@ -111,6 +111,13 @@ class Session:
         # Serializes promotion from disk; never held while waiting for `lock`.
         self.tier_lock = threading.Lock()
         self.indexes: list = [None] * shape.num_layers  # kvd.index.manager.LayerIndex per layer, once built
+        self.manifest = None        # kvd.store.records.Manifest of what the disk tier holds, if anything
+        self.rewrite_from: int | None = None  # truncated below what is on disk: rewrite from here on persist
+        self.damaged_reason = ""
+
+    @property
+    def disk_bytes(self) -> int:
+        return self.manifest.disk_bytes if self.manifest is not None else 0
 
     @property
     def key(self) -> tuple[str, str]:
