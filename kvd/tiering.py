@@ -8,15 +8,16 @@ records left by an interrupted write are removed at startup and logged.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from kvd_client import wire
 
 from kvd.config import Config
 from kvd.errors import DataLoss, FailedPrecondition, ResourceExhausted
@@ -27,7 +28,6 @@ from kvd.store.export import pack_session, unpack_session
 from kvd.store.prefix import PrefixIndex
 from kvd.store.registry import Registry
 from kvd.store.session import ModelShape, Session, SessionOptions, State, Tier
-from kvd_client import wire
 
 log = logging.getLogger("kvd.tiering")
 RECORD_TOKENS = 4096        # tokens per K/V record: bounded memory per write and parallel reads
@@ -37,10 +37,8 @@ def _libc_trim() -> None:
     """Give freed heap pages back to the OS so that the daemon's resident memory really drops."""
     name = ctypes.util.find_library("c")
     if name:
-        try:
+        with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(name).malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
 
 
 def manifest_of(session: Session, layers: list[list[records.Chunk]], tokens: list[records.Chunk],
@@ -115,7 +113,7 @@ class Tiering:
                 continue
             known[bytes(key)] = manifest
         referenced = set()
-        for key, manifest in known.items():
+        for manifest in known.values():
             referenced.update(self._record_keys(manifest))
             session = session_from_manifest(manifest)
             try:
@@ -461,7 +459,7 @@ class Tiering:
         return freed
 
     def lookup_prefix(self, tenant: str, token_ids: torch.Tensor) -> tuple[str, int]:
-        candidates, depth = self.prefixes.candidates(tenant, token_ids)
+        candidates, _depth = self.prefixes.candidates(tenant, token_ids)
         if not candidates:
             candidates = {s.session_id for s in self.registry.sessions(tenant) if s.token_ids.length}
         best_id, best = "", 0

@@ -12,9 +12,9 @@ import grpc
 import lmdb
 import pytest
 import torch
+from kvd_client import DataLossError, KvdError, ResourceExhaustedError
 
 from kvd.store import records
-from kvd_client import DataLossError, KvdError, ResourceExhaustedError
 from tests.reference import brute_topk
 
 LAYERS, KV_HEADS, HEADS, DIM = 2, 2, 4, 16
@@ -32,12 +32,12 @@ def expected_kv(seed: int, n: int, chunk: int) -> tuple[torch.Tensor, torch.Tens
     return torch.cat([p[0] for p in parts], dim=2), torch.cat([p[1] for p in parts], dim=2)
 
 
-def create(client, sid: str, **options) -> None:  # noqa: ANN001, ANN003
+def create(client, sid: str, **options) -> None:
     client.create_session(sid, num_layers=LAYERS, num_kv_heads=KV_HEADS, num_query_heads=HEADS, head_dim=DIM,
                           dtype="fp16", **options)
 
 
-def fill(client, sid: str, seed: int, n: int, chunk: int = 64, token_ids=None) -> None:  # noqa: ANN001
+def fill(client, sid: str, seed: int, n: int, chunk: int = 64, token_ids=None) -> None:
     for a in range(0, n, chunk):
         keys, values = kv_chunk(seed, a, min(chunk, n - a))
         ids = None if token_ids is None else token_ids[a: a + keys.shape[2]]
@@ -112,7 +112,7 @@ def test_sigkill_fault_injection_keeps_the_durability_contract(daemon_factory):
             assert sid in {s.session_id for s in client.list_sessions()}, f"durable session {sid} lost"
         stop = threading.Event()
 
-        def work(client=client, iteration=iteration) -> None:  # noqa: ANN001
+        def work(client=client, iteration=iteration, stop=stop) -> None:
             try:
                 for s in range(3):
                     sid = f"s-{iteration * 10 + s}"
@@ -315,11 +315,11 @@ def test_prefix_lookup_across_restart(daemon_factory):
     daemon.kill()
     daemon.start()
     client = daemon.client()
-    next_turn = history + [1, 2, 3]
+    next_turn = [*history, 1, 2, 3]
     assert client.lookup_prefix(next_turn) == ("chat", 700)
     diverged = history[:600] + [9] * 50
     assert client.lookup_prefix(diverged) == ("chat", 600)
-    assert client.lookup_prefix(list(range(100)) + [7]) == ("other", 100)
+    assert client.lookup_prefix([*list(range(100)), 7]) == ("other", 100)
     assert client.lookup_prefix([123456]) == (None, 0)
     client.close()
 

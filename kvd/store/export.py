@@ -12,12 +12,12 @@ import json
 import struct
 
 import torch
+from kvd_client import wire
 
 from kvd.errors import InvalidArgument
 from kvd.store import records
-from kvd.store.session import ModelShape, Session, SessionOptions, State, Tier
 from kvd.store.registry import validate_session_id
-from kvd_client import wire
+from kvd.store.session import ModelShape, Session, SessionOptions, State, Tier
 
 MAGIC = b"KVDX"
 VERSION = 1
