@@ -42,7 +42,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from kvd import logs
+    from kvd.auth import TokenFileError
     from kvd.server import StartupError, serve
+    from kvd.store.disk import FormatError
 
     try:
         config = load(args.config, _overrides(args))
@@ -52,7 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logs.setup(config.log.level, config.log.format)
     try:
         serve(config)
-    except StartupError as exc:
+    except (StartupError, TokenFileError, FormatError, OSError) as exc:
         logging.getLogger("kvd").error(str(exc))
         return EXIT_ERROR
     return EXIT_OK

@@ -76,6 +76,8 @@ class Engine:
     def _reap_loop(self) -> None:
         while not self._stop.wait(1.0):
             self.expire_idle(time.time())
+            for name in self.shm.release_abandoned():
+                log.info("shared-memory region released: its client went away", extra={"fields": {"region": name}})
 
     def expire_idle(self, now: float) -> list[str]:
         """Delete unpinned sessions idle for longer than their TTL, from both tiers."""

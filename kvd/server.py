@@ -17,10 +17,11 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kvd import __version__
+from kvd import __version__, auth, metrics, sdnotify
 from kvd.config import Config
 from kvd.engine import Engine
 from kvd.service import KvdServicer
+from kvd.telemetry import Telemetry
 from kvd.v1 import kvd_pb2 as pb
 from kvd.v1 import kvd_pb2_grpc as pb_grpc
 
@@ -51,8 +52,8 @@ def prepare_socket_path(path: str) -> None:
     raise StartupError(f"another process is already serving on {path}")
 
 
-def tenant_default(context: grpc.aio.ServicerContext) -> str:
-    return "default"
+def tenant_of(context: grpc.aio.ServicerContext) -> str:
+    return auth.get_tenant()
 
 
 class Daemon:
@@ -66,13 +67,18 @@ class Daemon:
         self.server: grpc.aio.Server | None = None
         self.stopping = asyncio.Event()
         self.addresses: list[str] = []
+        self.telemetry = Telemetry(self.engine)
+        self.metrics_server: asyncio.Server | None = None
+        self.watchdog: asyncio.Task | None = None
+        tokens = auth.TokenStore.load(config.server.token_file) if config.server.token_file else None
+        self.auth = auth.AuthInterceptor(tokens, allow_insecure_tcp=config.server.allow_insecure_tcp)
 
     def _build_server(self) -> grpc.aio.Server:
         limit = self.config.server.max_message_mb * 1024 * 1024
         options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
                    ("grpc.so_reuseport", 0)]
-        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=None)
-        servicer = KvdServicer(self.engine, self.pool, tenant_default)
+        server = grpc.aio.server(options=options, interceptors=[metrics.RpcMetricsInterceptor(), self.auth])
+        servicer = KvdServicer(self.engine, self.pool, tenant_of, self.telemetry.observe)
         pb_grpc.add_KvdServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -87,7 +93,12 @@ class Daemon:
             server.add_insecure_port(f"unix:{cfg.socket}")
             self.addresses.append(f"unix://{cfg.socket}")
         if cfg.tcp:
-            port = server.add_insecure_port(cfg.tcp)
+            if cfg.tls_cert:
+                credentials = grpc.ssl_server_credentials(
+                    [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
+                port = server.add_secure_port(cfg.tcp, credentials)
+            else:
+                port = server.add_insecure_port(cfg.tcp)
             if port == 0:
                 raise StartupError(f"cannot listen on {cfg.tcp}")
             host = cfg.tcp.rsplit(":", 1)[0]
@@ -96,7 +107,9 @@ class Daemon:
             raise StartupError("no listener configured: set server.socket and/or server.tcp")
 
     async def start(self) -> None:
-        for message in self.engine.start():
+        sdnotify.status("recovering sessions")
+        loop = asyncio.get_running_loop()
+        for message in await loop.run_in_executor(None, self.engine.start):
             log.warning(message)
         self.server = self._build_server()
         self._bind(self.server)
@@ -105,12 +118,24 @@ class Daemon:
             os.chmod(self.config.server.socket, self.config.server.socket_mode)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        if self.config.server.metrics:
+            host, port = metrics.parse_listen(self.config.server.metrics)
+            self.metrics_server = await metrics.serve_metrics(host, port)
+        sdnotify.ready(f"serving on {', '.join(self.addresses)}")
+        interval = sdnotify.watchdog_interval()
+        if interval:
+            self.watchdog = asyncio.create_task(sdnotify.watchdog_loop(interval, lambda: not self.stopping.is_set()))
         log.info("kvd serving", extra={"fields": {"version": __version__, "addresses": self.addresses,
                                                   "memory_budget": self.engine.registry.memory_budget_bytes,
                                                   "data_dir": self.config.storage.data_dir}})
 
     async def stop(self) -> None:
+        sdnotify.stopping("draining in-flight calls")
         log.info("shutting down: draining in-flight calls")
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(self.config.server.grace_seconds)

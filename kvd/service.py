@@ -114,6 +114,8 @@ class KvdServicer(pb_grpc.KvdServicer):
 
     @_rpc
     def Append(self, request: pb.AppendRequest, tenant: str, labels: dict) -> pb.AppendResponse:
+        labels["transport"] = "shm" if request.keys.WhichOneof("data") == "shm" else "inline"
+        labels["bytes"] = str(2 * (request.keys.shm.byte_size or len(request.keys.inline)))
         return self._append(request, tenant)
 
     def _append(self, request: pb.AppendRequest, tenant: str) -> pb.AppendResponse:
@@ -155,6 +157,7 @@ class KvdServicer(pb_grpc.KvdServicer):
             tenant, list(request.session_ids), request.layer, queries, request.k, mode, ranges, request.scale,
             request.exact, dict(request.search_params))
         labels["index"] = results[0].index_kind if results else "flat"
+        labels["sequences"] = str(len(results))
         reply = pb.RetrieveResponse(counts=[r.count for r in results],
                                     index_kinds=[convert.INDEX_KIND_WIRE.get(r.index_kind, pb.FLAT) for r in results],
                                     promoted=promoted)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
 import threading
 from dataclasses import dataclass
 
@@ -20,6 +23,26 @@ class Registration:
     byte_size: int
     region: ShmRegion
     tenant: str
+
+
+# Regions created by kvd_client are named kvd-<pid>-<random>: the daemon can tell when their creator is gone.
+_CLIENT_KEY = re.compile(r"^kvd-(\d+)-[0-9a-f]+$")
+
+
+def _owner_gone(key: str) -> bool:
+    """True when the region's object was unlinked, or its creating client process no longer exists."""
+    if not os.path.exists(f"/dev/shm/{key}"):
+        return True
+    match = _CLIENT_KEY.match(key)
+    if match is None:
+        return False
+    try:
+        os.kill(int(match.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 class SharedMemoryRegistry:
@@ -78,6 +101,19 @@ class SharedMemoryRegistry:
         if name and not found:
             raise NotFound(f"shared-memory region {name!r} is not registered")
         return sorted(found, key=lambda r: r.name)
+
+    def release_abandoned(self) -> list[str]:
+        """Unregister regions whose client went away (unlinked object or dead process) and remove the
+        objects that a dead client left behind in /dev/shm."""
+        with self._lock:
+            abandoned = [(key, r) for key, r in self._regions.items() if _owner_gone(r.key)]
+            for key, _ in abandoned:
+                del self._regions[key]
+        for _, registration in abandoned:
+            registration.region.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"/dev/shm/{registration.key}")
+        return [r.name for _, r in abandoned]
 
     def count(self) -> int:
         with self._lock:

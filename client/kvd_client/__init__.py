@@ -19,7 +19,9 @@ from kvd_client.errors import (
     InvalidArgumentError,
     KvdError,
     NotFoundError,
+    PermissionDeniedError,
     ResourceExhaustedError,
+    UnauthenticatedError,
     UnavailableError,
 )
 from kvd_client.types import FetchResult, RetrieveResult, SessionInfo, Stats
@@ -34,10 +36,12 @@ __all__ = [
     "KvdClient",
     "KvdError",
     "NotFoundError",
+    "PermissionDeniedError",
     "ResourceExhaustedError",
     "RetrieveResult",
     "SessionInfo",
     "Stats",
+    "UnauthenticatedError",
     "UnavailableError",
     "merge_attention",
     "partial_attention",
