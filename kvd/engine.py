@@ -256,6 +256,8 @@ class Engine:
         while True:
             for i, session in enumerate(sessions):
                 promoted[i] = self.tiering.promote(session) or promoted[i]
+                if not exact:
+                    self.indexes.on_retrieve(session, layer)
             try:
                 results = retrieve_batch(sessions, queries.float(), spec, ranges, self.fanout)
                 break

@@ -1,17 +1,119 @@
-"""Per-session, per-layer index lifecycle. (Backbone: every layer is served by the exact scan.)"""
+"""Per-session, per-layer index lifecycle: background builds, exact service until ready, incremental adds.
+
+A layer's index covers the offloaded positions [base, base + count) where base = the session's sink size.
+Keys offloaded after the build (decode tokens leaving the GPU window) form an exact-scanned tail until they
+are added to the index in the background. A search whose range is narrower than what the index covers is
+served exactly, so results never include positions outside the requested range.
+"""
 
 from __future__ import annotations
+
+import importlib
+import io
+import json
+import logging
+import struct
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from kvd.config import IndexConfig
 from kvd.errors import InvalidArgument
-from kvd.store.session import Session
+from kvd.index.base import BuildHints, IndexShape, KeyIndex
+from kvd.index.flat import exact_scores
+from kvd.store.session import Session, Tier
+
+log = logging.getLogger("kvd.index")
+KINDS = {"hnsw": "kvd.index.hnsw:HnswIndex", "graph": "kvd.index.graph:GraphIndex", "wave": "kvd.index.wave:WaveIndex"}
+# Tail keys (offloaded after the build) are added to the index once this many have accumulated.
+ADD_BATCH_TOKENS = 512
+_BLOB_HEADER = struct.Struct("<I")
+
+
+def index_class(kind: str) -> type[KeyIndex]:
+    module, _, name = KINDS[kind].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+class LayerIndex:
+    """The index of one layer of one session, and the bookkeeping of what it covers."""
+
+    def __init__(self, kind: str, shape: IndexShape, params: dict[str, str], base: int) -> None:
+        self.kind = kind
+        self.shape = shape
+        self.params = params
+        self.base = base
+        self.index: KeyIndex | None = None
+        self.ready = False
+        self.building = False
+        self.adding = False
+        self.failed = ""
+        self.hint_queries: list[torch.Tensor] = []
+        self.hint_topn: list[torch.Tensor] = []
+        self.lock = threading.Lock()
+
+    @property
+    def indexed_tokens(self) -> int:
+        return self.index.count if self.index is not None and self.ready else 0
+
+    @property
+    def covered_end(self) -> int:
+        return self.base + self.indexed_tokens
+
+    def nbytes(self) -> int:
+        return self.index.nbytes() if self.index is not None and self.ready else 0
+
+    def search(self, queries: torch.Tensor, keys: torch.Tensor, k: int, scale: float, begin: int, end: int,
+               params: dict[str, str]) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, str] | None:
+        """Top-k over [begin, end) from the index plus an exact scan of the uncovered tail; None when the
+        request cannot be served from the index (not ready, or a range narrower than the covered part)."""
+        with self.lock:
+            if not self.ready or self.index is None:
+                return None
+            index, covered_end = self.index, self.covered_end
+        if begin > self.base or end < covered_end or covered_end <= self.base:
+            return None
+        found = index.search(queries, k, scale, params)
+        local = found.ids
+        valid = local >= 0
+        ids = torch.where(valid, local + self.base, local)
+        scores = _scores_of(queries, keys, ids, self.shape.group_size)
+        scores = scores.masked_fill(~valid, float("-inf"))
+        extra = [(begin, self.base), (covered_end, end)]
+        for lo, hi in extra:
+            if hi > lo:
+                tail_scores = exact_scores(queries, keys, lo, hi)
+                tail_ids = torch.arange(lo, hi).expand(queries.shape[0], -1)
+                ids = torch.cat([ids, tail_ids], dim=1)
+                scores = torch.cat([scores, tail_scores], dim=1)
+        count = min(k, ids.shape[1])
+        top_scores, order = torch.topk(scores, count, dim=1)
+        ids = torch.gather(ids, 1, order)
+        ids = ids.masked_fill(torch.isneginf(top_scores), -1)
+        estimate = None
+        if found.estimate is not None:
+            estimate = (found.estimate.output, found.estimate.lse)
+        return ids, estimate, self.kind
+
+
+def _scores_of(queries: torch.Tensor, keys: torch.Tensor, ids: torch.Tensor, group: int) -> torch.Tensor:
+    heads = (torch.arange(queries.shape[0]) // group).unsqueeze(1)
+    gathered = keys[heads, ids.clamp(min=0)].float()
+    return torch.bmm(gathered, queries.float().unsqueeze(-1)).squeeze(-1)
 
 
 class IndexManager:
     def __init__(self, config: IndexConfig) -> None:
         self.config = config
+        threads = config.build_threads or 4
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kvd-index")
+        self._queued = 0
+        self._queue_lock = threading.Lock()
+        self.build_seconds: list[float] = []
+
+    # -- validation and hooks --------------------------------------------------------------------------
 
     def check_hints(self, session: Session, layers: list[int], queries: torch.Tensor | None,
                     topn: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -23,6 +125,8 @@ class IndexManager:
                 f"hint queries must be [{len(layers)}, {shape.num_query_heads}, n_samples, {shape.head_dim}],"
                 f" got {list(queries.shape)}"
             )
+        if queries is not None and not queries.is_floating_point():
+            raise InvalidArgument("hint queries must be floating point")
         if topn is not None:
             if queries is None:
                 raise InvalidArgument("hint top-N ids need the hint queries they belong to")
@@ -30,25 +134,176 @@ class IndexManager:
                 raise InvalidArgument(
                     f"hint top-N ids must be [{', '.join(map(str, queries.shape[:3]))}, N], got {list(topn.shape)}"
                 )
+            if topn.dtype not in (torch.int32, torch.int64):
+                raise InvalidArgument("hint top-N ids must be int32 or int64")
         return queries, topn
 
+    def _slot(self, session: Session, layer: int) -> LayerIndex | None:
+        kind = session.options.index_kind
+        if kind not in KINDS:
+            return None
+        slot = session.indexes[layer]
+        if slot is None:
+            shape = IndexShape(session.shape.num_kv_heads, session.shape.num_query_heads, session.shape.head_dim)
+            slot = LayerIndex(kind, shape, dict(session.options.index_params), session.options.sink_tokens)
+            session.indexes[layer] = slot
+        return slot
+
     def on_append(self, session: Session, layers: list[int], hints: tuple) -> None:
-        pass
+        queries, topn = hints
+        for i, layer in enumerate(layers):
+            slot = self._slot(session, layer)
+            if slot is None:
+                continue
+            if queries is not None:
+                with slot.lock:
+                    slot.hint_queries.append(queries[i].float().clone())
+                    if topn is not None:
+                        slot.hint_topn.append(topn[i].to(torch.int64).clone())
+                # Hints mark the end of a layer's prefill: build now.
+                self.schedule_build(session, layer)
+            elif slot.ready:
+                self._maybe_add(session, layer, slot)
+
+    def on_retrieve(self, session: Session, layer: int) -> None:
+        """The first decode query of a layer starts its build if no hints did."""
+        slot = self._slot(session, layer)
+        if slot is not None and not slot.ready and not slot.building and not slot.failed:
+            self.schedule_build(session, layer)
+        elif slot is not None and slot.ready:
+            self._maybe_add(session, layer, slot)
 
     def on_truncate(self, session: Session, num_tokens: int) -> None:
-        pass
+        for layer, slot in enumerate(session.indexes):
+            if slot is not None and slot.covered_end > session.offloaded_range(num_tokens)[1]:
+                session.indexes[layer] = None   # rebuilt on the next retrieve
 
     def drop(self, session: Session) -> None:
         session.indexes = [None] * session.shape.num_layers
 
-    def close(self) -> None:
-        pass
+    # -- builds ----------------------------------------------------------------------------------------
+
+    def schedule_build(self, session: Session, layer: int) -> None:
+        slot = session.indexes[layer]
+        with slot.lock:
+            if slot.building or slot.ready:
+                return
+            slot.building = True
+        with self._queue_lock:
+            self._queued += 1
+        self.pool.submit(self._build, session, layer, slot)
+
+    def _build(self, session: Session, layer: int, slot: LayerIndex) -> None:
+        started = time.perf_counter()
+        try:
+            with session.lock.read():
+                if session.tier is not Tier.MEMORY or session.deleted:
+                    return
+                keys, values = session.layers[layer].view()
+                begin, end = session.offloaded_range(keys.shape[1])
+                local_keys = keys[:, begin:end].float()
+                local_values = values[:, begin:end].float() if slot.kind == "wave" else None
+            if end - begin < 1:
+                return
+            hints = self._hints(slot, begin, end)
+            index = index_class(slot.kind)(slot.shape, slot.params)
+            index.build(local_keys, local_values, hints)
+            with slot.lock:
+                if session.indexes[layer] is slot:
+                    slot.index, slot.ready = index, True
+            self.build_seconds.append(time.perf_counter() - started)
+            log.debug("index built", extra={"fields": {"session": session.session_id, "layer": layer,
+                                                       "kind": slot.kind, "keys": end - begin}})
+        except Exception as exc:  # a failed build leaves the layer served exactly, and says why
+            slot.failed = str(exc)
+            log.exception("index build failed for session %s layer %d", session.session_id, layer)
+        finally:
+            slot.building = False
+            with self._queue_lock:
+                self._queued -= 1
+
+    @staticmethod
+    def _hints(slot: LayerIndex, begin: int, end: int) -> BuildHints | None:
+        with slot.lock:
+            queries = torch.cat(slot.hint_queries, dim=1) if slot.hint_queries else None
+            topn = torch.cat(slot.hint_topn, dim=1) if slot.hint_topn and len(slot.hint_topn) == len(
+                slot.hint_queries) else None
+            slot.hint_queries, slot.hint_topn = [], []
+        if queries is None:
+            return None
+        if topn is not None:
+            # Positions -> local ids; ids outside the indexed range (sink, window) are dropped as -1.
+            inside = (topn >= begin) & (topn < end)
+            topn = torch.where(inside, topn - begin, torch.full_like(topn, -1))
+        return BuildHints(queries=queries, topn_ids=topn)
+
+    def _maybe_add(self, session: Session, layer: int, slot: LayerIndex) -> None:
+        with slot.lock:
+            if slot.adding or not slot.ready:
+                return
+            length = session.layers[layer].length
+            end = session.offloaded_range(length)[1]
+            if end - slot.covered_end < ADD_BATCH_TOKENS:
+                return
+            slot.adding = True
+        self.pool.submit(self._add, session, layer, slot)
+
+    def _add(self, session: Session, layer: int, slot: LayerIndex) -> None:
+        try:
+            with session.lock.read():
+                if session.tier is not Tier.MEMORY or session.deleted:
+                    return
+                keys, values = session.layers[layer].view()
+                end = session.offloaded_range(keys.shape[1])[1]
+                start = slot.covered_end
+                new_keys = keys[:, start:end].float()
+                new_values = values[:, start:end].float() if slot.kind == "wave" else None
+            if end <= start:
+                return
+            # Searches keep using the index while keys are added: add into it under the slot lock only
+            # for kinds whose add() is not safe to run beside search().
+            with slot.lock:
+                slot.index.add(new_keys, new_values)
+        except Exception:
+            log.exception("index add failed for session %s layer %d", session.session_id, layer)
+        finally:
+            slot.adding = False
 
     def queue_length(self) -> int:
-        return 0
+        with self._queue_lock:
+            return self._queued
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.queue_length() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.queue_length() == 0
+
+    # -- spill and promote -----------------------------------------------------------------------------
 
     def export_blobs(self, session: Session) -> dict[int, bytes]:
-        return {}
+        blobs = {}
+        for layer, slot in enumerate(session.indexes):
+            if slot is not None and slot.ready and slot.index is not None:
+                header = json.dumps({"kind": slot.kind, "base": slot.base, "params": slot.params}).encode()
+                blobs[layer] = _BLOB_HEADER.pack(len(header)) + header + slot.index.to_bytes()
+        return blobs
 
     def import_blobs(self, session: Session, blobs: dict) -> None:
-        pass
+        for layer, blob in blobs.items():
+            view = io.BytesIO(blob)
+            (length,) = _BLOB_HEADER.unpack(view.read(_BLOB_HEADER.size))
+            header = json.loads(view.read(length))
+            shape = IndexShape(session.shape.num_kv_heads, session.shape.num_query_heads, session.shape.head_dim)
+            try:
+                index = index_class(header["kind"]).from_bytes(shape, header["params"], view.read())
+            except Exception:
+                log.exception("could not restore the index of session %s layer %s; it will be rebuilt",
+                              session.session_id, layer)
+                continue
+            slot = LayerIndex(header["kind"], shape, header["params"], header["base"])
+            slot.index, slot.ready = index, True
+            session.indexes[layer] = slot
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,94 @@
+"""Index lifecycle in the daemon: exact service until ready, background builds from hints, tails of decode
+keys, spill/promote of index state, and agreement with brute force when the index is exhaustive."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from tests.reference import brute_topk
+
+KINDS = ["hnsw", "wave", "graph"]
+
+
+def clustered_kv(seed: int, n: int, kv_heads: int = 2, d: int = 32):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(16, d, generator=g) * 3
+    labels = torch.randint(0, 16, (kv_heads, n), generator=g)
+    keys = centers[labels] + 0.3 * torch.randn(kv_heads, n, d, generator=g)
+    values = torch.randn(kv_heads, n, d, generator=g)
+    return keys, values
+
+
+def wait_ready(client, sid: str, layers: int, timeout: float = 120) -> dict:  # noqa: ANN001
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = client.get_session(sid)
+        ready = [i for i in info.indexes if i["ready"]]
+        if len(ready) == layers:
+            return info
+        time.sleep(0.1)
+    raise TimeoutError(f"indexes of {sid} not ready: {client.get_session(sid).indexes}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_index_lifecycle(shared_daemon, kind):
+    pytest.importorskip(f"kvd.index.{kind}", reason=f"the {kind} index module is not in this tree")
+    client = shared_daemon.client()
+    sid = f"lifecycle-{kind}"
+    n, sink, window, d = 3000, 4, 64, 32
+    client.create_session(sid, num_layers=1, num_kv_heads=2, num_query_heads=4, head_dim=d, dtype="fp32",
+                          index=kind, sink_tokens=sink, window_tokens=window)
+    keys, values = clustered_kv(1, n + 700)
+    q = torch.randn(4, d, generator=torch.Generator().manual_seed(2)) * 2
+    hint_queries = torch.randn(1, 4, 64, d, generator=torch.Generator().manual_seed(3))
+    client.append(sid, 0, keys[:, :n].unsqueeze(0), values[:, :n].unsqueeze(0), hint_queries=hint_queries)
+    # Served (exactly, or from the index once ready) with correct, in-range results at every moment.
+    first = client.retrieve(sid, 0, q, k=10, mode="ids")
+    assert ((first.ids >= sink) & (first.ids < n - window)).all()
+    info = wait_ready(client, sid, 1)
+    assert info.indexes[0]["kind"] == kind and info.indexes[0]["indexed_tokens"] == n - sink - window
+    # An exhaustive search (k = all offloaded keys) equals brute force whatever the index.
+    everything = client.retrieve(sid, 0, q, k=n, mode="ids", search_params={"ef": 4096})
+    exact = client.retrieve(sid, 0, q, k=n, mode="ids", exact=True)
+    assert sorted(everything.ids[0].tolist()) == sorted(exact.ids[0].tolist())
+    # Decode tokens leave the window: they are searched (exact tail, then added) and found.
+    target = n + 600 - window - 10           # an offloaded decode-time key, made to stand out
+    direction = torch.nn.functional.normalize(torch.randn(2, d, generator=torch.Generator().manual_seed(9)), dim=1)
+    keys[:, target] = 60 * direction
+    for start in range(n, n + 700, 100):
+        client.append(sid, start, keys[:, start:start + 100].unsqueeze(0), values[:, start:start + 100].unsqueeze(0))
+    probe = torch.cat([direction[:1].repeat(2, 1), direction[1:].repeat(2, 1)])
+    found = client.retrieve(sid, 0, probe, k=5, mode="ids")
+    assert target in found.ids[0].tolist() and target in found.ids[3].tolist()
+    hits = client.retrieve(sid, 0, q, k=20, mode="ids")
+    reference = brute_topk(q, keys[:, : n + 700], 20, sink, n + 700 - window)
+    recall = sum(len(set(a) & set(b)) for a, b in zip(hits.ids.tolist(), reference, strict=True)) / 80
+    assert recall >= 0.6, recall
+    # A narrower range than the index covers is served exactly.
+    narrow = client.retrieve(sid, 0, q, k=7, mode="ids", ranges=[(100, 900)])
+    assert narrow.ids.tolist() == brute_topk(q, keys, 7, 100, 900)
+    client.close()
+
+
+def test_index_survives_spill_and_promote(daemon_factory):
+    pytest.importorskip("kvd.index.hnsw")
+    daemon = daemon_factory(["--memory-budget", "2MiB"], tcp=False)
+    client = daemon.client()
+    keys, values = clustered_kv(5, 2000)
+    client.create_session("ix", num_layers=1, num_kv_heads=2, num_query_heads=4, head_dim=32, dtype="fp32",
+                          index="hnsw")
+    client.append("ix", 0, keys.unsqueeze(0), values.unsqueeze(0), hint_queries=torch.randn(1, 4, 8, 32))
+    wait_ready(client, "ix", 1)
+    q = torch.randn(4, 32)
+    before = client.retrieve("ix", 0, q, k=10, mode="ids")
+    client.create_session("pusher", num_layers=1, num_kv_heads=2, num_query_heads=4, head_dim=32, dtype="fp32")
+    client.append("pusher", 0, keys.unsqueeze(0), values.unsqueeze(0))
+    assert client.get_session("ix").tier == "disk"
+    after = client.retrieve("ix", 0, q, k=10, mode="ids")
+    assert after.promoted == [True]
+    assert after.index_kinds == ["hnsw"], "the index came back from disk without a rebuild"
+    assert after.ids.tolist() == before.ids.tolist()
+    client.close()
