@@ -22,7 +22,7 @@ def clustered_kv(seed: int, n: int, kv_heads: int = 2, d: int = 32):
     return keys, values
 
 
-def wait_ready(client, sid: str, layers: int, timeout: float = 120) -> dict:  # noqa: ANN001
+def wait_ready(client, sid: str, layers: int, timeout: float = 120) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:
         info = client.get_session(sid)
