@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -81,6 +82,7 @@ def in_process(tokens: int, workdir: Path) -> dict:
     engine.tiering.promote(session)
     promote_cold_s = time.perf_counter() - started
     engine.close()
+    shutil.rmtree(workdir / "engine", ignore_errors=True)
     return {"session_bytes": nbytes, "spill_s": spill_s, "spill_gbps": nbytes / spill_s / 1e9,
             "promote_page_cache_s": promote_warm_s, "promote_page_cache_gbps": nbytes / promote_warm_s / 1e9,
             "promote_cold_s": promote_cold_s, "promote_cold_gbps": nbytes / promote_cold_s / 1e9,

@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -82,7 +83,8 @@ class Tiering:
         self.store: DiskStore | None = None
         self.counters: dict[str, float] = {"spills": 0, "spilled_bytes": 0, "promotions": 0, "promoted_bytes": 0,
                                            "evictions": 0, "damaged": 0, "rolled_back_records": 0}
-        self.io = ThreadPoolExecutor(max_workers=max(2, config.server.workers or 4), thread_name_prefix="kvd-io")
+        self.io = ThreadPoolExecutor(max_workers=max(2, config.server.workers or os.cpu_count() or 4),
+                                     thread_name_prefix="kvd-io")
         self._stop = threading.Event()
         self._syncer: threading.Thread | None = None
         self._disk_lock = threading.Lock()   # serializes disk-cap accounting and eviction
