@@ -38,7 +38,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
-def client_loop(daemon, index: int, ops: int, prefill: int, transport: str, latencies: dict, errors: list) -> None:  # noqa: ANN001
+def client_loop(daemon, index: int, ops: int, prefill: int, transport: str, latencies: dict, errors: list) -> None:
     from kvd_client import KvdError
 
     client = daemon.client() if transport == "unix" else daemon.tcp_client(shm=False)
