@@ -15,7 +15,7 @@ from kvd.store.rwlock import RWLock
 
 log = logging.getLogger("kvd.disk")
 # Chunks are written in transactions of at most this many payload bytes, the manifest in the last one.
-TXN_BYTES = 256 << 20
+TXN_BYTES = 1 << 30
 
 
 class FormatError(RuntimeError):
@@ -29,7 +29,7 @@ class DiskStore:
         self.path = path / "kvd.lmdb"
         self.sync_on_commit = sync
         self.env = lmdb.open(str(self.path), map_size=map_size, max_dbs=4, subdir=True, sync=sync,
-                             metasync=sync, readahead=False, max_readers=512, lock=True)
+                             metasync=sync, readahead=True, max_readers=512, lock=True)
         self.meta = self.env.open_db(b"meta")
         self.sessions = self.env.open_db(b"sessions")
         self.chunks = self.env.open_db(b"chunks")
