@@ -1,0 +1,968 @@
+"""KVDCache: a transformers `Cache` that keeps only the sink and the recent window of every layer on the
+device and hands everything else to kvd.
+
+Per layer, the device buffer holds `[sink | window]`: slots [0, s) are token positions [0, s) with
+s = min(total, sink_tokens); slots [s, used) are the last w = used - s positions [total - w, total). Every
+token is appended to the kvd session (prefill: streamed per layer as soon as its K/V exist; decode: batched
+every `flush_tokens` steps, all layers in one call), from a background thread, so the session always holds the
+whole sequence and a later turn (or a restarted process) can continue it. The offloaded part that the
+attention function asks kvd about is [sink_tokens, total - w); it is always already appended (the window
+keeps >= window_tokens >= flush_tokens tokens, and the cache waits for the append before dropping tokens).
+
+The attention itself lives in `kvd_transformers.attention` (registered as attn_implementation "kvd"); the
+cache's `update` only places the new K/V and returns the device-resident keys/values.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+import weakref
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvd_transformers import ops
+
+
+@dataclass
+class KVDConfig:
+    """Knobs of the integration. Defaults follow RetrievalAttention's static pattern (128 sink + 512 recent
+    tokens on the device, top-100 retrieved per query head)."""
+
+    sink_tokens: int = 128
+    window_tokens: int = 512
+    top_k: int = 100
+    flush_tokens: int = 32           # decode: append to kvd every this many tokens (<= window_tokens)
+    hold_tokens: int = 0             # decode: the newest tokens kept out of kvd (may still be rewritten, e.g.
+    #                                  by a retrospective correction); hold_tokens + flush_tokens <= window
+    index: str | None = None         # index kind of new sessions: "flat", "hnsw", "graph", "wave"; None = daemon's
+    index_params: dict[str, str] | None = None
+    exact: bool = False              # force kvd's exact (flat) retrieval path
+    exact_prefill: bool = True       # keep all K/V on the device across a multi-forward prefill (exact chunks)
+    hint_samples: int = 256          # prefill queries per layer sent to kvd as index hints (0 = none)
+    hint_topn: int = 100             # their exact top-N keys computed on the device (0 = send queries only)
+    append_chunk_tokens: int = 8192  # largest single append (tokens)
+    q_chunk: int = 4096              # prefill attention: queries per SDPA call
+    retrieve_chunk: int = 256        # multi-token forwards with an offloaded part: queries per Retrieve call
+    overlap: bool = False            # run the Retrieve RPC in a worker thread while the window attention runs
+    async_append: bool = True        # appends from a background thread (False: inline, for debugging)
+    kv_dtype: torch.dtype | None = None  # session dtype (default: the model's K/V dtype)
+    pinned: bool = False
+    ttl_seconds: int = 0
+
+    def validate(self) -> None:
+        if self.sink_tokens < 0 or self.window_tokens < 1:
+            raise ValueError("sink_tokens must be >= 0 and window_tokens >= 1")
+        if not 1 <= self.flush_tokens <= self.window_tokens:
+            raise ValueError("flush_tokens must be in [1, window_tokens]")
+        if self.hold_tokens < 0 or self.hold_tokens + self.flush_tokens > self.window_tokens:
+            raise ValueError("hold_tokens + flush_tokens must be <= window_tokens")
+        if self.top_k < 1:
+            raise ValueError("top_k must be >= 1")
+
+
+@dataclass
+class CacheStats:
+    """Counters of one cache (per-token overhead measurements in the benchmark)."""
+
+    retrieve_calls: int = 0
+    decode_calls: int = 0          # decode attention calls (one per layer per step)
+    decode_s: float = 0.0          # wall time inside decode attention, RPC wait included
+    retrieve_wait_s: float = 0.0   # of which: blocked waiting for kvd's answer
+    appends: int = 0
+
+    def reset(self) -> None:
+        self.retrieve_calls = self.decode_calls = self.appends = 0
+        self.decode_s = self.retrieve_wait_s = 0.0
+
+
+@dataclass
+class _Job:
+    end: int            # the layer holds tokens [0, end) in kvd once the job is done
+    future: Future[None]
+
+
+class _UpdateToken:
+    """What `update` left for the attention function: identifies the call by the returned key tensor."""
+
+    __slots__ = ("cache", "key", "layer_idx")
+
+    def __init__(self, cache: KVDCache, layer_idx: int, key: torch.Tensor) -> None:
+        self.cache, self.layer_idx, self.key = cache, layer_idx, key
+
+
+_last_update = threading.local()
+_forward_inputs = threading.local()  # input ids of the current forward (set by the hook that enable() adds)
+
+
+def note_input_ids(input_ids: torch.Tensor | None) -> None:
+    """Remember the token ids of the forward about to run (the cache stores them in the session)."""
+    _forward_inputs.ids = input_ids
+
+
+def take_update(key: torch.Tensor) -> tuple[KVDCache, int] | None:
+    """Called by the attention function: the cache and layer whose `update` returned `key`, if any."""
+    token: _UpdateToken | None = getattr(_last_update, "token", None)
+    if token is None or token.key is not key:
+        return None
+    _last_update.token = None
+    return token.cache, token.layer_idx
+
+
+class KVDLayer(CacheLayerMixin):
+    """Device-resident part of one layer: `[sink | window]` buffers plus kvd bookkeeping."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, sink: int, window: int, flush: int) -> None:
+        super().__init__()
+        self.sink, self.window, self.flush = sink, window, flush
+        self.buf_k: torch.Tensor | None = None  # [B, Hkv, cap, D]
+        self.buf_v: torch.Tensor | None = None
+        self.used = 0         # occupied slots
+        self.total = 0        # tokens seen (sequence length)
+        self.submitted = 0    # tokens handed to the appender
+        self.confirmed = 0    # tokens known to be in kvd
+        self.jobs: deque[_Job] = deque()
+        self.keep_all = False  # all tokens resident (exact multi-forward prefill)
+        self.consumed = True   # the last update was read by the kvd attention function
+        self.pending_new = 0   # tokens written by the last multi-token update, not yet trimmed
+        self.host_init: tuple[torch.Tensor, torch.Tensor] | None = None  # rehydrated [B, Hkv, used, D] on CPU
+        self.q_host: torch.Tensor | None = None
+        self.copy_event: Any = None        # last device-to-host copy of this layer's slots
+        self.hint_q: torch.Tensor | None = None  # prefill query sample awaiting its final top-N
+        self.q_event: Any = None
+        self.r_host: torch.Tensor | None = None
+
+    # --- CacheLayerMixin API -------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        cap = self.sink + self.window + self.flush
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.buf_k = key_states.new_empty(b, h, cap, d)
+        self.buf_v = value_states.new_empty(b, h, cap, d)
+        if self.host_init is not None:
+            hk, hv = self.host_init
+            n = hk.shape[2]
+            self.buf_k[:, :, :n].copy_(hk)
+            self.buf_v[:, :, :n].copy_(hv)
+            self.host_init = None
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise RuntimeError("KVDLayer.update is driven by KVDCache.update")
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.total + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.total
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.buf_k = self.buf_v = None
+        self.keys = self.values = None
+        self.used = self.total = self.submitted = self.confirmed = 0
+        self.jobs.clear()
+        self.is_initialized = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("KVDCache does not support beam search (sessions are per sequence)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.total:
+            raise NotImplementedError("KVDCache cannot repeat a non-empty batch")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("KVDCache does not support selecting batch rows")
+
+    # --- host staging for the decode round trip (reused every step; pinned on CUDA) ------------------------
+    def stage_query(self, query: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """query [B, Hq, 1, D] -> float32 host copy [B, Hq, D] (+ a CUDA event marking its arrival)."""
+        q = query[:, :, 0]
+        if q.device.type != "cuda":
+            return q.float().contiguous(), None
+        host = self.q_host
+        if host is None or host.shape != q.shape:
+            host = self.q_host = torch.empty(q.shape, dtype=torch.float32, pin_memory=True)
+            self.q_event = torch.cuda.Event()
+        host.copy_(q, non_blocking=True)
+        assert self.q_event is not None
+        self.q_event.record()
+        return host, self.q_event
+
+    def stage_result(self, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        """(out [B, Hq, D], lse [B, Hq]) -> one host tensor [B, Hq, D + 1] ready for a single copy."""
+        shape = (*out.shape[:-1], out.shape[-1] + 1)
+        host = self.r_host
+        if host is None or host.shape != shape:
+            host = self.r_host = torch.empty(shape, dtype=torch.float32, pin_memory=torch.cuda.is_available())
+        host[..., :-1].copy_(out)
+        host[..., -1].copy_(lse)
+        return host
+
+    # --- layout helpers -----------------------------------------------------------------------------------
+    @property
+    def sink_len(self) -> int:
+        return min(self.total, self.sink)
+
+    @property
+    def win_len(self) -> int:
+        return self.used - self.sink_len
+
+    def offloaded_end(self) -> int:
+        """Offloaded range is [sink, offloaded_end) (empty when offloaded_end <= sink)."""
+        return self.total - self.win_len
+
+    def ensure_capacity(self, slots: int) -> None:
+        assert self.buf_k is not None and self.buf_v is not None
+        cap = self.buf_k.shape[2]
+        if slots <= cap:
+            return
+        new_cap = max(slots, int(cap * 1.5))
+        b, h, _, d = self.buf_k.shape
+        nk = self.buf_k.new_empty(b, h, new_cap, d)
+        nv = self.buf_v.new_empty(b, h, new_cap, d)
+        nk[:, :, :self.used].copy_(self.buf_k[:, :, :self.used])
+        nv[:, :, :self.used].copy_(self.buf_v[:, :, :self.used])
+        self.buf_k, self.buf_v = nk, nv
+
+    def pending_slots(self) -> tuple[int, int]:
+        """Slots holding the tokens not yet handed to the appender ([submitted, total) positions)."""
+        n = self.total - self.submitted
+        return self.used - n, self.used
+
+
+class KVDCache(Cache):
+    """A transformers Cache backed by kvd. One kvd session per batch row.
+
+    Args:
+        client: a `kvd_client.KvdClient` (or anything with the same methods, e.g. `LocalKvdClient`).
+        session: session id (batch 1), a list of ids (one per batch row) or None (ids generated on first use).
+            An existing session is continued: its sink and window are fetched onto the device and its length
+            becomes the cache length (pass the full token history to `generate`; only new tokens are computed).
+        config: a `KVDConfig`; keyword overrides of its fields are accepted too.
+    """
+
+    def __init__(self, client: Any, session: str | Sequence[str] | None = None, *,
+                 config: KVDConfig | None = None, **overrides: Any) -> None:
+        super().__init__(layers=[])
+        cfg = replace(config or KVDConfig(), **overrides)
+        cfg.validate()
+        self.client = client
+        self.config = cfg
+        self.session_ids: list[str] | None = (
+            None if session is None else [session] if isinstance(session, str) else list(session))
+        self.is_open = False
+        self.num_layers = 0
+        self.batch = 0
+        self.stats = CacheStats()
+        self.retrieve_log: list[Any] | None = None  # debug: set to [] to record (layer, result) of each Retrieve
+        self._appender = ThreadPoolExecutor(1, thread_name_prefix="kvd-append") if cfg.async_append else None
+        self._retriever = ThreadPoolExecutor(1, thread_name_prefix="kvd-retrieve") if cfg.overlap else None
+        self._finalizer = weakref.finalize(self, _shutdown, self._appender, self._retriever)
+        self._ids: list[tuple[int, torch.Tensor]] = []  # recorded token ids (start position, [B, n])
+        self._ids_ok = True
+        self._error: BaseException | None = None
+        self._ranges_cache: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+        self._stream: Any = None  # CUDA side stream of the device-to-host copies
+        if self.session_ids:
+            self._rehydrate()
+
+    # --- generic Cache API ---------------------------------------------------------------------------------
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        if not self.layers:
+            return 0
+        return self.layers[min(layer_idx, len(self.layers) - 1)].total
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.get_seq_length(layer_idx) + query_length, 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.get_seq_length(layer_idx)
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last |tokens_to_remove| tokens (a negative count, transformers 5.23 style; a positive
+        value is read as the length to keep, the older style). Only tokens still in the window can go."""
+        if not self.layers:
+            return
+        total = self.layers[0].total
+        keep = total + tokens_to_remove if tokens_to_remove <= 0 else tokens_to_remove
+        drop = total - keep
+        if drop <= 0:
+            return
+        if any(drop > layer.win_len for layer in self.layers):
+            raise NotImplementedError("KVDCache can only crop tokens that are still in the device window")
+        self.flush()
+        for layer in self.layers:
+            layer.used -= drop
+            layer.total -= drop
+            layer.submitted = min(layer.submitted, layer.total)
+            layer.confirmed = min(layer.confirmed, layer.total)
+        self._ids = [(pos, ids[:, :keep - pos]) for pos, ids in self._ids if pos < keep]
+        if self.is_open and self.session_ids:
+            for sid in self.session_ids:
+                self.client.truncate(sid, keep)
+
+    # --- sessions --------------------------------------------------------------------------------------------
+    def _rehydrate(self) -> None:
+        """Continue existing sessions: fetch sink + window of every layer (kept on CPU until the first update
+        reveals the device)."""
+        assert self.session_ids is not None
+        infos = []
+        for sid in self.session_ids:
+            try:
+                infos.append(self.client.get_session(sid))
+            except Exception as exc:
+                if _is_not_found(exc):
+                    infos.append(None)
+                    continue
+                raise
+        existing = [i for i in infos if i is not None]
+        if not existing:
+            return
+        if len(existing) != len(infos):
+            raise ValueError("either all or none of the batch's sessions may exist")
+        lengths = set()
+        for sid, info in zip(self.session_ids, existing, strict=True):
+            n = int(info.num_tokens)
+            if any(int(t) != n for t in info.layer_tokens):
+                # an interrupted append left layers uneven: keep the common prefix
+                info = self.client.truncate(sid, n) or info
+            lengths.add(n)
+        if len(lengths) != 1:
+            raise ValueError(f"sessions of one batch must have equal lengths to be continued together: {lengths}")
+        total = lengths.pop()
+        if total == 0:
+            return
+        if not all(getattr(info, "has_token_ids", True) for info in existing):
+            self._ids_ok = False  # the stored part has no token ids: record none for the continuation
+        cfg = self.config
+        self.num_layers = int(existing[0].num_layers)
+        sink = min(total, cfg.sink_tokens)
+        wbegin = max(sink, total - cfg.window_tokens)
+        parts_k: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers)]
+        parts_v: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers)]
+        for sid in self.session_ids:
+            pieces_k, pieces_v = [], []
+            for begin, end in ((0, sink), (wbegin, total)):
+                if end > begin:
+                    res = self.client.fetch(sid, begin, end)
+                    pieces_k.append(torch.as_tensor(res.keys))
+                    pieces_v.append(torch.as_tensor(res.values))
+            k = torch.cat(pieces_k, dim=2)  # [L, Hkv, used, D]
+            v = torch.cat(pieces_v, dim=2)
+            for layer in range(self.num_layers):
+                parts_k[layer].append(k[layer])
+                parts_v[layer].append(v[layer])
+        for layer in range(self.num_layers):
+            lay = KVDLayer(cfg.sink_tokens, cfg.window_tokens, cfg.flush_tokens)
+            lay.host_init = (torch.stack(parts_k[layer]), torch.stack(parts_v[layer]))
+            lay.used = lay.host_init[0].shape[2]
+            lay.total = lay.submitted = lay.confirmed = total
+            self.layers.append(lay)
+
+    def _open(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor) -> None:
+        """First attention call: learn the model shape, create (or check) the sessions."""
+        config = module.config
+        self.num_layers = int(config.num_hidden_layers)
+        b, hq, _, d = query.shape
+        hkv = key.shape[1]
+        self.batch = b
+        if self.session_ids is None:
+            self.session_ids = [f"kvd-{uuid.uuid4().hex}" for _ in range(b)]
+        if len(self.session_ids) != b:
+            raise ValueError(f"KVDCache has {len(self.session_ids)} session ids for a batch of {b}")
+        dtype = self.config.kv_dtype or key.dtype
+        for sid in self.session_ids:
+            info = self.client.create_session(
+                sid, num_layers=self.num_layers, num_kv_heads=hkv, num_query_heads=hq, head_dim=d, dtype=dtype,
+                index=self.config.index, sink_tokens=self.config.sink_tokens,
+                # the device window holds between window_tokens and window_tokens + flush_tokens tokens: the
+                # daemon's index then never covers a position this cache still attends on the device
+                window_tokens=self.config.window_tokens + self.config.flush_tokens, exist_ok=True,
+                pinned=self.config.pinned,
+                ttl_seconds=self.config.ttl_seconds, index_params=self.config.index_params)
+            shape = (int(info.num_layers), int(info.num_kv_heads), int(info.num_query_heads), int(info.head_dim))
+            if shape != (self.num_layers, hkv, hq, d):
+                raise ValueError(f"session {sid!r} has shape {shape}, the model needs {(self.num_layers, hkv, hq, d)}")
+            expected = self.layers[0].submitted if self.layers else 0
+            if int(info.num_tokens) != expected:
+                raise ValueError(f"session {sid!r} holds {info.num_tokens} tokens, the cache expected {expected}")
+            stored = getattr(info, "dtype", None)
+            if isinstance(stored, torch.dtype):
+                dtype = stored  # a continued session keeps the dtype it was created with
+        self.kv_dtype = dtype
+        self.is_open = True
+
+    # --- update: place K/V on the device ------------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        while len(self.layers) <= layer_idx:
+            self.layers.append(KVDLayer(cfg.sink_tokens, cfg.window_tokens, cfg.flush_tokens))
+        layer: KVDLayer = self.layers[layer_idx]
+        if not layer.consumed:
+            raise RuntimeError("KVDCache needs the kvd attention function: call kvd_transformers.enable(model) "
+                               "or load the model with attn_implementation='kvd'")
+        if self._error is not None:
+            raise RuntimeError("a background append to kvd failed") from self._error
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states)
+        assert layer.buf_k is not None and layer.buf_v is not None
+        n = key_states.shape[2]
+        if layer_idx == 0:
+            self._capture_ids(layer.total, key_states.shape[0], n)
+        if n == 1 and layer.hint_q is not None:  # first decode step: the prefill's index hints go out
+            self._finish_prefill(layer_idx, layer)
+        if n == 1 and not layer.keep_all:
+            if layer.used == layer.buf_k.shape[2]:
+                self._evict(layer_idx, layer, cfg.flush_tokens)
+            slot = layer.used
+            layer.buf_k[:, :, slot:slot + 1].copy_(key_states)
+            layer.buf_v[:, :, slot:slot + 1].copy_(value_states)
+            layer.pending_new = 0
+        else:
+            if n == 1:  # first decode step after an exact multi-forward prefill: drop to sink + window first
+                self._trim(layer_idx, layer)
+            layer.ensure_capacity(layer.used + n)
+            layer.buf_k[:, :, layer.used:layer.used + n].copy_(key_states)
+            layer.buf_v[:, :, layer.used:layer.used + n].copy_(value_states)
+            layer.pending_new = n if n > 1 else 0
+        layer.used += n
+        layer.total += n
+        keys = layer.buf_k[:, :, :layer.used]
+        values = layer.buf_v[:, :, :layer.used]
+        layer.keys, layer.values = keys, values
+        layer.consumed = False
+        _last_update.token = _UpdateToken(self, layer_idx, keys)
+        return keys, values
+
+    def _capture_ids(self, start: int, batch: int, n: int) -> None:
+        ids = getattr(_forward_inputs, "ids", None)
+        _forward_inputs.ids = None
+        if not self._ids_ok:
+            return
+        if ids is None or ids.dim() != 2 or tuple(ids.shape) != (batch, n) or ids.is_floating_point():
+            self._ids_ok = False  # unknown ids (inputs_embeds, no hook): stop recording for these sessions
+            self._ids.clear()
+            return
+        self._ids.append((start, ids.detach()))
+
+    def _ids_for(self, start: int, end: int) -> torch.Tensor | None:
+        """Token ids [B, end - start] of positions [start, end) if recorded; drops what lies before `end`."""
+        if not self._ids_ok or not self._ids or self._ids[0][0] > start:
+            return None
+        parts = []
+        for pos, ids in self._ids:
+            lo, hi = max(start, pos), min(end, pos + ids.shape[1])
+            if hi > lo:
+                parts.append(ids[:, lo - pos:hi - pos])
+        got = torch.cat(parts, dim=1) if parts else None
+        self._ids = [(pos, ids) for pos, ids in self._ids if pos + ids.shape[1] > end]
+        if got is None or got.shape[1] != end - start:
+            return None
+        return got.to("cpu", non_blocking=False)
+
+    def history(self, row: int = 0) -> torch.Tensor | None:
+        """Token ids stored in kvd for this cache's session (row `row`), or None if none were stored."""
+        if not self.session_ids:
+            return None
+        self.flush()
+        res = self.client.fetch(self.session_ids[row], 0, self.get_seq_length(), layers=[0], with_token_ids=True)
+        ids = getattr(res, "token_ids", None)
+        return None if ids is None else torch.as_tensor(ids)
+
+    def check_history(self, input_ids: torch.Tensor) -> None:
+        """Raise if the token ids stored with the continued sessions are not a prefix of `input_ids` ([B, T]):
+        continuing a session with a different history would silently attend to the wrong tokens."""
+        n = self.get_seq_length()
+        if n == 0 or not self.session_ids:
+            return
+        if input_ids.shape[1] < n:
+            raise ValueError(f"the sessions hold {n} tokens but the input has only {input_ids.shape[1]}")
+        for row, sid in enumerate(self.session_ids):
+            res = self.client.fetch(sid, 0, n, layers=[0], with_token_ids=True)
+            stored = getattr(res, "token_ids", None)
+            if stored is None or len(stored) < n:
+                continue  # the session has no (complete) token ids: nothing to check against
+            if not torch.equal(torch.as_tensor(stored)[:n].cpu(), input_ids[row, :n].cpu().long()):
+                raise ValueError(f"session {sid!r} holds a different history than input_ids[{row}, :{n}]")
+
+    def _evict(self, layer_idx: int, layer: KVDLayer, count: int) -> None:
+        """Drop the `count` oldest window tokens (they must be in kvd first)."""
+        s = layer.sink_len
+        self._ensure_submitted(layer_idx, layer, layer.total - layer.win_len + count)
+        if layer.copy_event is not None:  # the slots about to be overwritten may still be copying out
+            torch.cuda.current_stream(layer.buf_k.device).wait_event(layer.copy_event)  # type: ignore[union-attr]
+        assert layer.buf_k is not None and layer.buf_v is not None
+        keep = layer.used - s - count
+        layer.buf_k[:, :, s:s + keep] = layer.buf_k[:, :, s + count:layer.used].clone()
+        layer.buf_v[:, :, s:s + keep] = layer.buf_v[:, :, s + count:layer.used].clone()
+        layer.used -= count
+
+    def _trim(self, layer_idx: int, layer: KVDLayer) -> None:
+        """Back to `[sink | last window_tokens]` (and a buffer of the decode capacity)."""
+        layer.keep_all = False
+        s = layer.sink_len
+        w = min(layer.win_len, self.config.window_tokens)
+        cap = self.config.sink_tokens + self.config.window_tokens + self.config.flush_tokens
+        assert layer.buf_k is not None and layer.buf_v is not None
+        if layer.win_len == w and layer.buf_k.shape[2] == cap:
+            return
+        self._ensure_submitted(layer_idx, layer, layer.total - w)
+        b, h, _, d = layer.buf_k.shape
+        nk = layer.buf_k.new_empty(b, h, cap, d)
+        nv = layer.buf_v.new_empty(b, h, cap, d)
+        nk[:, :, :s].copy_(layer.buf_k[:, :, :s])
+        nv[:, :, :s].copy_(layer.buf_v[:, :, :s])
+        nk[:, :, s:s + w].copy_(layer.buf_k[:, :, layer.used - w:layer.used])
+        nv[:, :, s:s + w].copy_(layer.buf_v[:, :, layer.used - w:layer.used])
+        layer.buf_k, layer.buf_v = nk, nv
+        layer.used = s + w
+        layer.keys, layer.values = nk[:, :, :layer.used], nv[:, :, :layer.used]
+
+    # --- appends ---------------------------------------------------------------------------------------------
+    def _ensure_submitted(self, layer_idx: int, layer: KVDLayer, end: int) -> None:
+        """Tokens [0, end) of this layer are on their way to kvd (their host copy is queued on the stream
+        before any later device write, so their slots may be reused)."""
+        if layer.submitted < end:
+            self._submit_layers([layer_idx])
+
+    def _ensure_appended(self, layer_idx: int, layer: KVDLayer, end: int) -> None:
+        """Block until kvd holds tokens [0, end) of this layer."""
+        if layer.confirmed >= end:
+            return
+        if layer.submitted < end:
+            self._submit_layers([layer_idx])
+        while layer.confirmed < end and layer.jobs:
+            job = layer.jobs.popleft()
+            job.future.result()
+            layer.confirmed = max(layer.confirmed, job.end)
+        if layer.confirmed < end:
+            raise RuntimeError(f"layer {layer_idx}: kvd holds {layer.confirmed} tokens, {end} needed")
+
+    def _submit_layers(self, layer_ids: list[int], hints: dict[int, tuple[torch.Tensor, torch.Tensor | None]]
+                       | None = None, upto: int | None = None) -> None:
+        """Hand the not-yet-submitted tokens [submitted, upto or total) of these layers (all with the same
+        range) to the appender; hints ride on the last piece."""
+        if not layer_ids or not self.is_open:
+            return
+        first = self.layers[layer_ids[0]]
+        start, end = first.submitted, first.total if upto is None else upto
+        if end <= start:
+            return
+        ks, vs = [], []
+        for i in layer_ids:
+            lay = self.layers[i]
+            if lay.submitted != start or lay.total < end:
+                raise RuntimeError("layers submitted together must hold the same token range")
+            a, _ = lay.pending_slots()
+            assert lay.buf_k is not None and lay.buf_v is not None
+            ks.append(lay.buf_k[:, :, a:a + end - start])
+            vs.append(lay.buf_v[:, :, a:a + end - start])
+        host_k, host_v, event = _to_host(ks, vs, self.kv_dtype, self._copy_stream(ks[0].device))
+        for i in layer_ids:
+            self.layers[i].copy_event = event
+        host_hints: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        for i, (hq, ht) in (hints or {}).items():
+            host_hints[i] = (hq.float().cpu(), None if ht is None else ht.cpu())
+        sids = list(self.session_ids or [])
+        chunk = self.config.append_chunk_tokens
+        client = self.client
+        token_ids = self._ids_for(start, end) if 0 in layer_ids else None
+
+        def job() -> None:
+            if event is not None:
+                event.synchronize()
+            for row, sid in enumerate(sids):
+                for a in range(start, end, chunk):
+                    b = min(end, a + chunk)
+                    last = b == end
+                    hq_t = ht_t = None
+                    if last and host_hints:
+                        hq_t = torch.stack([host_hints[i][0][row] for i in layer_ids])
+                        tops = [host_hints[i][1] for i in layer_ids]
+                        if all(t is not None for t in tops):
+                            ht_t = torch.stack([t[row] for t in tops])  # type: ignore[index]
+                    kwargs: dict[str, Any] = {}
+                    if token_ids is not None:
+                        kwargs["token_ids"] = token_ids[row, a - start:b - start]
+                    if hq_t is not None:
+                        kwargs["hint_queries"] = hq_t
+                        if ht_t is not None:
+                            kwargs["hint_topn"] = ht_t
+                    try:
+                        client.append(sid, a, host_k[:, row, :, a - start:b - start],
+                                      host_v[:, row, :, a - start:b - start], layers=list(layer_ids), **kwargs)
+                    except Exception as exc:
+                        if "token_ids" not in kwargs or "token ids" not in str(exc):
+                            raise
+                        # the session's stored ids do not line up (e.g. filled without ids): go on without
+                        self._ids_ok = False
+                        del kwargs["token_ids"]
+                        client.append(sid, a, host_k[:, row, :, a - start:b - start],
+                                      host_v[:, row, :, a - start:b - start], layers=list(layer_ids), **kwargs)
+
+        self.stats.appends += 1
+        future = self._run_append(job)
+        for i in layer_ids:
+            lay = self.layers[i]
+            lay.submitted = end
+            lay.jobs.append(_Job(end, future))
+
+    def _copy_stream(self, device: torch.device) -> Any:
+        if device.type != "cuda":
+            return None
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=device)
+        return self._stream
+
+    def _run_append(self, job: Callable[[], None]) -> Future[None]:
+        if self._appender is None:
+            fut: Future[None] = Future()
+            job()
+            fut.set_result(None)
+            return fut
+        fut = self._appender.submit(job)
+        fut.add_done_callback(self._note_error)
+        return fut
+
+    def _note_error(self, fut: Future[None]) -> None:
+        exc = fut.exception()
+        if exc is not None and self._error is None:
+            self._error = exc
+
+    def flush(self) -> None:
+        """Append every token seen so far to kvd and wait until kvd holds them."""
+        if not self.is_open:
+            return
+        for i, lay in enumerate(self.layers):
+            self._finish_prefill(i, lay)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, lay in enumerate(self.layers):
+            if lay.total > lay.submitted:
+                groups.setdefault((lay.submitted, lay.total), []).append(i)
+        for ids in groups.values():
+            self._submit_layers(ids)
+        for i, lay in enumerate(self.layers):
+            self._ensure_appended(i, lay, lay.total)
+        if self._error is not None:
+            raise RuntimeError("a background append to kvd failed") from self._error
+
+    def persist(self, seal: bool = False) -> None:
+        """flush() and make the sessions durable in kvd."""
+        self.flush()
+        for sid in self.session_ids or []:
+            self.client.persist(sid, seal=seal)
+
+    def close(self) -> None:
+        """flush() and stop the worker threads (the sessions stay in kvd)."""
+        try:
+            self.flush()
+        finally:
+            self._finalizer()
+
+    def __enter__(self) -> KVDCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- attention (called by kvd_transformers.attention) ---------------------------------------------------
+    def attend(self, module: torch.nn.Module, layer_idx: int, query: torch.Tensor, key: torch.Tensor,
+               value: torch.Tensor, mask: Any, scale: float) -> torch.Tensor:
+        """Attention of `query` ([B, Hq, n, D]) over the whole sequence: the device-resident part exactly,
+        the offloaded part through kvd. Returns [B, Hq, n, D] in the query dtype."""
+        if not self.is_open:
+            self._open(module, query, key)
+        layer: KVDLayer = self.layers[layer_idx]
+        layer.consumed = True
+        n = query.shape[2]
+        if n == 1 and layer.pending_new == 0:
+            out = self._attend_decode(layer_idx, layer, query, key, value, mask, scale)
+            if layer_idx == self.num_layers - 1:
+                self._maybe_flush_decode()
+            return out
+        return self._attend_multi(module, layer_idx, layer, query, key, value, mask, scale)
+
+    def _ranges(self, end: int, mask: Any, repeat: int = 1) -> list[tuple[int, int]]:
+        """Per-sequence offloaded ranges (left-padded rows start after their padding)."""
+        begins = getattr(mask, "first_valid", None)
+        s = self.config.sink_tokens
+        key = (end, repeat, *(begins or ()))
+        got = self._ranges_cache.get(key)
+        if got is None:
+            if begins is None:
+                got = [(s, end)] * (self.batch * repeat)
+            else:
+                got = [(min(max(s, b), end), end) for b in begins for _ in range(repeat)]
+            if len(self._ranges_cache) > 64:
+                self._ranges_cache.clear()
+            self._ranges_cache[key] = got
+        return got
+
+    def _start_retrieve(self, layer_idx: int, q_host: torch.Tensor, event: Any, ranges: list[tuple[int, int]],
+                        sids: list[str], scale: float) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        cfg = self.config
+        client = self.client
+        log = self.retrieve_log
+        exact = cfg.exact
+
+        def call() -> tuple[torch.Tensor, torch.Tensor]:
+            if event is not None:
+                event.synchronize()
+            res = client.retrieve(sids, layer_idx, q_host, k=cfg.top_k, mode="attention", ranges=ranges,
+                                  scale=scale, exact=exact)
+            if log is not None:
+                log.append((layer_idx, res))
+            return res.output, res.lse
+
+        self.stats.retrieve_calls += 1
+        if self._retriever is None:
+            result = call()
+            return lambda: result
+        return self._retriever.submit(call).result
+
+    def _attend_decode(self, layer_idx: int, layer: KVDLayer, query: torch.Tensor, key: torch.Tensor,
+                       value: torch.Tensor, mask: Any, scale: float) -> torch.Tensor:
+        t0 = time.perf_counter()
+        stats = self.stats
+        stats.decode_calls += 1
+        end = layer.offloaded_end()
+        valid = _resident_valid(mask, layer) if mask is not None else None
+        if end <= self.config.sink_tokens:  # nothing offloaded yet: the device holds the whole sequence
+            out_w, _ = ops.window_attention(query, key, value, scale, mask=valid)
+            stats.decode_s += time.perf_counter() - t0
+            return out_w.to(query.dtype)
+        if layer.confirmed < end:
+            self._ensure_appended(layer_idx, layer, end)
+        q_host, event = layer.stage_query(query)
+        ranges = self._ranges(end, mask)
+        sids = self.session_ids or []
+        if self._retriever is not None:
+            wait = self._start_retrieve(layer_idx, q_host, event, ranges, sids, scale)
+            out_w, lse_w = ops.window_attention(query, key, value, scale, mask=valid)
+        else:
+            out_w, lse_w = ops.window_attention(query, key, value, scale, mask=valid)
+            wait = self._start_retrieve(layer_idx, q_host, event, ranges, sids, scale)
+        t1 = time.perf_counter()
+        out_r, lse_r = wait()
+        stats.retrieve_wait_s += time.perf_counter() - t1
+        both = layer.stage_result(out_r, lse_r).to(query.device, non_blocking=True)  # one H2D copy
+        d = query.shape[-1]
+        out = ops.merge_into_window(out_w, lse_w, both[..., :d].unsqueeze(2), both[..., d].unsqueeze(2))
+        out = out.to(query.dtype)
+        stats.decode_s += time.perf_counter() - t0
+        return out
+
+    def _maybe_flush_decode(self) -> None:
+        """Every flush_tokens decode steps, one append of all layers (minus the hold_tokens newest tokens)."""
+        first = self.layers[0]
+        hold, flush = self.config.hold_tokens, self.config.flush_tokens
+        if first.total - hold - first.submitted >= flush:
+            groups: dict[tuple[int, int], list[int]] = {}
+            for i, lay in enumerate(self.layers):
+                if lay.total - hold - lay.submitted >= flush:
+                    groups.setdefault((lay.submitted, lay.total), []).append(i)
+            for (_, total), ids in groups.items():
+                self._submit_layers(ids, upto=total - hold)
+
+    def _attend_multi(self, module: torch.nn.Module, layer_idx: int, layer: KVDLayer, query: torch.Tensor,
+                      key: torch.Tensor, value: torch.Tensor, mask: Any, scale: float) -> torch.Tensor:
+        """A multi-token forward (prefill, or a new turn's prompt): exact over the resident keys plus the new
+        tokens (causal), kvd retrieval for the offloaded part, then stream the new K/V to kvd."""
+        cfg = self.config
+        n = query.shape[2]
+        total_before = layer.total - n
+        all_resident = layer.used == layer.total  # nothing was ever dropped from the device
+        end = total_before - (layer.win_len - n) if not all_resident else 0
+        padding = _resident_padding(mask, layer)  # [B, used] bool or None
+        if end <= cfg.sink_tokens:
+            out = ops.causal_attention(query, key, value, scale, padding=padding, q_chunk=cfg.q_chunk)
+        else:
+            self._ensure_appended(layer_idx, layer, end)
+            out_d, lse_d = _chunked_attend_lse(query, key, value, scale, padding, cfg.q_chunk)
+            out_r, lse_r = self._retrieve_many(layer_idx, query, end, mask, scale)
+            out, _ = ops.merge_lse(out_d, lse_d, out_r, lse_r)
+            out = out.to(query.dtype)
+        # stream this layer's new tokens to kvd. A sample of the queries accumulates for the index hints;
+        # they ride on the last token, held back until the prefill ends (first decode step or flush), with
+        # their exact top-N over all keys when every key is still on the device (exact prefill).
+        layer.pending_new = 0
+        if cfg.hint_samples > 0 and n > 1:
+            self._sample_hint_queries(layer, query)
+        self._submit_layers([layer_idx], upto=layer.total - (1 if layer.hint_q is not None else 0))
+        if cfg.exact_prefill and all_resident:
+            layer.keep_all = True  # exact multi-forward prefill: all K/V stay until the first decode step
+        else:
+            self._trim(layer_idx, layer)
+        return out
+
+    def _retrieve_many(self, layer_idx: int, query: torch.Tensor, end: int, mask: Any, scale: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Retrieval for n > 1 queries per row: each query is a 'sequence' of the Retrieve call."""
+        b, hq, n, d = query.shape
+        sids = [sid for sid in (self.session_ids or []) for _ in range(n)]
+        ranges = self._ranges(end, mask, repeat=n)
+        q = query.permute(0, 2, 1, 3).reshape(b * n, hq, d)
+        outs, lses = [], []
+        step = self.config.retrieve_chunk
+        for a in range(0, b * n, step):
+            z = min(b * n, a + step)
+            q_host, event = q[a:z].float().cpu(), None
+            o, lse = self._start_retrieve(layer_idx, q_host, event, ranges[a:z], sids[a:z], scale)()
+            outs.append(o)
+            lses.append(lse)
+        out = torch.cat(outs).to(query.device).view(b, n, hq, d).permute(0, 2, 1, 3)
+        lse = torch.cat(lses).to(query.device).view(b, n, hq).permute(0, 2, 1)
+        return out, lse
+
+    def _sample_hint_queries(self, layer: KVDLayer, query: torch.Tensor) -> None:
+        """Keep an evenly spread sample of the prefill queries (at most 2 x hint_samples per layer)."""
+        cap = self.config.hint_samples
+        sample = query[:, :, _even_positions(query.shape[2], cap, query.device)]
+        got = sample if layer.hint_q is None else torch.cat([layer.hint_q, sample], dim=2)
+        if got.shape[2] > 2 * cap:
+            got = got[:, :, ::2]
+        layer.hint_q = got
+
+    def _finish_prefill(self, layer_idx: int, layer: KVDLayer) -> None:
+        """End of an exact prefill: the sampled queries' exact top-N over all keys [sink, total) (computed on
+        the device while every key is still there) go to kvd with the held-back last token."""
+        if layer.hint_q is None:
+            return
+        cfg = self.config
+        sample = layer.hint_q
+        layer.hint_q = None
+        if sample.shape[2] > cfg.hint_samples:
+            sample = sample[:, :, _even_positions(sample.shape[2], cfg.hint_samples, sample.device)]
+        topn = None
+        assert layer.buf_k is not None
+        if cfg.hint_topn > 0 and layer.used == layer.total and layer.total > cfg.sink_tokens:
+            keys = layer.buf_k[:, :, :layer.used]
+            topn = torch.stack([ops.exact_topn(sample[row], keys[row], cfg.hint_topn, begin=cfg.sink_tokens)
+                                for row in range(sample.shape[0])])
+        self._submit_layers([layer_idx], {layer_idx: (sample, topn)})
+
+
+# --- helpers ---------------------------------------------------------------------------------------------------
+def _shutdown(*pools: ThreadPoolExecutor | None) -> None:
+    for pool in pools:
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+
+def _is_not_found(exc: BaseException) -> bool:
+    if isinstance(exc, LookupError):
+        return True
+    code = getattr(exc, "code", None)
+    name = getattr(code, "name", None) if code is not None else None
+    return type(exc).__name__ == "NotFoundError" or name == "NOT_FOUND"
+
+
+def _to_host(ks: list[torch.Tensor], vs: list[torch.Tensor], dtype: torch.dtype, stream: Any = None
+             ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """Stack per-layer K/V slices ([B, Hkv, n, D] each) into host tensors [n_layers, B, Hkv, n, D].
+
+    On CUDA: pinned memory, copied on a side stream (after the work queued so far) so that the copies overlap
+    the following layers' compute; the returned event marks completion. Source memory is kept alive for the
+    side stream (record_stream); whoever overwrites those slots in place waits for the event first."""
+    shape = (len(ks), *ks[0].shape)
+    cuda = ks[0].device.type == "cuda"
+    hk = torch.empty(shape, dtype=dtype, pin_memory=cuda)
+    hv = torch.empty(shape, dtype=dtype, pin_memory=cuda)
+    if not cuda:
+        for i, (k, v) in enumerate(zip(ks, vs, strict=True)):
+            hk[i].copy_(k)
+            hv[i].copy_(v)
+        return hk, hv, None
+    stream.wait_stream(torch.cuda.current_stream(ks[0].device))
+    with torch.cuda.stream(stream):
+        for i, (k, v) in enumerate(zip(ks, vs, strict=True)):
+            k.record_stream(stream)
+            v.record_stream(stream)
+            hk[i].copy_(k, non_blocking=True)
+            hv[i].copy_(v, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(stream)
+    return hk, hv, event
+
+
+def _resident_positions(layer: KVDLayer) -> torch.Tensor | None:
+    """Token positions of the resident slots, or None when slots == positions."""
+    if layer.used == layer.total:
+        return None
+    s = layer.sink_len
+    w = layer.win_len
+    return torch.cat([torch.arange(s), torch.arange(layer.total - w, layer.total)])
+
+
+def _resident_padding(mask: Any, layer: KVDLayer) -> torch.Tensor | None:
+    padding = getattr(mask, "padding", None)
+    if padding is None:
+        return None
+    pos = _resident_positions(layer)
+    if pos is None:
+        return padding[:, :layer.total]
+    return padding[:, pos.to(padding.device)]
+
+
+def _resident_valid(mask: Any, layer: KVDLayer) -> torch.Tensor | None:
+    """Decode: which resident slots each row may attend ([B, 1, 1, used] bool), None when all."""
+    padding = getattr(mask, "padding", None)
+    if padding is None:
+        return None
+    key = (layer.sink_len, layer.win_len, layer.total)
+    memo: dict[tuple[int, int, int], torch.Tensor] = mask.memo
+    got = memo.get(key)
+    if got is None:
+        got = _resident_padding(mask, layer)[:, None, None, :]  # type: ignore[index]
+        memo[key] = got
+    return got
+
+
+def _chunked_attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                        padding: torch.Tensor | None, q_chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """attend_lse of n new queries over [resident | new] keys, causal on the new part, chunked over queries."""
+    b, hq, n, _ = q.shape
+    length = k.shape[2]
+    prefix = length - n
+    chunk = max(1, min(q_chunk, (64 << 20) // max(1, 4 * hq * length * b)))
+    outs, lses = [], []
+    for a in range(0, n, chunk):
+        z = min(n, a + chunk)
+        m = None if padding is None else padding[:, None, None, :prefix + z]
+        o, lse = ops.attend_lse(q[:, :, a:z], k[:, :, :prefix + z], v[:, :, :prefix + z], scale, mask=m,
+                                causal_offset=prefix + a)
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def _even_positions(n: int, count: int, device: torch.device) -> torch.Tensor:
+    """min(count, n) distinct, evenly spread indices of range(n)."""
+    count = min(count, n)
+    return torch.linspace(0, n - 1, count, device=device).round().long()
+
+
+__all__ = ["CacheStats", "KVDCache", "KVDConfig", "KVDLayer", "take_update"]
