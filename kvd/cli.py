@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from kvd import __version__
@@ -41,6 +42,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # Before torch is imported: one OpenMP thread per worker thread (see kvd.server.Daemon).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
     from kvd import logs
     from kvd.auth import TokenFileError
     from kvd.server import StartupError, serve

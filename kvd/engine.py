@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections import Counter
@@ -58,8 +59,9 @@ class Engine:
         self.started = time.time()
         self.registry = Registry(config.memory_budget_bytes)
         self.shm = SharedMemoryRegistry()
-        workers = config.server.workers or (torch.get_num_threads() or 1)
+        workers = config.server.workers or os.cpu_count() or 1
         self.fanout = ThreadPoolExecutor(max_workers=max(2, workers), thread_name_prefix="kvd-seq")
+        self.scan_pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="kvd-scan")
         self.counters: Counter[str] = Counter()
         self.indexes = IndexManager(config.index)
         self.tiering = Tiering(config, self.registry, self.indexes)
@@ -120,6 +122,7 @@ class Engine:
         self.indexes.close()
         self.shm.close()
         self.fanout.shutdown(wait=False, cancel_futures=True)
+        self.scan_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- sessions --------------------------------------------------------------------------------------
 
@@ -251,7 +254,7 @@ class Engine:
         if ranges is not None and len(ranges) != len(sessions):
             raise InvalidArgument(f"{len(ranges)} ranges given for {len(sessions)} sequences")
         scale = check_scale(scale) or default_scale(first.head_dim)
-        spec = RetrieveSpec(layer=layer, k=k, mode=mode, scale=scale, exact=exact, params=params)
+        spec = RetrieveSpec(layer=layer, k=k, mode=mode, scale=scale, exact=exact, params=params, pool=self.scan_pool)
         promoted = [False] * len(sessions)
         while True:
             for i, session in enumerate(sessions):

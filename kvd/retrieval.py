@@ -44,6 +44,7 @@ class RetrieveSpec:
     scale: float
     exact: bool
     params: dict[str, str]
+    pool: Executor | None = None     # parallel chunks of exact scans
 
 
 def resolve_range(session: Session, length: int, requested: tuple[int, int] | None) -> tuple[int, int]:
@@ -107,7 +108,8 @@ def _search(session: Session, queries: torch.Tensor, keys: torch.Tensor, spec: R
         found = index.search(queries, keys, spec.k, spec.scale, begin, end, spec.params)
         if found is not None:
             return found
-    ids, _ = exact_topk(queries, keys, spec.k, begin, end)
+    norms = session.layers[spec.layer].max_key_norm
+    ids, _ = exact_topk(queries, keys, spec.k, begin, end, pool=spec.pool, key_norms=norms)
     return ids, None, "flat"
 
 

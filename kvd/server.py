@@ -61,7 +61,10 @@ class Daemon:
         self.config = config
         self.engine = Engine(config)
         workers = config.server.workers or os.cpu_count() or 2
-        torch.set_num_threads(workers)
+        # Parallelism comes from our own thread pools (requests, sequences, scan chunks, index builds), each
+        # torch op running on one thread: OpenMP teams inside many concurrent threads oversubscribe the cores
+        # and make every small op wait for descheduled workers (milliseconds per op).
+        torch.set_num_threads(1)
         self.pool = ThreadPoolExecutor(max_workers=max(4, workers), thread_name_prefix="kvd-rpc")
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None

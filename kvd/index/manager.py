@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import struct
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,7 @@ import torch
 from kvd.config import IndexConfig
 from kvd.errors import InvalidArgument
 from kvd.index.base import BuildHints, IndexShape, KeyIndex
-from kvd.index.flat import exact_scores
+from kvd.index.flat import exact_scores, scores_at
 from kvd.store.session import Session, Tier
 
 log = logging.getLogger("kvd.index")
@@ -79,7 +80,7 @@ class LayerIndex:
         local = found.ids
         valid = local >= 0
         ids = torch.where(valid, local + self.base, local)
-        scores = _scores_of(queries, keys, ids, self.shape.group_size)
+        scores = scores_at(queries, keys, ids.clamp(min=0))
         scores = scores.masked_fill(~valid, float("-inf"))
         extra = [(begin, self.base), (covered_end, end)]
         for lo, hi in extra:
@@ -98,16 +99,10 @@ class LayerIndex:
         return ids, estimate, self.kind
 
 
-def _scores_of(queries: torch.Tensor, keys: torch.Tensor, ids: torch.Tensor, group: int) -> torch.Tensor:
-    heads = (torch.arange(queries.shape[0]) // group).unsqueeze(1)
-    gathered = keys[heads, ids.clamp(min=0)].float()
-    return torch.bmm(gathered, queries.float().unsqueeze(-1)).squeeze(-1)
-
-
 class IndexManager:
     def __init__(self, config: IndexConfig) -> None:
         self.config = config
-        threads = config.build_threads or 4
+        threads = config.build_threads or os.cpu_count() or 4
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kvd-index")
         self._queued = 0
         self._queue_lock = threading.Lock()

@@ -21,6 +21,8 @@ class LayerKV:
         self._keys = torch.empty((num_kv_heads, 0, head_dim), dtype=dtype)
         self._values = torch.empty((num_kv_heads, 0, head_dim), dtype=dtype)
         self.length = 0
+        # Upper bound of |k| per KV head over the stored keys (bounds the error of fast coarse scans).
+        self.max_key_norm = torch.zeros(num_kv_heads)
 
     @property
     def capacity(self) -> int:
@@ -44,6 +46,8 @@ class LayerKV:
         needed = self.length + n
         if needed > self.capacity:
             self._reallocate(self._grown_capacity(needed))
+        if n:
+            self.max_key_norm = torch.maximum(self.max_key_norm, keys.float().norm(dim=-1).amax(dim=1))
         self._keys[:, self.length: needed].copy_(keys)
         self._values[:, self.length: needed].copy_(values)
         self.length = needed
@@ -72,6 +76,7 @@ class LayerKV:
         self._keys = keys.contiguous()
         self._values = values.contiguous()
         self.length = keys.shape[1]
+        self.max_key_norm = keys.float().norm(dim=-1).amax(dim=1) if self.length else torch.zeros(self.num_kv_heads)
 
     def release(self) -> None:
         self._keys = torch.empty((self.num_kv_heads, 0, self.head_dim), dtype=self.dtype)
