@@ -12,8 +12,8 @@ import importlib
 import io
 import json
 import logging
-import struct
 import os
+import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
