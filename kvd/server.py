@@ -56,6 +56,16 @@ def tenant_of(context: grpc.aio.ServicerContext) -> str:
     return auth.get_tenant()
 
 
+def _warm_up_index_kernels() -> None:
+    """Compile (or load from cache) the graph index's kernels in the background, off the first build."""
+    try:
+        from kvd.index import graph
+
+        graph.warmup()
+    except Exception:  # a missing compiler only slows the first build; builds report their own failures
+        log.exception("index kernel warm-up failed")
+
+
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -121,6 +131,7 @@ class Daemon:
             os.chmod(self.config.server.socket, self.config.server.socket_mode)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        loop.run_in_executor(None, _warm_up_index_kernels)
         if self.config.server.metrics:
             host, port = metrics.parse_listen(self.config.server.metrics)
             self.metrics_server = await metrics.serve_metrics(host, port)

@@ -1,0 +1,382 @@
+"""Compiled kernels (numba, nogil, serial) of the attention-aware graph index: beam search and construction.
+
+A graph is a padded adjacency int32 [capacity, W] whose rows are left-packed (-1 after the last neighbour).
+Search maximizes the inner product q.k; construction measures keys against each other by squared L2.
+Every kernel is serial and releases the GIL; callers parallelize by running index ranges in Python threads
+(numba's own parallel layer is avoided on purpose: its default workqueue layer must not be entered from
+several threads at once, and the daemon searches and builds from different threads).
+Compiled on first use and cached on disk (numba cache=True; NUMBA_CACHE_DIR overrides the location).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_INF = np.float32(np.inf)
+
+
+@njit(cache=True, nogil=True, fastmath=True, inline="always")
+def _dot(a: np.ndarray, b: np.ndarray) -> np.float32:
+    s = np.float32(0.0)
+    for i in range(a.shape[0]):
+        s += a[i] * b[i]
+    return s
+
+
+@njit(cache=True, nogil=True, fastmath=True, inline="always")
+def _sqdist(a: np.ndarray, b: np.ndarray) -> np.float32:
+    s = np.float32(0.0)
+    for i in range(a.shape[0]):
+        t = a[i] - b[i]
+        s += t * t
+    return s
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _push(hd: np.ndarray, hi: np.ndarray, size: int, d: np.float32, i: int) -> int:
+    """Push onto a binary min-heap (keys hd, payload hi); returns the new size."""
+    pos = size
+    hd[pos] = d
+    hi[pos] = i
+    while pos > 0:
+        parent = (pos - 1) >> 1
+        if hd[parent] <= hd[pos]:
+            break
+        hd[parent], hd[pos] = hd[pos], hd[parent]
+        hi[parent], hi[pos] = hi[pos], hi[parent]
+        pos = parent
+    return size + 1
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _pop(hd: np.ndarray, hi: np.ndarray, size: int) -> int:
+    """Remove the minimum of a binary min-heap; returns the new size."""
+    size -= 1
+    hd[0] = hd[size]
+    hi[0] = hi[size]
+    pos = 0
+    while True:
+        child = 2 * pos + 1
+        if child >= size:
+            break
+        if child + 1 < size and hd[child + 1] < hd[child]:
+            child += 1
+        if hd[child] >= hd[pos]:
+            break
+        hd[child], hd[pos] = hd[pos], hd[child]
+        hi[child], hi[pos] = hi[pos], hi[child]
+        pos = child
+    return size
+
+
+# ------------------------------------------------------------------------------------------------ search
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def beam_search(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, q: np.ndarray, ef: int, limit: int,
+                visited: np.ndarray, tag: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Best-first search with a result queue of size ef, maximizing q.k (hnswlib's searchBaseLayer, with
+    several entry points), over nodes 0..limit-1 (links to higher ids are ignored).
+
+    visited: uint32 scratch of at least `limit` entries; a node counts as visited when visited[node] == tag
+    (callers use a new tag per search). Returns (ids, scores) of the best ef found by decreasing score, and
+    how many keys were scored."""
+    width = adj.shape[1]
+    cap = 4 * ef + entries.shape[0] + width
+    cd = np.empty(cap, np.float32)
+    ci = np.empty(cap, np.int64)
+    rd = np.empty(ef + 1, np.float32)
+    ri = np.empty(ef + 1, np.int64)
+    cs = 0
+    rs = 0
+    touched = 0
+    for e in entries:
+        if e < 0 or e >= limit or visited[e] == tag:
+            continue
+        visited[e] = tag
+        s = _dot(keys[e], q)
+        touched += 1
+        if cs == cap:
+            cd, ci, cap = _grow(cd, ci, cs)
+        cs = _push(cd, ci, cs, -s, e)
+        rs = _push(rd, ri, rs, s, e)
+        if rs > ef:
+            rs = _pop(rd, ri, rs)
+    while cs > 0:
+        if rs >= ef and -cd[0] < rd[0]:
+            break
+        node = ci[0]
+        cs = _pop(cd, ci, cs)
+        for j in range(width):
+            nb = adj[node, j]
+            if nb < 0:
+                break
+            if nb >= limit or visited[nb] == tag:
+                continue
+            visited[nb] = tag
+            s = _dot(keys[nb], q)
+            touched += 1
+            if rs < ef or s > rd[0]:
+                if cs == cap:
+                    cd, ci, cap = _grow(cd, ci, cs)
+                cs = _push(cd, ci, cs, -s, nb)
+                rs = _push(rd, ri, rs, s, nb)
+                if rs > ef:
+                    rs = _pop(rd, ri, rs)
+    order = np.argsort(-rd[:rs])
+    return ri[:rs][order], rd[:rs][order], touched
+
+
+@njit(cache=True, nogil=True)
+def _grow(hd: np.ndarray, hi: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, int]:
+    cap = 2 * hd.shape[0]
+    nd = np.empty(cap, np.float32)
+    ni = np.empty(cap, np.int64)
+    nd[:size] = hd[:size]
+    ni[:size] = hi[:size]
+    return nd, ni, cap
+
+
+@njit(cache=True, nogil=True)
+def search_rows(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, queries: np.ndarray,
+                key_of: np.ndarray, graph_of: np.ndarray, count: int, ef: int, lo: int, hi: int,
+                ids: np.ndarray, touched: np.ndarray, visited: np.ndarray, tag: int) -> int:
+    """Search query rows lo..hi-1. keys [G_k, cap, d], adj [G_a, cap, W], entries [G_a, E] (-1 padded),
+    queries [m, d]; row i searches keys[key_of[i]] over adj[graph_of[i]] among the first `count` keys.
+    Writes ids [m, k] (-1 padded) and touched [m]. visited: uint32 scratch (>= count) whose entries are all
+    below `tag`; returns the next unused tag."""
+    k = ids.shape[1]
+    for i in range(lo, hi):
+        g = graph_of[i]
+        r, _, t = beam_search(keys[key_of[i]], adj[g], entries[g], queries[i], max(ef, k), count, visited, tag)
+        tag += 1
+        kk = min(k, r.shape[0])
+        ids[i, :kk] = r[:kk]
+        ids[i, kk:] = -1
+        touched[i] = t
+    return tag
+
+
+# ------------------------------------------------------------------------------------------ construction
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _rng_select(keys: np.ndarray, cand: np.ndarray, cdist: np.ndarray, count: int, degree: int,
+                out: np.ndarray) -> int:
+    """RNG occlusion pruning of cand[:count] (sorted by cdist = squared distance to the pivot): c is dropped
+    when an already kept r has d(c, r) < d(c, pivot); at most `degree` kept. Returns how many (in out)."""
+    kept = 0
+    for a in range(count):
+        c = cand[a]
+        ok = True
+        for b in range(kept):
+            if _sqdist(keys[c], keys[out[b]]) < cdist[a]:
+                ok = False
+                break
+        if ok:
+            out[kept] = c
+            kept += 1
+            if kept >= degree:
+                break
+    return kept
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def list_edges(keys: np.ndarray, lists: np.ndarray, degree: int, pivots: int, lo: int, hi: int, out: np.ndarray
+               ) -> None:
+    """Projection of query top-N lists lo..hi-1 onto the keys: within a list, every member takes the other
+    members as candidates (nearest first) and keeps an RNG-pruned set of at most `degree` (RoarGraph's pivot
+    step applied to every member, not only the top-1, which with attention sinks is nearly always the same
+    key); only the first `pivots` members pivot. Pairwise distances are computed at most once per list, when
+    first needed. out: int32 [n_lists * N * degree, 2] (src, dst),
+    rows of lists outside lo..hi untouched, unused rows -1."""
+    width = lists.shape[1]
+    pair = np.empty((width, width), np.float32)
+    ids = np.empty(width, np.int64)
+    d = np.empty(width, np.float32)
+    sel = np.empty(degree, np.int64)
+    for li in range(lo, hi):
+        cnt = 0
+        while cnt < width and lists[li, cnt] >= 0:
+            ids[cnt] = lists[li, cnt]
+            cnt += 1
+        npiv = min(pivots, cnt)
+        for a in range(cnt):
+            pair[a, :cnt] = -1.0                                # -1: not computed yet
+            pair[a, a] = _INF
+        for p in range(npiv):
+            for j in range(cnt):
+                if pair[p, j] < 0:
+                    v = _sqdist(keys[ids[p]], keys[ids[j]])
+                    pair[p, j] = v
+                    pair[j, p] = v
+                d[j] = pair[p, j]
+            order = np.argsort(d[:cnt])
+            kept = 0
+            for a in range(cnt - 1):
+                c = order[a]
+                ok = True
+                for b in range(kept):
+                    v = pair[c, sel[b]]
+                    if v < 0:
+                        v = _sqdist(keys[ids[c]], keys[ids[sel[b]]])
+                        pair[c, sel[b]] = v
+                        pair[sel[b], c] = v
+                    if v < d[c]:
+                        ok = False
+                        break
+                if ok:
+                    sel[kept] = c
+                    kept += 1
+                    if kept >= degree:
+                        break
+            base = (li * width + p) * degree
+            for j in range(kept):
+                out[base + j, 0] = ids[p]
+                out[base + j, 1] = ids[sel[j]]
+
+
+@njit(cache=True, nogil=True)
+def csr(n: int, src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Counting-sort edges by source: (indptr int64 [n+1], neighbours int64 [E])."""
+    indptr = np.zeros(n + 1, np.int64)
+    for s in src:
+        indptr[s + 1] += 1
+    for i in range(n):
+        indptr[i + 1] += indptr[i]
+    fill = indptr[:-1].copy()
+    nbrs = np.empty(src.shape[0], np.int64)
+    for e in range(src.shape[0]):
+        nbrs[fill[src[e]]] = dst[e]
+        fill[src[e]] += 1
+    return indptr, nbrs
+
+
+@njit(cache=True, nogil=True)
+def window_edges(lists: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Co-relevance candidates from query top-N lists: members whose ranks differ by at most `window`,
+    both directions (no distances). Returns (src, dst) int64."""
+    s, width = lists.shape
+    total = 2 * s * width * window
+    src = np.empty(total, np.int64)
+    dst = np.empty(total, np.int64)
+    e = 0
+    for li in range(s):
+        for a in range(width):
+            u = lists[li, a]
+            if u < 0:
+                break
+            for b in range(a + 1, min(width, a + window + 1)):
+                v = lists[li, b]
+                if v < 0:
+                    break
+                src[e] = u
+                dst[e] = v
+                src[e + 1] = v
+                dst[e + 1] = u
+                e += 2
+    return src[:e], dst[:e]
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def prune_nodes(keys: np.ndarray, indptr: np.ndarray, nbrs: np.ndarray, degree: int, pool: int, lo: int,
+                hi: int, adj: np.ndarray) -> None:
+    """Nodes lo..hi-1: candidates nbrs[indptr[i]:indptr[i+1]] (repeats allowed) are deduped, sorted by
+    distance, cut to `pool` and RNG-pruned to at most `degree`; the result is written left-packed into
+    adj[i] (the rest of the row set to -1)."""
+    sel = np.empty(degree, np.int64)
+    for i in range(lo, hi):
+        adj[i, :] = -1
+        a, b = indptr[i], indptr[i + 1]
+        if b == a:
+            continue
+        c = np.unique(nbrs[a:b])
+        d = np.empty(c.shape[0], np.float32)
+        for j in range(c.shape[0]):
+            d[j] = _sqdist(keys[i], keys[c[j]]) if c[j] != i else _INF
+        order = np.argsort(d)
+        cnt = min(pool, c.shape[0])
+        cs = c[order[:cnt]]
+        ds = d[order[:cnt]]
+        while cnt > 0 and ds[cnt - 1] == _INF:
+            cnt -= 1
+        kept = _rng_select(keys, cs, ds, cnt, degree, sel)
+        for j in range(kept):
+            adj[i, j] = sel[j]
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _prune_found(keys: np.ndarray, v: int, found: np.ndarray, degree: int, sel: np.ndarray) -> int:
+    d = np.empty(found.shape[0], np.float32)
+    for j in range(found.shape[0]):
+        d[j] = _sqdist(keys[v], keys[found[j]]) if found[j] != v else _INF
+    order = np.argsort(d)
+    cnt = found.shape[0]
+    cs = found[order]
+    ds = d[order]
+    while cnt > 0 and ds[cnt - 1] == _INF:
+        cnt -= 1
+    return _rng_select(keys, cs, ds, cnt, degree, sel)
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def enhance_nodes(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, count: int, ef: int, degree: int,
+                  lo: int, hi: int, out: np.ndarray) -> None:
+    """Connectivity enhancement for nodes lo..hi-1: each beam-searches the graph (first `count` keys) with its
+    own key as the query and keeps an RNG-pruned set (at most `degree`) of what it found: out[i] (int32)."""
+    visited = np.zeros(count, np.uint32)
+    sel = np.empty(degree, np.int64)
+    for v in range(lo, hi):
+        found, _, _ = beam_search(keys, adj, entries, keys[v], ef, count, visited, v - lo + 1)
+        kept = _prune_found(keys, v, found, degree, sel)
+        out[v, :] = -1
+        for j in range(kept):
+            out[v, j] = sel[j]
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _link(keys: np.ndarray, adj: np.ndarray, node: int, new: int) -> None:
+    """Add edge node -> new; when node's row is full, new replaces the farthest neighbour if it is nearer
+    (one distance per slot, unlike a full RNG re-prune)."""
+    width = adj.shape[1]
+    cnt = 0
+    while cnt < width and adj[node, cnt] >= 0:
+        if adj[node, cnt] == new:
+            return
+        cnt += 1
+    if cnt < width:
+        adj[node, cnt] = new
+        return
+    far = 0
+    far_d = np.float32(-1.0)
+    for j in range(width):
+        dj = _sqdist(keys[node], keys[adj[node, j]])
+        if dj > far_d:
+            far, far_d = j, dj
+    if _sqdist(keys[node], keys[new]) < far_d:
+        adj[node, far] = new
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def insert_nodes(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, lo: int, hi: int, ef: int,
+                 degree: int) -> int:
+    """Insert keys lo..hi-1 (rows of keys/adj already allocated) into the graph over keys 0..lo-1, one after
+    another: beam-search for the new key, RNG-prune what was found to at most `degree` out-edges, link back
+    (re-pruning full rows), and link to the previous position (lo-1 .. hi-2) both ways, which keeps every key
+    reachable. Returns the number of keys scored."""
+    touched = 0
+    sel = np.empty(degree, np.int64)
+    visited = np.zeros(hi, np.uint32)
+    for v in range(lo, hi):
+        found, _, t = beam_search(keys, adj, entries, keys[v], ef, v, visited, v - lo + 1)
+        touched += t
+        kept = _prune_found(keys, v, found, degree, sel)
+        adj[v, :] = -1
+        for j in range(kept):
+            adj[v, j] = sel[j]
+            _link(keys, adj, sel[j], v)
+        if v > 0:
+            _link(keys, adj, v, v - 1)
+            _link(keys, adj, v - 1, v)
+    return touched
