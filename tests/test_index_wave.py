@@ -4,6 +4,7 @@ incremental adds, serialization, GQA mapping. References are brute force in floa
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -94,6 +95,45 @@ def test_full_budget_is_exact(metric: str, ranking: str, leftover: str) -> None:
         assert res.keys_touched == idx.num_clusters + n
         top = idx.search(q, 10, 0.1)   # k < n: still the exact top-k, sorted
         assert torch.equal(top.ids[:, :10], ref[:, :10])
+
+
+def token_clusters(idx: WaveIndex) -> torch.Tensor:
+    """Cluster of every clustered token [HKV, n], from the index's CSR layout."""
+    cl = idx._cl
+    sizes = cl.offsets[:, 1:] - cl.offsets[:, :-1]
+    out = torch.empty(HKV, cl.num_tokens, dtype=torch.int64)
+    for h in range(HKV):
+        labels = torch.repeat_interleave(torch.arange(cl.num_clusters), sizes[h])
+        out[h, cl.token_ids[h].long()] = labels
+    return out
+
+
+def test_leftover_ids_returns_whole_retrieval_clusters() -> None:
+    """leftover=ids: the exact top-k first (sorted), then the other tokens of the retrieval-zone clusters;
+    every id once, and every cluster either wholly returned or not at all."""
+    idx, keys, _, queries = build({"retrieval_fraction": "0.1", "leftover": "ids"})
+    lab = token_clusters(idx)
+    k = 8
+    for q in queries:
+        res = idx.search(q, k, 0.1)
+        for h in range(HQ):
+            got = res.ids[h][res.ids[h] >= 0]
+            assert got.unique().numel() == got.numel() > k
+            s = keys[h // G, got] @ q[h]
+            assert torch.equal(s[:k], s.topk(k).values)
+            clusters = lab[h // G, got].unique()
+            members = torch.isin(lab[h // G], clusters).nonzero().squeeze(1)
+            assert torch.equal(got.sort().values, members)
+
+
+def test_build_from_labels_matches_build() -> None:
+    idx, keys, values, _ = build()
+    *_, prefill = clustered()
+    again = WaveIndex(SHAPE, {"segment": "256"})
+    again.build_from_labels(keys, values, token_clusters(idx), BuildHints(queries=prefill))
+    assert again.to_bytes() == idx.to_bytes()
+    with pytest.raises(ValueError):
+        again.build_from_labels(keys, values, torch.zeros(HKV, 3, dtype=torch.int64))
 
 
 def test_gqa_mapping() -> None:
@@ -269,3 +309,29 @@ def test_zone_sizes_cover_k() -> None:
     idx, *_ = build({"retrieval_fraction": "0"})
     r, _ = idx.zone_sizes(200)
     assert r * idx.count / idx.num_clusters >= 200
+
+
+def test_add_beside_search() -> None:
+    """add() publishes one new state: searches running meanwhile see whole states (ids unique and valid)."""
+    idx, _, _, queries = build({"pending_threshold": "32", "leftover": "ids", "retrieval_fraction": "1"})
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def searcher() -> None:
+        try:
+            while not stop.is_set():
+                ids = idx.search(queries[0], 8, 0.1).ids
+                for row in ids:
+                    got = row[row >= 0]
+                    assert got.unique().numel() == got.numel()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    worker = threading.Thread(target=searcher)
+    worker.start()
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(12):
+        idx.add(torch.randn(HKV, 11, D, generator=gen), torch.randn(HKV, 11, D, generator=gen))
+    stop.set()
+    worker.join()
+    assert not errors and idx.count == 640 + 12 * 11

@@ -14,10 +14,11 @@ or per KV head over its group's summed scores (`ranking=group`, RetroInfer), wit
 `radius_weight * |q| * radius / sqrt(d)`.
 - retrieval zone: the top `retrieval_fraction` of clusters (at least enough to hold ~k tokens); all their
   tokens and every pending (not yet clustered) token are scored exactly.
-- ids (`leftover`): `ids` (default) returns every scored token by decreasing score, the exact top-k
-  first (k is a floor: the caller attends exactly over all of them, as RetroInfer attends its whole
-  retrieval zone); `fold` returns the top-k and adds the other scored tokens to the estimate with their
-  exact score and their cluster's mean value; `drop` returns the top-k and forgets the rest.
+- ids (`leftover`): `fold` (default) returns the exact top-k by decreasing score and adds the other scored
+  tokens to the estimate with their exact score and their cluster's mean value; `ids` returns every scored
+  token, the exact top-k first (sorted), then the others unsorted (k is a floor: the caller must attend
+  exactly over all of them, as RetroInfer attends its whole retrieval zone); `drop` returns the top-k and
+  forgets the rest.
 - estimation zone: the next `estimation_fraction` of clusters (default: all the others); cluster i
   contributes log-weight log(size_i) + scale * q.mean_key_i with value vsum_i / size_i, returned as a
   partial attention (output, lse) that the caller merges with the exact attention over the ids by
@@ -38,7 +39,9 @@ err = relative L2 error of the merged attention output against full attention):
   MiniLM (one query head per KV head).
 - estimation_fraction=1: err 0.031 vs 0.035 at RetroInfer's 23% vs 0.051 with no estimate (realistic);
   MiniLM 0.055 vs 0.316 with no estimate. The estimate is one matmul over all clusters either way.
-- leftover=ids: realistic 0.0309 (ids) / 0.0313 (fold) / 0.041 (drop); MiniLM 0.055 / 0.123 / 0.257.
+- leftover: realistic 0.0309 (ids) / 0.0313 (fold) / 0.041 (drop); MiniLM 0.055 / 0.123 / 0.257. `ids` is
+  the most accurate but makes the caller attend ~1.7K ids per head at 128K instead of k, and a caller that
+  cuts the ids back to k (IndexSlot.search re-ranks to k) turns it into `drop`: hence `fold` by default.
 - radius_weight=1: realistic recall 0.866 vs 0.827 without the bonus.
 - segment=8192 one-level: realistic 0.866 / 0.031 vs two-level (block 4096 over the whole context)
   0.830 / 0.053; MiniLM 0.965 / 0.055 vs 0.991 / 0.031 -- the sets disagree; two-level builds faster.
@@ -54,7 +57,16 @@ import torch
 
 from kvd.index import wave_search as ws
 from kvd.index.base import BuildHints, IndexShape, KeyIndex, SearchResult
-from kvd.index.wave_build import METRICS, Clusters, Space, cluster_block, concat, empty_clusters, make_space
+from kvd.index.wave_build import (
+    METRICS,
+    Clusters,
+    Space,
+    cluster_block,
+    concat,
+    empty_clusters,
+    make_space,
+    summarize,
+)
 from kvd.index.wave_io import pack, unpack
 
 _RANKINGS = ("group", "head")
@@ -76,7 +88,7 @@ class WaveParams:
     estimation_fraction: float = 1.0
     radius_weight: float = 1.0
     ranking: str = "head"
-    leftover: str = "ids"
+    leftover: str = "fold"
     pending_threshold: int = 1024
     kmeans_dtype: str = "float32"
     key_dtype: str = "float32"
@@ -114,6 +126,21 @@ class WaveParams:
         return {k: str(v) for k, v in asdict(self).items()}
 
 
+@dataclass(frozen=True)
+class _State:
+    """Everything search() reads, replaced as a whole by add(): a search that took one snapshot never sees
+    new clusters with the old pending buffer (or the reverse), so add() may run beside search()."""
+
+    cl: Clusters
+    prep: ws.Prepared
+    pend_k: torch.Tensor    # float32 [Hkv, P, d]: added keys not yet clustered (local ids follow cl's)
+    pend_v: torch.Tensor
+
+    @classmethod
+    def of(cls, cl: Clusters, pend_k: torch.Tensor, pend_v: torch.Tensor) -> _State:
+        return cls(cl, ws.prepare(cl), pend_k, pend_v)
+
+
 class WaveIndex(KeyIndex):
     kind = "wave"
 
@@ -122,36 +149,51 @@ class WaveIndex(KeyIndex):
         self._p = WaveParams.parse(self.params)
         h, d = shape.num_kv_heads, shape.head_dim
         self._space = Space("euclid", torch.zeros(h, d))
-        self._set_clusters(empty_clusters(h, d, _KEY_DTYPES[self._p.key_dtype]))
-        self._pend_k = torch.zeros(h, 0, d)
-        self._pend_v = torch.zeros(h, 0, d)
+        self._st = self._empty_state()
         self._blocks = 0
 
     # ----------------------------------------------------------------------------------------- build/add
     def build(self, keys: torch.Tensor, values: torch.Tensor | None, hints: BuildHints | None) -> None:
         keys, values = self._check_kv(keys, values)
-        h, d = self.shape.num_kv_heads, self.shape.head_dim
+        d = self.shape.head_dim
         queries = hints.queries if hints is not None else None
         if queries is not None and (queries.dim() != 3 or queries.shape[0] != self.shape.num_query_heads
                                     or queries.shape[2] != d):
             raise ValueError(f"hint queries must be [{self.shape.num_query_heads}, m, {d}]")
         self._space = make_space(self._p.metric, keys, queries, self._p.proj_dim)
-        self._set_clusters(empty_clusters(h, d, _KEY_DTYPES[self._p.key_dtype]))
-        self._pend_k, self._pend_v = torch.zeros(h, 0, d), torch.zeros(h, 0, d)
+        self._st = self._empty_state()
         self._blocks = 0
         if keys.shape[1]:
-            self._append_clusters(keys, values)
+            self._st = _State.of(self._cluster(keys, values), self._st.pend_k, self._st.pend_v)
+
+    def build_from_labels(self, keys: torch.Tensor, values: torch.Tensor | None, labels: torch.Tensor,
+                          hints: BuildHints | None = None) -> None:
+        """build() with the clustering done elsewhere: labels int [Hkv, n], cluster ids 0..C-1 numbered alike
+        on every head (wave_kmeans.segment_labels on CUDA tensors gives them on the GPU during prefill, about
+        40 ms a layer at 128K keys on an H100 against ~2 s here on 16 cores). hints: for later appends."""
+        keys, values = self._check_kv(keys, values)
+        h, n = keys.shape[:2]
+        labels = labels.to("cpu", torch.int64)
+        if labels.shape != (h, n) or (n and int(labels.min()) < 0):
+            raise ValueError(f"labels must be int [{h}, {n}] with cluster ids >= 0")
+        self.build(keys[:, :0], values[:, :0], hints)
+        self._space = make_space(self._p.metric, keys, hints.queries if hints else None, self._p.proj_dim)
+        if n:
+            cl = summarize(keys, values, labels, int(labels.max()) + 1, 0, _KEY_DTYPES[self._p.key_dtype])
+            self._st = _State.of(cl, self._st.pend_k, self._st.pend_v)
+            self._blocks = 1
 
     def add(self, keys: torch.Tensor, values: torch.Tensor | None) -> None:
         keys, values = self._check_kv(keys, values)
-        self._pend_k = torch.cat([self._pend_k, keys], 1)
-        self._pend_v = torch.cat([self._pend_v, values], 1)
+        st = self._st
+        pend_k, pend_v = torch.cat([st.pend_k, keys], 1), torch.cat([st.pend_v, values], 1)
         thr = self._p.pending_threshold
-        if self._pend_k.shape[1] >= thr:
-            cut = self._pend_k.shape[1] // thr * thr
-            self._append_clusters(self._pend_k[:, :cut], self._pend_v[:, :cut])
-            self._pend_k = self._pend_k[:, cut:].clone()
-            self._pend_v = self._pend_v[:, cut:].clone()
+        if pend_k.shape[1] < thr:
+            self._st = replace(st, pend_k=pend_k, pend_v=pend_v)
+            return
+        cut = pend_k.shape[1] // thr * thr
+        new = self._cluster(pend_k[:, :cut], pend_v[:, :cut])
+        self._st = _State.of(concat(st.cl, new), pend_k[:, cut:].clone(), pend_v[:, cut:].clone())
 
     def _check_kv(self, keys: torch.Tensor, values: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if values is None:
@@ -161,26 +203,36 @@ class WaveIndex(KeyIndex):
             raise ValueError(f"keys/values must be [{h}, n, {d}], got {tuple(keys.shape)}/{tuple(values.shape)}")
         return keys.float().contiguous(), values.float().contiguous()
 
-    def _append_clusters(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def _empty_state(self) -> _State:
+        h, d = self.shape.num_kv_heads, self.shape.head_dim
+        cl = empty_clusters(h, d, _KEY_DTYPES[self._p.key_dtype])
+        return _State.of(cl, torch.zeros(h, 0, d), torch.zeros(h, 0, d))
+
+    def _cluster(self, keys: torch.Tensor, values: torch.Tensor) -> Clusters:
+        """Clusters of keys that follow the current clusters (local ids after theirs)."""
         p = self._p
         gen = torch.Generator().manual_seed(p.seed * 1_000_003 + self._blocks)
-        new = cluster_block(keys, values, self._space, self._cl.num_tokens, p.cluster_size, p.segment,
+        new = cluster_block(keys, values, self._space, self._st.cl.num_tokens, p.cluster_size, p.segment,
                             p.block, p.iters, gen, _KMEANS_DTYPES[p.kmeans_dtype], _KEY_DTYPES[p.key_dtype])
-        self._set_clusters(concat(self._cl, new))
         self._blocks += 1
+        return new
 
-    def _set_clusters(self, cl: Clusters) -> None:
-        self._cl = cl
-        self._prep = ws.prepare(cl)
+    @property
+    def _cl(self) -> Clusters:
+        return self._st.cl
+
+    @property
+    def _pend_k(self) -> torch.Tensor:
+        return self._st.pend_k
 
     # ------------------------------------------------------------------------------------------- search
-    def zone_sizes(self, k: int, p: WaveParams | None = None) -> tuple[int, int]:
+    def zone_sizes(self, k: int, p: WaveParams | None = None, st: _State | None = None) -> tuple[int, int]:
         """(retrieval clusters, estimation clusters) per unit for a top-k search."""
-        p = p or self._p
-        c = self._cl.num_clusters
+        p, st = p or self._p, st or self._st
+        c = st.cl.num_clusters
         if c == 0:
             return 0, 0
-        r = min(c, max(math.ceil(p.retrieval_fraction * c), math.ceil(k / self._prep.avg_size)))
+        r = min(c, max(math.ceil(p.retrieval_fraction * c), math.ceil(k / st.prep.avg_size)))
         return r, min(c - r, math.ceil(p.estimation_fraction * c))
 
     def search(self, queries: torch.Tensor, k: int, scale: float, params: dict[str, str] | None = None
@@ -191,16 +243,17 @@ class WaveIndex(KeyIndex):
             raise ValueError(f"queries must be [{self.shape.num_query_heads}, {d}], got {tuple(queries.shape)}")
         group = p.ranking == "group"
         q = queries.float().reshape(hkv, g, d)
-        cl, prep = self._cl, self._prep
+        st = self._st
+        cl, prep = st.cl, st.prep
         cs = ws.centroid_scores(q, cl, prep)                                              # [Hkv, G, C]
         rank = ws.rank_scores(q, cs, prep, group, p.radius_weight)                        # [U, C]
-        r, e = self.zone_sizes(k, p)
+        r, e = self.zone_sizes(k, p, st)
         top, mask = ws.select_zones(rank, r, e)
         unit_kv = torch.arange(rank.shape[0]) // (1 if group else g)
         pos, clus = ws.zone_positions(cl.offsets, unit_kv, top)
-        cand = ws.score_candidates(q, cl, self._pend_k, pos, clus, group)
+        cand = ws.score_candidates(q, cl, st.pend_k, pos, clus, group)
         order, ids = ws.choose(cand, k, all_scored=p.leftover == "ids")
-        fold = (ws.leftover_scores(cand, order), cand, self._pend_v) if p.leftover == "fold" else None
+        fold = (ws.leftover_scores(cand, order), cand, st.pend_v) if p.leftover == "fold" else None
         est = ws.estimate(cs, top, mask, scale, cl, fold)
         touched = cl.num_clusters + round(cand.scored / self.shape.num_query_heads)
         return SearchResult(ids=ids, estimate=est, keys_touched=touched)
@@ -208,7 +261,8 @@ class WaveIndex(KeyIndex):
     # ----------------------------------------------------------------------------------- bookkeeping
     @property
     def count(self) -> int:
-        return self._cl.num_tokens + self._pend_k.shape[1]
+        st = self._st
+        return st.cl.num_tokens + st.pend_k.shape[1]
 
     @property
     def num_clusters(self) -> int:
@@ -221,8 +275,9 @@ class WaveIndex(KeyIndex):
 
     def nbytes(self) -> int:
         """Bytes held beyond the keys (the cluster-ordered key copy and the pending keys are not counted)."""
-        cl, sp = self._cl, self._space
-        tensors = [sp.mean, cl.centroids, cl.vs1, cl.radius, cl.offsets, cl.token_ids, self._pend_v]
+        st, sp = self._st, self._space
+        cl = st.cl
+        tensors = [sp.mean, cl.centroids, cl.vs1, cl.radius, cl.offsets, cl.token_ids, st.pend_v]
         if sp.proj is not None:
             tensors.append(sp.proj)
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -231,10 +286,11 @@ class WaveIndex(KeyIndex):
         meta = {"kind": self.kind, "version": _FORMAT_VERSION, "params": asdict(self._p),
                 "shape": [self.shape.num_kv_heads, self.shape.num_query_heads, self.shape.head_dim],
                 "blocks": self._blocks, "metric": self._space.metric}
-        cl = self._cl
+        st = self._st
+        cl = st.cl
         arrays = {"mean": self._space.mean, "centroids": cl.centroids, "vs1": cl.vs1, "radius": cl.radius,
                   "offsets": cl.offsets, "token_ids": cl.token_ids, "keys": cl.keys,
-                  "pend_k": self._pend_k, "pend_v": self._pend_v}
+                  "pend_k": st.pend_k, "pend_v": st.pend_v}
         if self._space.proj is not None:
             arrays["proj"] = self._space.proj
         return pack(meta, arrays)
@@ -249,7 +305,7 @@ class WaveIndex(KeyIndex):
         p = WaveParams.parse(params, WaveParams(**meta["params"]))
         idx = cls(shape, p.as_strings())
         idx._space = Space(meta["metric"], a["mean"], a.get("proj"))
-        idx._set_clusters(Clusters(a["centroids"], a["vs1"], a["radius"], a["offsets"], a["token_ids"], a["keys"]))
-        idx._pend_k, idx._pend_v = a["pend_k"], a["pend_v"]
+        cl = Clusters(a["centroids"], a["vs1"], a["radius"], a["offsets"], a["token_ids"], a["keys"])
+        idx._st = _State.of(cl, a["pend_k"], a["pend_v"])
         idx._blocks = int(meta["blocks"])
         return idx

@@ -98,15 +98,20 @@ def empty_clusters(h: int, d: int, key_dtype: torch.dtype = torch.float32) -> Cl
 
 def summarize(keys: torch.Tensor, values: torch.Tensor, labels: torch.Tensor, c: int, first_id: int,
               key_dtype: torch.dtype = torch.float32) -> Clusters:
-    """Per-cluster summaries and the cluster-ordered layout of tokens given labels [H, n] in 0..c-1."""
+    """Per-cluster summaries and the cluster-ordered layout of tokens given labels [H, n] in 0..c-1.
+    Row-wise index_add_/index_select on flattened [H*n, d] views: several times faster on CPU than
+    scatter_add_/gather with an index expanded over d."""
     h, n, d = keys.shape
-    sizes = torch.zeros(h, c).scatter_add_(1, labels, torch.ones(h, n))
-    idx = labels.unsqueeze(-1).expand(h, n, d)
-    centroids = torch.zeros(h, c, d).scatter_add_(1, idx, keys) / sizes.clamp_min(1.0).unsqueeze(-1)
-    vsum = torch.zeros(h, c, d).scatter_add_(1, idx, values)
-    sq = (keys - torch.gather(centroids, 1, idx)).pow(2).sum(-1)
-    radius = (torch.zeros(h, c).scatter_add_(1, labels, sq) / sizes.clamp_min(1.0)).sqrt()
+    flat = (labels + torch.arange(h).unsqueeze(1) * c).reshape(-1)
+    sizes = torch.bincount(flat, minlength=h * c).view(h, c).to(torch.float32)
+    ksum = torch.zeros(h * c, d).index_add_(0, flat, keys.reshape(-1, d)).view(h, c, d)
+    vsum = torch.zeros(h * c, d).index_add_(0, flat, values.reshape(-1, d)).view(h, c, d)
+    sq = torch.zeros(h * c).index_add_(0, flat, keys.pow(2).sum(-1).reshape(-1)).view(h, c)
+    per = sizes.clamp_min(1.0)
+    centroids = ksum / per.unsqueeze(-1)
+    radius = (sq / per - centroids.pow(2).sum(-1)).clamp_min(0.0).sqrt()   # RMS distance to the mean
     order = labels.argsort(dim=1, stable=True)
+    rows = (order + torch.arange(h).unsqueeze(1) * n).reshape(-1)
     offsets = torch.cat([torch.zeros(h, 1, dtype=torch.int64), sizes.to(torch.int64).cumsum(1)], dim=1)
     return Clusters(
         centroids=centroids,
@@ -114,7 +119,7 @@ def summarize(keys: torch.Tensor, values: torch.Tensor, labels: torch.Tensor, c:
         radius=radius,
         offsets=offsets,
         token_ids=(order + first_id).to(torch.int32),
-        keys=torch.gather(keys, 1, order.unsqueeze(-1).expand(h, n, d)).to(key_dtype),
+        keys=keys.reshape(-1, d).index_select(0, rows).view(h, n, d).to(key_dtype),
     )
 
 

@@ -133,20 +133,24 @@ def score_candidates(q: torch.Tensor, cl: Clusters, pend_k: torch.Tensor, pos: t
 
 
 def choose(cand: Candidates, k: int, all_scored: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions of the returned candidates [Hq, m], ids [Hq, width]). The exact top-k (width k) or, with
-    all_scored, every scored candidate by decreasing score (width >= k). -1 pads."""
-    n = cand.scores.shape[1]
-    if all_scored:
-        vals, order = cand.scores.sort(dim=1, descending=True)
-        width = max(k, int((vals > -math.inf).sum(1).max()) if n else 0)
-    else:
-        vals, order = cand.scores.topk(min(k, n), dim=1, sorted=True)
-        width = k
-    got = torch.where(vals > -math.inf, torch.gather(cand.ids, 1, order), -1)
-    out = torch.full((got.shape[0], width), -1, dtype=torch.int64)
-    m = min(width, got.shape[1])
-    out[:, :m] = got[:, :m]
-    return order, out
+    """(positions of the top-k candidates [Hq, k'], ids [Hq, width]): the exact top-k by decreasing score,
+    -1 padded to k; with all_scored, followed by every other scored candidate (in zone order, not sorted:
+    a full sort costs more than the rest of a search) and -1 padding to the widest row."""
+    hq, n = cand.scores.shape
+    vals, top = cand.scores.topk(min(k, n), dim=1, sorted=True)
+    head = torch.where(vals > -math.inf, torch.gather(cand.ids, 1, top), -1)
+    kk = head.shape[1]
+    if not all_scored:
+        out = torch.full((hq, k), -1, dtype=torch.int64)
+        out[:, :kk] = head
+        return top, out
+    rest = (cand.scores > -math.inf).scatter_(1, top, False)
+    width = max(k, kk + (int(rest.sum(1).max()) if n else 0))
+    dest = torch.where(rest, rest.cumsum(1) - 1 + kk, width)          # column `width` is a discard slot
+    out = torch.full((hq, width + 1), -1, dtype=torch.int64)
+    out[:, :kk] = head
+    out.scatter_(1, dest, torch.where(rest, cand.ids, -1))
+    return top, out[:, :width]
 
 
 def leftover_scores(cand: Candidates, order: torch.Tensor) -> torch.Tensor:
