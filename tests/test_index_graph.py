@@ -130,7 +130,7 @@ def test_keys_touched_is_exact(data: tuple, built: GraphIndex) -> None:
         ids, touched = python_beam(keys[g].numpy(), built._adj[g], built._entries[g], q[h].numpy(), 40)
         assert ids[:20] == res.ids[h].tolist()
         total += touched
-    assert res.keys_touched == total
+    assert res.keys_touched == round(total / SHAPE.num_query_heads), "average over query heads"
 
 
 def python_beam(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, q: np.ndarray, ef: int

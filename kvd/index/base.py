@@ -59,7 +59,7 @@ class Estimate:
 class SearchResult:
     ids: torch.Tensor               # int64 [Hq, k], local ids, -1 padded
     estimate: Estimate | None = None
-    keys_touched: int = 0           # keys whose score was computed (for the fraction-touched metric)
+    keys_touched: int = 0           # keys scored, averaged over query heads (fraction touched = this / count)
 
 
 class KeyIndex(ABC):

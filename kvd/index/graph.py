@@ -196,7 +196,7 @@ class GraphIndex(KeyIndex):
                                           ef, lo, hi, ids, touched, visited, tag)
 
         run_ranges(rows, hq, int(self.params.get("threads", 0)) or hq, "search")
-        return SearchResult(ids=torch.from_numpy(ids), keys_touched=int(touched.sum()))
+        return SearchResult(ids=torch.from_numpy(ids), keys_touched=round(float(touched.mean())))
 
     # ---------------------------------------------------------------------------------- bookkeeping
     @property

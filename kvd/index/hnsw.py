@@ -174,7 +174,7 @@ class HnswIndex(KeyIndex):
             ids[h * g:(h + 1) * g, :kk] = torch.from_numpy(self._knn(index, h, rows, kk).astype(np.int64))
             if _param(p, "touched") == "exact":
                 touched += sum(replay_touched(self._structure(h), row, ef) for row in rows)
-        return SearchResult(ids=ids, keys_touched=touched)
+        return SearchResult(ids=ids, keys_touched=round(touched / hq))
 
     def _knn(self, index: hnswlib.Index, head: int, rows: np.ndarray, k: int) -> np.ndarray:
         try:
