@@ -56,8 +56,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"kvd: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     logs.setup(config.log.level, config.log.format)
-    # Compiled index kernels are cached next to the data when the install directory is read-only.
-    os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(config.storage.data_dir, "numba-cache"))
+    # Compiled index kernels are cached beside their sources; next to the data when that is read-only.
+    index_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "index")
+    if not os.access(index_dir, os.W_OK):
+        os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(config.storage.data_dir, "numba-cache"))
     try:
         serve(config)
     except (StartupError, TokenFileError, FormatError, OSError) as exc:

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import stat
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -131,7 +132,9 @@ class Daemon:
             os.chmod(self.config.server.socket, self.config.server.socket_mode)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        loop.run_in_executor(None, _warm_up_index_kernels)
+        if self.config.index.default_kind in ("graph", "hnsw"):
+            # A daemon thread: a compile still running must not hold up shutdown.
+            threading.Thread(target=_warm_up_index_kernels, name="kvd-warmup", daemon=True).start()
         if self.config.server.metrics:
             host, port = metrics.parse_listen(self.config.server.metrics)
             self.metrics_server = await metrics.serve_metrics(host, port)
