@@ -25,10 +25,11 @@ sys.path.insert(0, str(ROOT))
 LAYERS, KV_HEADS, HEADS, DIM = 4, 8, 32, 128
 
 
-def rss_bytes(pid: int) -> int:
+def rss_bytes(pid: int, field: str = "VmRSS") -> int:
+    """Resident bytes of a process; field RssAnon excludes file pages (the LMDB map, shared libraries)."""
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
@@ -82,12 +83,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         daemon = DaemonProcess(Path(tmp), ["--memory-budget", args.memory_budget], tcp=args.transport == "tcp")
         daemon.start()
-        peak = [0]
+        peak = [0, 0]
+        baseline_anon = rss_bytes(daemon.proc.pid, "RssAnon")
         done = threading.Event()
 
         def sample() -> None:
             while not done.wait(0.05):
                 peak[0] = max(peak[0], rss_bytes(daemon.proc.pid))
+                peak[1] = max(peak[1], rss_bytes(daemon.proc.pid, "RssAnon"))
 
         sampler = threading.Thread(target=sample)
         sampler.start()
@@ -112,18 +115,20 @@ def main() -> None:
               "transport": args.transport, "shape": f"{LAYERS}x{KV_HEADS}x{DIM} bf16, {HEADS} query heads, k=100",
               "elapsed_s": elapsed, "ops_per_s": total / elapsed, "errors": errors,
               "memory_budget_bytes": stats.memory_budget_bytes, "peak_rss_bytes": peak[0],
+              "peak_rss_anon_bytes": peak[1], "idle_rss_anon_bytes": baseline_anon,
               "spills": stats.counters.get("spills", 0), "promotions": stats.counters.get("promotions", 0),
               "ops": {kind: {"count": len(v), "p50_ms": 1000 * percentile(v, 0.5),
                              "p99_ms": 1000 * percentile(v, 0.99), "max_ms": 1000 * max(v)}
                       for kind, v in latencies.items()}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"load_bench_{args.transport}_{args.clients}c.json"
+    path = out / f"load_bench_{args.transport}_{args.clients}c_{args.memory_budget}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"\nwrote {path}")
     print(f"{args.clients} clients x {args.ops} ops over {args.transport}: {result['ops_per_s']:.0f} ops/s, "
-          f"{len(errors)} errors, peak RSS {peak[0] / 2**20:.0f} MiB (budget {stats.memory_budget_bytes / 2**20:.0f} "
-          f"MiB of KV+indexes), spills {result['spills']:.0f}, promotions {result['promotions']:.0f}")
+          f"{len(errors)} errors, peak RSS {peak[0] / 2**20:.0f} MiB, anonymous {peak[1] / 2**20:.0f} MiB "
+          f"(idle daemon "
+          f"{baseline_anon / 2**20:.0f} MiB; budget {stats.memory_budget_bytes / 2**20:.0f} MiB of KV+indexes), spills {result['spills']:.0f}, promotions {result['promotions']:.0f}")
     print(f"{'op':10s} {'count':>6s} {'p50 ms':>8s} {'p99 ms':>8s} {'max ms':>8s}")
     for kind, row in sorted(result["ops"].items()):
         print(f"{kind:10s} {row['count']:6d} {row['p50_ms']:8.2f} {row['p99_ms']:8.2f} {row['max_ms']:8.2f}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
 import signal
@@ -67,8 +69,18 @@ def _warm_up_index_kernels() -> None:
         log.exception("index kernel warm-up failed")
 
 
+def _limit_malloc_arenas(arenas: int = 2) -> None:
+    """glibc gives each busy thread its own heap arena; K/V blocks freed on spill then stay resident in
+    arenas that are never trimmed. Few arenas keep the resident size close to the memory budget."""
+    name = ctypes.util.find_library("c")
+    if name:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(name).mallopt(-8, arenas)  # M_ARENA_MAX
+
+
 class Daemon:
     def __init__(self, config: Config) -> None:
+        _limit_malloc_arenas()
         self.config = config
         self.engine = Engine(config)
         workers = config.server.workers or os.cpu_count() or 2

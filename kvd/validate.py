@@ -33,17 +33,22 @@ _EXPONENT_BITS = {torch.float16: (torch.int16, 0x7C00), torch.bfloat16: (torch.i
                   torch.float32: (torch.int32, 0x7F800000)}
 
 
+_CHECK_SLICE = 1 << 20
+
+
 def count_nonfinite(tensor: torch.Tensor) -> int:
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return 0
     if tensor.dtype not in _EXPONENT_BITS:
         return int((~torch.isfinite(tensor)).sum())
     int_dtype, mask = _EXPONENT_BITS[tensor.dtype]
-    bits = tensor.contiguous().view(int_dtype)
-    exponent = torch.bitwise_and(bits, mask)
-    if not bool((exponent == mask).any()):
-        return 0
-    return int((exponent == mask).sum())
+    bits = tensor.contiguous().view(int_dtype).reshape(-1)
+    bad = 0
+    # In slices, so that checking a large append needs little temporary memory.
+    for start in range(0, bits.numel(), _CHECK_SLICE):
+        exponent = torch.bitwise_and(bits[start: start + _CHECK_SLICE], mask)
+        bad += int((exponent == mask).sum())
+    return bad
 
 
 def check_finite(what: str, tensor: torch.Tensor) -> None:

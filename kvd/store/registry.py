@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable
 
 from kvd.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from kvd.store.session import ModelShape, Session, SessionOptions, Tier
 
+RESERVE_PATIENCE_SECONDS = 5.0
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:@-]{0,127}$")
 
 
@@ -84,12 +86,21 @@ class Registry:
         """Make sure `extra_bytes` more fit in the memory budget, spilling idle sessions if needed."""
         if extra_bytes <= 0:
             return
-        used = self.memory_bytes()
-        if used + extra_bytes <= self.memory_budget_bytes:
-            return
-        needed = used + extra_bytes - self.memory_budget_bytes
-        if self.make_room is not None and self.make_room(needed, requester):
-            return
+        # Sessions busy right now cannot be spilled; they usually are idle a few milliseconds later, so wait
+        # a little before refusing.
+        deadline = time.monotonic() + RESERVE_PATIENCE_SECONDS
+        delay = 0.002
+        while True:
+            used = self.memory_bytes()
+            if used + extra_bytes <= self.memory_budget_bytes:
+                return
+            needed = used + extra_bytes - self.memory_budget_bytes
+            if self.make_room is not None and self.make_room(needed, requester):
+                return
+            if self.make_room is None or time.monotonic() + delay > deadline:
+                break
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
         raise ResourceExhausted(
             f"memory budget exceeded: {used + extra_bytes} bytes needed, budget {self.memory_budget_bytes} "
             f"bytes, and no idle session could be moved to disk"
