@@ -127,8 +127,8 @@ def main() -> None:
     print(f"\nwrote {path}")
     print(f"{args.clients} clients x {args.ops} ops over {args.transport}: {result['ops_per_s']:.0f} ops/s, "
           f"{len(errors)} errors, peak RSS {peak[0] / 2**20:.0f} MiB, anonymous {peak[1] / 2**20:.0f} MiB "
-          f"(idle daemon "
-          f"{baseline_anon / 2**20:.0f} MiB; budget {stats.memory_budget_bytes / 2**20:.0f} MiB of KV+indexes), spills {result['spills']:.0f}, promotions {result['promotions']:.0f}")
+          f"(idle daemon {baseline_anon / 2**20:.0f} MiB; budget {stats.memory_budget_bytes / 2**20:.0f} MiB of "
+          f"KV+indexes), spills {result['spills']:.0f}, promotions {result['promotions']:.0f}")
     print(f"{'op':10s} {'count':>6s} {'p50 ms':>8s} {'p99 ms':>8s} {'max ms':>8s}")
     for kind, row in sorted(result["ops"].items()):
         print(f"{kind:10s} {row['count']:6d} {row['p50_ms']:8.2f} {row['p99_ms']:8.2f} {row['max_ms']:8.2f}")
