@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 import torch
-from kvd_client.attention import merge_attention, partial_attention
+from kvd_client.attention import attention_from_scores, merge_attention
 
 from kvd.errors import FailedPrecondition, InvalidArgument
 from kvd.index.flat import exact_topk, pad_ids
@@ -82,35 +82,35 @@ def retrieve_sequence(session: Session, queries: torch.Tensor, spec: RetrieveSpe
         if length == 0:
             raise FailedPrecondition(f"session {session.session_id!r}: layer {spec.layer} has no tokens appended")
         begin, end = resolve_range(session, length, requested_range)
-        search = _search(session, queries, keys, spec, begin, end)
-        ids, estimate, kind = search
+        ids, scores, estimate, kind = _search(session, queries, keys, spec, begin, end)
         count = int((ids[0] >= 0).sum()) if ids.numel() else 0
         result = SequenceResult(ids=pad_ids(ids, spec.k), count=count, index_kind=kind)
         if spec.mode is Mode.IDS:
             return result
-        gathered_keys = _gather(keys, ids, shape.group_size)
         gathered_values = _gather(values, ids, shape.group_size)
         if spec.mode is Mode.IDS_KV:
-            result.keys = _pad_rows(gathered_keys, spec.k)
+            result.keys = _pad_rows(_gather(keys, ids, shape.group_size), spec.k)
             result.values = _pad_rows(gathered_values, spec.k)
             return result
-        output, lse = partial_attention(queries, gathered_keys, gathered_values, spec.scale, valid=ids >= 0)
+        # The search already scored the chosen keys exactly in float32: no second gather of K.
+        output, lse = attention_from_scores(scores * spec.scale, gathered_values, valid=ids >= 0)
         if estimate is not None:
             output, lse = merge_attention(output, lse, estimate[0], estimate[1])
         result.output, result.lse = output, lse
         return result
 
 
-def _search(session: Session, queries: torch.Tensor, keys: torch.Tensor, spec: RetrieveSpec, begin: int,
-            end: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, str]:
+def _search(session: Session, queries: torch.Tensor, keys: torch.Tensor, spec: RetrieveSpec, begin: int, end: int
+            ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, str]:
+    """-> ids [Hq, m] (-1 where invalid), their exact float32 scores q.k, the index's estimate, the kind used."""
     index = session.indexes[spec.layer]
     if not spec.exact and index is not None:
         found = index.search(queries, keys, spec.k, spec.scale, begin, end, spec.params)
         if found is not None:
             return found
     norms = session.layers[spec.layer].max_key_norm
-    ids, _ = exact_topk(queries, keys, spec.k, begin, end, pool=spec.pool, key_norms=norms)
-    return ids, None, "flat"
+    ids, scores = exact_topk(queries, keys, spec.k, begin, end, pool=spec.pool, key_norms=norms)
+    return ids, scores, None, "flat"
 
 
 def _pad_rows(tensor: torch.Tensor, k: int) -> torch.Tensor:

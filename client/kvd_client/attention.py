@@ -34,6 +34,12 @@ def partial_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.T
     """
     q = queries.float()
     scores = torch.bmm(keys.float(), q.unsqueeze(-1)).squeeze(-1) * scale
+    return attention_from_scores(scores, values, valid)
+
+
+def attention_from_scores(scores: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention given already-scaled float32 scores [H, k] of keys whose values are [H, k, d]."""
     if valid is not None:
         scores = scores.masked_fill(~valid, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)

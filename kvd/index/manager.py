@@ -67,7 +67,8 @@ class LayerIndex:
         return self.index.nbytes() if self.index is not None and self.ready else 0
 
     def search(self, queries: torch.Tensor, keys: torch.Tensor, k: int, scale: float, begin: int, end: int,
-               params: dict[str, str]) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, str] | None:
+               params: dict[str, str]
+               ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, str] | None:
         """Top-k over [begin, end) from the index plus an exact scan of the uncovered tail; None when the
         request cannot be served from the index (not ready, or a range narrower than the covered part)."""
         with self.lock:
@@ -97,7 +98,7 @@ class LayerIndex:
         estimate = None
         if found.estimate is not None:
             estimate = (found.estimate.output, found.estimate.lse)
-        return ids, estimate, self.kind
+        return ids, top_scores, estimate, self.kind
 
 
 class IndexManager:
