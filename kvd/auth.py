@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from kvd_client.shm import validate_key as validate_region_key  # shared-memory names: one rule
 
 __all__ = [
     "DEFAULT_TENANT",
@@ -81,7 +82,6 @@ current_tenant: ContextVar[str] = ContextVar("kvd_tenant")
 _TENANT_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 _TOKEN_RE = re.compile(r"[\x21-\x7e]+")
 _DIGEST_RE = re.compile(r"sha256:([0-9a-fA-F]{64})")
-_REGION_RE = re.compile(r"[A-Za-z0-9_.-]{1,200}")
 
 
 class TokenFileError(ValueError):
@@ -93,26 +93,6 @@ class Unauthenticated(Exception):
 
 
 # --- names ------------------------------------------------------------------------------------------
-
-def validate_region_key(name: object) -> str:
-    """Check a client-given shared-memory region name and return it.
-
-    Allowed: 1..200 characters of [A-Za-z0-9_.-], not starting with '.', so it can never name a path
-    ('/', '..', hidden files) or anything outside /dev/shm."""
-    if not isinstance(name, str):
-        raise ValueError(f"shared-memory region name must be a string, not {type(name).__name__}")
-    if not name:
-        raise ValueError("shared-memory region name is empty")
-    if len(name) > 200:
-        raise ValueError(f"shared-memory region name is {len(name)} characters long; the limit is 200")
-    if not _REGION_RE.fullmatch(name):
-        bad = sorted({c for c in name if not (c.isascii() and (c.isalnum() or c in "_.-"))})
-        raise ValueError(f"shared-memory region name {name[:64]!r} contains {''.join(bad)!r}; "
-                         "only letters, digits, '_', '.' and '-' are allowed")
-    if name.startswith("."):
-        raise ValueError(f"shared-memory region name {name[:64]!r} must not start with '.'")
-    return name
-
 
 def validate_tenant(name: str) -> str:
     """Tenant names: 1..64 characters of [A-Za-z0-9_.-], not starting with '.'."""

@@ -58,7 +58,7 @@ class SharedMemoryRegistry:
         try:
             validate_key(key)
         except ValueError as exc:
-            raise InvalidArgument(str(exc)) from None
+            raise InvalidArgument(f"invalid shared-memory key: {exc}") from None
         if byte_size == 0:
             raise InvalidArgument("shared-memory byte_size must be positive")
         if offset + byte_size > self.max_region_bytes:

@@ -39,3 +39,16 @@ def full_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tens
         outputs.append(weights @ vv[h // group, positions] / weights.sum())
         lses.append(top + np.log(weights.sum()))
     return np.stack(outputs), np.array(lses)
+
+
+def topk_ids(queries: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Tensor:
+    """queries [Hq, d], keys [Hkv, n, d] -> exact top-k ids [Hq, k] (GQA: head h uses KV head h // g)."""
+    g = queries.shape[0] // keys.shape[0]
+    return torch.stack([torch.topk(keys[h // g] @ queries[h], min(k, keys.shape[1])).indices
+                        for h in range(queries.shape[0])])
+
+
+def mean_recall(found: torch.Tensor, truth: torch.Tensor) -> float:
+    """Average over rows of |found & truth| / |truth|."""
+    hits = [len(set(a.tolist()) & set(b.tolist())) / len(b) for a, b in zip(found, truth, strict=True)]
+    return float(np.mean(hits))

@@ -13,6 +13,7 @@ pytest.importorskip("numba")
 from kvd.index.base import BuildHints, IndexShape
 from kvd.index.graph import GraphIndex
 from kvd.index.hnsw import HnswIndex
+from tests.reference import mean_recall, topk_ids
 
 D = 32
 SHAPE = IndexShape(num_kv_heads=2, num_query_heads=4, head_dim=D)
@@ -39,18 +40,6 @@ def ood_data(n: int, hkv: int, hq: int, d: int = D, n_prefill: int = 256, n_deco
         qs.append(mean + w @ kv_basis + torch.randn(n_prefill + n_decode, d, generator=gen))
     q = torch.stack(qs)
     return torch.stack(keys), q[:, n_decode:].contiguous(), q[:, :n_decode].transpose(0, 1).contiguous()
-
-
-def brute_topk(queries: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Tensor:
-    """queries [Hq, d], keys [Hkv, n, d] -> exact top-k ids [Hq, k] (GQA: head h uses KV head h // g)."""
-    g = queries.shape[0] // keys.shape[0]
-    return torch.stack([torch.topk(keys[h // g] @ queries[h], min(k, keys.shape[1])).indices
-                        for h in range(queries.shape[0])])
-
-
-def mean_recall(found: torch.Tensor, truth: torch.Tensor) -> float:
-    return float(np.mean([len(set(a.tolist()) & set(b.tolist())) / len(b)
-                          for a, b in zip(found, truth, strict=True)]))
 
 
 def brute_hints(keys: torch.Tensor, prefill: torch.Tensor, n_top: int) -> BuildHints:
@@ -81,7 +70,7 @@ def search_recall(index: GraphIndex | HnswIndex, keys: torch.Tensor, dec: torch.
     recalls, touched = [], []
     for q in dec:
         res = index.search(q, k, 1.0, {"ef": str(ef)})
-        recalls.append(mean_recall(res.ids, brute_topk(q, keys, k)))
+        recalls.append(mean_recall(res.ids, topk_ids(q, keys, k)))
         touched.append(res.keys_touched / (q.shape[0] * keys.shape[1]))
     return float(np.mean(recalls)), float(np.mean(touched))
 
@@ -103,7 +92,7 @@ def test_results_sorted_and_gqa_mapping(data: tuple, built: GraphIndex) -> None:
     keys, _, dec = data
     q = dec[0]
     res = built.search(q, 10, 1.0, {"ef": "200"})
-    truth = brute_topk(q, keys, 10)
+    truth = topk_ids(q, keys, 10)
     for h in range(SHAPE.num_query_heads):
         scores = keys[h // SHAPE.group_size][res.ids[h]] @ q[h]
         assert torch.all(scores[:-1] >= scores[1:] - 1e-4)
@@ -182,7 +171,7 @@ def test_add_makes_new_keys_findable(data: tuple) -> None:
     assert index.count == 3000
     for new_id in (2001, 2500, 2999):
         q = torch.stack([keys[h // 2, new_id] / keys[h // 2, new_id].norm() * 50.0 for h in range(4)])
-        truth = brute_topk(q, keys, 1)
+        truth = topk_ids(q, keys, 1)
         res = index.search(q, 10, 1.0, {"ef": "64"})
         assert torch.equal(res.ids[:, 0], truth[:, 0])
     # recall over the grown index holds

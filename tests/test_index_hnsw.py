@@ -8,6 +8,7 @@ import torch
 
 from kvd.index.base import IndexShape
 from kvd.index.hnsw import HnswIndex, hnsw_structure, replay_touched
+from tests.reference import mean_recall, topk_ids
 
 
 def ood_data(n: int, hkv: int, hq: int, d: int = 64, n_queries: int = 16, seed: int = 0
@@ -32,18 +33,6 @@ def ood_data(n: int, hkv: int, hq: int, d: int = 64, n_queries: int = 16, seed: 
     return torch.stack(keys), q[:, n_queries:].contiguous(), q[:, :n_queries].transpose(0, 1).contiguous()
 
 
-def brute_topk(queries: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Tensor:
-    """queries [Hq, d], keys [Hkv, n, d] -> exact top-k ids [Hq, k] (GQA: head h uses KV head h // g)."""
-    g = queries.shape[0] // keys.shape[0]
-    return torch.stack([torch.topk(keys[h // g] @ queries[h], min(k, keys.shape[1])).indices
-                        for h in range(queries.shape[0])])
-
-
-def mean_recall(found: torch.Tensor, truth: torch.Tensor) -> float:
-    hits = [len(set(a.tolist()) & set(b.tolist())) / len(b) for a, b in zip(found, truth, strict=True)]
-    return float(np.mean(hits))
-
-
 SHAPE = IndexShape(num_kv_heads=2, num_query_heads=4, head_dim=64)
 
 
@@ -65,7 +54,7 @@ def test_recall_and_gqa_mapping(data: tuple, built: HnswIndex) -> None:
     recalls = []
     for q in dec[:8]:
         res = built.search(q, 10, 1.0, {"ef": "400", "touched": "off"})
-        truth = brute_topk(q, keys, 10)
+        truth = topk_ids(q, keys, 10)
         recalls.append(mean_recall(res.ids, truth))
         # every returned id is a key of the query head's own KV head: the scores are in decreasing order
         for h in range(4):
@@ -98,7 +87,7 @@ def test_add_makes_new_keys_findable(data: tuple) -> None:
     assert index.count == 1500
     q = torch.stack([keys[h // 2, 1200 + h] * 50.0 for h in range(4)])
     res = index.search(q, 5, 1.0, {"touched": "off"})
-    truth = brute_topk(q, keys[:, :1500], 1)
+    truth = topk_ids(q, keys[:, :1500], 1)
     assert torch.equal(res.ids[:, 0], truth[:, 0])
 
 

@@ -15,15 +15,24 @@ import secrets
 from pathlib import Path
 
 SHM_DIR = Path("/dev/shm")
-_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
+_KEY_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,200}")
 
 
-def validate_key(key: str) -> str:
-    """A shared-memory object name: [A-Za-z0-9_.-], 1-200 characters, no leading '.', no path parts."""
-    if not isinstance(key, str) or not _KEY_PATTERN.match(key):
-        raise ValueError(
-            f"invalid shared-memory key {key!r}: use 1-200 characters of [A-Za-z0-9_.-], not starting with '.'"
-        )
+def validate_key(key: object) -> str:
+    """Check a shared-memory object name and return it: 1..200 characters of [A-Za-z0-9_.-], not starting
+    with '.', so it can never name a path ('/', '..', hidden files) or anything outside /dev/shm."""
+    if not isinstance(key, str):
+        raise ValueError(f"shared-memory region name must be a string, not {type(key).__name__}")
+    if not key:
+        raise ValueError("shared-memory region name is empty")
+    if len(key) > 200:
+        raise ValueError(f"shared-memory region name is {len(key)} characters long; the limit is 200")
+    if not _KEY_PATTERN.fullmatch(key):
+        bad = sorted({c for c in key if not (c.isascii() and (c.isalnum() or c in "_.-"))})
+        raise ValueError(f"shared-memory region name {key[:64]!r} contains {''.join(bad)!r}; "
+                         "only letters, digits, '_', '.' and '-' are allowed")
+    if key.startswith("."):
+        raise ValueError(f"shared-memory region name {key[:64]!r} must not start with '.'")
     return key
 
 
