@@ -124,12 +124,13 @@ class Tiering:
                 self._mark_damaged(session, str(exc))
             self.registry.add(session)
             self.prefixes.update(session.tenant, session.session_id, session.token_ids.view())
-        orphans = [k for k in self.store.chunk_keys() if k not in referenced]
+        stored = set(self.store.chunk_keys())
+        orphans = [k for k in stored if k not in referenced]
         if orphans:
             self.store.delete_chunks(orphans)
             self.counters["rolled_back_records"] += len(orphans)
             messages.append(f"rolled back {len(orphans)} records of interrupted writes")
-        missing = [k for k in referenced if k not in set(self.store.chunk_keys())]
+        missing = [k for k in referenced if k not in stored]
         if missing:
             messages.append(f"{len(missing)} records named by manifests are missing")
         log.info("disk tier recovered", extra={"fields": {"sessions": len(known), "path": str(self.store.path)}})
