@@ -314,6 +314,3 @@ class Engine:
 
     def lookup_prefix(self, tenant: str, token_ids: torch.Tensor) -> tuple[str, int]:
         return self.tiering.lookup_prefix(tenant, token_ids)
-
-    def is_in_memory(self, session: Session) -> bool:
-        return session.tier is Tier.MEMORY

@@ -476,7 +476,7 @@ class Tiering:
             matched = int(mismatch[0]) if len(mismatch) else n
             if matched > best:
                 best_id, best = session_id, matched
-        return best_id, max(best, 0) if best_id else 0
+        return best_id, best
 
     def disk_bytes(self) -> int:
         return sum(s.disk_bytes for s in self.registry.sessions())

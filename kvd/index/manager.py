@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from kvd import metrics
 from kvd.config import IndexConfig
 from kvd.errors import InvalidArgument
 from kvd.index.base import BuildHints, IndexShape, KeyIndex
@@ -108,7 +109,6 @@ class IndexManager:
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kvd-index")
         self._queued = 0
         self._queue_lock = threading.Lock()
-        self.build_seconds: list[float] = []
 
     # -- validation and hooks --------------------------------------------------------------------------
 
@@ -208,7 +208,7 @@ class IndexManager:
             with slot.lock:
                 if session.indexes[layer] is slot:
                     slot.index, slot.ready = index, True
-            self.build_seconds.append(time.perf_counter() - started)
+            metrics.INDEX_BUILD_SECONDS.labels(slot.kind).observe(time.perf_counter() - started)
             log.debug("index built", extra={"fields": {"session": session.session_id, "layer": layer,
                                                        "kind": slot.kind, "keys": end - begin}})
         except Exception as exc:  # a failed build leaves the layer served exactly, and says why
@@ -269,12 +269,6 @@ class IndexManager:
     def queue_length(self) -> int:
         with self._queue_lock:
             return self._queued
-
-    def wait_idle(self, timeout: float = 60.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while self.queue_length() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return self.queue_length() == 0
 
     # -- spill and promote -----------------------------------------------------------------------------
 
