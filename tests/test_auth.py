@@ -203,6 +203,9 @@ async def call(target: str, token: str | None, method: str = "Unary", scheme: st
                 return replies[0].decode()
             if method == "ClientStream":
                 async def requests() -> AsyncIterator[bytes]:
+                    # Let a refusal arrive before the first write: a refused client stream whose writes
+                    # race the server's abort can surface as INTERNAL on the client (a grpc race, seen in CI).
+                    await asyncio.sleep(0.05)
                     for _ in range(3):
                         yield b"x"
                 reply = await channel.stream_unary("/t.Tenant/ClientStream")(requests(), metadata=md)
