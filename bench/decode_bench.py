@@ -23,9 +23,7 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -43,6 +41,8 @@ import transformers  # noqa: E402
 from kvd_client import KvdClient  # noqa: E402
 from kvd_transformers import KVDCache, ops  # noqa: E402
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from bench.daemon import Daemon  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -96,50 +96,6 @@ def build_model(args: argparse.Namespace, device: torch.device) -> tuple[Any, Ll
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype).eval()
     return model, cfg
-
-
-# --- daemon ----------------------------------------------------------------------------------------------------
-class Daemon:
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.dir = tempfile.mkdtemp(prefix="kvd-bench-")
-        self.socket = os.path.join(self.dir, "kvd.sock")
-        cmd = [sys.executable, "-m", "kvd", "serve", "--socket", self.socket, "--data-dir",
-               os.path.join(self.dir, "data"), "--log-format", "text", "--log-level", "warning"]
-        if args.memory_budget:
-            cmd += ["--memory-budget", args.memory_budget]
-        if args.index:
-            cmd += ["--set", f"index.default_kind={args.index}"]
-        cmd += args.daemon_arg
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "client"),
-                                                           os.environ.get("PYTHONPATH", "")])}
-        self.log = open(os.path.join(self.dir, "daemon.log"), "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        self.target = f"unix://{self.socket}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited: {self.log_text()}")
-            if os.path.exists(self.socket):
-                try:
-                    with KvdClient(self.target, shm=False, timeout=2) as probe:
-                        if probe.health() == "SERVING":
-                            return
-                except Exception:
-                    pass
-            time.sleep(0.1)
-        raise TimeoutError(self.log_text())
-
-    def log_text(self) -> str:
-        return Path(self.dir, "daemon.log").read_text(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
 
 
 # --- timing helpers --------------------------------------------------------------------------------------------
@@ -450,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
                           "instantly (integration overhead only)"}
         Path(out).write_text(json.dumps(result, indent=1))
 
-    daemon = None if args.target else Daemon(args)
+    daemon = None if args.target else Daemon(args.memory_budget, args.index, args.daemon_arg)
     target = args.target or daemon.target  # type: ignore[union-attr]
     try:
         model, cfg = build_model(args, device)
