@@ -60,7 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sink", type=int, default=128)
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--flush", type=int, default=32)
-    p.add_argument("--index", default=None, help="index kind of the sessions (default: the daemon's)")
+    p.add_argument("--index", default=None,
+                   help="index kind(s) of the sessions, comma-separated: one kvd row per kind (default: daemon's)")
+    p.add_argument("--index-params", default="",
+                   help="index params of the sessions, k=v,... (e.g. window=2,enhance_ef=0,ef=256 for graph)")
     p.add_argument("--exact", action="store_true", help="force kvd's exact scan")
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--hint-samples", type=int, default=256)
@@ -177,8 +180,15 @@ def rpc_floor(client: KvdClient, cfg: LlamaConfig, dtype: torch.dtype, calls: in
 
 
 # --- kvd runs --------------------------------------------------------------------------------------------------
+def parse_params(text: str) -> dict[str, str]:
+    pairs = [item.split("=", 1) for item in text.split(",") if item]
+    if any(len(pair) != 2 for pair in pairs):
+        raise SystemExit(f"--index-params must be k=v,...: {text!r}")
+    return dict(pairs)  # type: ignore[arg-type]
+
+
 def fill_synthetic(client: KvdClient, sid: str, ctx: int, cfg: LlamaConfig, dtype: torch.dtype,
-                   device: torch.device, args: argparse.Namespace) -> float:
+                   device: torch.device, args: argparse.Namespace, index: str | None) -> float:
     """Create `sid` and append ctx tokens of random K/V to every layer. The last append carries the index
     hints, as a real prefill's does: per layer a sample of random queries and their exact top-N keys over
     [sink, ctx), computed on the device (the keys are kept there until then)."""
@@ -186,7 +196,8 @@ def fill_synthetic(client: KvdClient, sid: str, ctx: int, cfg: LlamaConfig, dtyp
     d = cfg.hidden_size // hq
     layers = cfg.num_hidden_layers
     client.create_session(sid, num_layers=layers, num_kv_heads=hkv, num_query_heads=hq, head_dim=d, dtype=dtype,
-                          index=args.index, sink_tokens=args.sink, window_tokens=args.window + args.flush)
+                          index=index, index_params=parse_params(args.index_params), sink_tokens=args.sink,
+                          window_tokens=args.window + args.flush)
     gen = torch.Generator(device=device).manual_seed(1)
     chunk = 4096 if not args.cpu_smoke else 256
     kept: list[torch.Tensor] = []
@@ -227,23 +238,24 @@ def wait_indexes(client: Any, sid: str, timeout: float) -> float | None:
 
 
 def run_kvd(model: Any, cfg: LlamaConfig, client: Any, ctx: int, synthetic: bool, device: torch.device,
-            args: argparse.Namespace, label: str = "kvd", filled: str | None = None, keep: bool = False
-            ) -> dict[str, Any]:
+            args: argparse.Namespace, label: str = "kvd", filled: str | None = None, keep: bool = False,
+            index: str | None = None) -> dict[str, Any]:
     """One kvd run. `filled`: an already filled synthetic session to continue (no new fill); `keep`: leave
     the session in the daemon (for a following run)."""
     kvd_transformers.enable(model)
     sid = filled or f"bench-{ctx}-{uuid.uuid4().hex[:8]}"
     dtype = next(model.parameters()).dtype
     knobs = {"sink_tokens": args.sink, "window_tokens": args.window, "top_k": args.top_k,
-             "flush_tokens": args.flush, "index": args.index, "exact": args.exact, "overlap": args.overlap,
-             "hint_samples": args.hint_samples}
-    res: dict[str, Any] = {"ctx": ctx, "mode": label, "fill": "synthetic" if synthetic else "prefill"}
+             "flush_tokens": args.flush, "index": index, "exact": args.exact, "overlap": args.overlap,
+             "hint_samples": args.hint_samples, "index_params": parse_params(args.index_params) or None}
+    res: dict[str, Any] = {"ctx": ctx, "mode": label, "fill": "synthetic" if synthetic else "prefill",
+                           "index": index or "default"}
     reset_peak(device)
     gen = torch.Generator(device="cpu").manual_seed(ctx)
     res["session"] = sid
     if synthetic:
         if filled is None:
-            res["fill_s"] = round(fill_synthetic(client, sid, ctx, cfg, dtype, device, args), 2)
+            res["fill_s"] = round(fill_synthetic(client, sid, ctx, cfg, dtype, device, args, index), 2)
         t = time.perf_counter()
         cache = KVDCache(client, session=sid, **knobs)
         res["rehydrate_s"] = round(time.perf_counter() - t, 3)
@@ -406,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
                           "instantly (integration overhead only)"}
         Path(out).write_text(json.dumps(result, indent=1))
 
-    daemon = None if args.target else Daemon(args.memory_budget, args.index, args.daemon_arg)
+    kinds: list[str | None] = [k for k in (args.index or "").split(",") if k] or [None]
+    daemon = None if args.target else Daemon(args.memory_budget, None, args.daemon_arg)
     target = args.target or daemon.target  # type: ignore[union-attr]
     try:
         model, cfg = build_model(args, device)
@@ -422,18 +435,24 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(full), flush=True)
                 rows.append(full)
                 save()
-            try:
-                res = run_kvd(model, cfg, client, ctx, synthetic, device, args, keep=synthetic)
-            except torch.OutOfMemoryError:
-                res = {"ctx": ctx, "mode": "kvd", "oom": True}
-            runs = [res]
+            runs = []
+            for kind in kinds:
+                label = f"kvd-{kind}" if kind else "kvd"
+                try:
+                    res = run_kvd(model, cfg, client, ctx, synthetic, device, args, label=label, keep=synthetic,
+                                  index=kind)
+                except torch.OutOfMemoryError:
+                    res = {"ctx": ctx, "mode": label, "oom": True}
+                runs.append(res)
+                if synthetic and "session" in res and not (args.stub_retrieval and kind == kinds[-1]):
+                    with contextlib.suppress(Exception):
+                        client.delete_session(res["session"])
             if args.stub_retrieval:
                 # a synthetic session is reused (continued) rather than filled again
+                last = runs[-1]
                 runs.append(run_kvd(model, cfg, StubRetrieval(client), ctx, synthetic, device, args,
-                                    label="kvd-stub", filled=res.get("session") if synthetic else None))
-            elif synthetic and "session" in res:
-                with contextlib.suppress(Exception):
-                    client.delete_session(res["session"])
+                                    label="kvd-stub", filled=last.get("session") if synthetic else None,
+                                    index=kinds[-1]))
             for r in runs:
                 if full and "decode_ms_median" in full and "decode_ms_median" in r:
                     r["vs_full"] = round(r["decode_ms_median"] / full["decode_ms_median"], 2)

@@ -56,9 +56,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"kvd: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     logs.setup(config.log.level, config.log.format)
-    # Compiled index kernels are cached beside their sources; next to the data when that is read-only.
-    index_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "index")
-    if not os.access(index_dir, os.W_OK):
+    # Compiled kernels are cached beside their sources; next to the data when those are read-only.
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    if not all(os.access(os.path.join(package_dir, sub), os.W_OK) for sub in ("", "index")):
         os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(config.storage.data_dir, "numba-cache"))
     try:
         serve(config)

@@ -10,6 +10,7 @@ from enum import Enum
 import torch
 from kvd_client.attention import attention_from_scores, merge_attention
 
+from kvd import gather_kernels
 from kvd.errors import FailedPrecondition, InvalidArgument
 from kvd.index.flat import exact_topk, pad_ids
 from kvd.store.session import Session, Tier
@@ -34,6 +35,8 @@ class SequenceResult:
     values: torch.Tensor | None = None
     output: torch.Tensor | None = None  # float32 [Hq, d]
     lse: torch.Tensor | None = None     # float32 [Hq]
+    past_output: torch.Tensor | None = None  # with past queries (kvd.retro): float32 [P, Hq, d]
+    past_lse: torch.Tensor | None = None     # float32 [P, Hq]
 
 
 @dataclass
@@ -87,13 +90,16 @@ def retrieve_sequence(session: Session, queries: torch.Tensor, spec: RetrieveSpe
         result = SequenceResult(ids=pad_ids(ids, spec.k), count=count, index_kind=kind)
         if spec.mode is Mode.IDS:
             return result
-        gathered_values = _gather(values, ids, shape.group_size)
         if spec.mode is Mode.IDS_KV:
             result.keys = _pad_rows(_gather(keys, ids, shape.group_size), spec.k)
-            result.values = _pad_rows(gathered_values, spec.k)
+            result.values = _pad_rows(_gather(values, ids, shape.group_size), spec.k)
             return result
         # The search already scored the chosen keys exactly in float32: no second gather of K.
-        output, lse = attention_from_scores(scores * spec.scale, gathered_values, valid=ids >= 0)
+        if gather_kernels.supported(values):
+            output, lse = gather_kernels.attend_rows(values, ids, scores, spec.scale)
+        else:
+            output, lse = attention_from_scores(scores * spec.scale, _gather(values, ids, shape.group_size),
+                                                valid=ids >= 0)
         if estimate is not None:
             output, lse = merge_attention(output, lse, estimate[0], estimate[1])
         result.output, result.lse = output, lse

@@ -59,14 +59,19 @@ def tenant_of(context: grpc.aio.ServicerContext) -> str:
     return auth.get_tenant()
 
 
-def _warm_up_index_kernels() -> None:
-    """Compile (or load from cache) the graph index's kernels in the background, off the first build."""
+def _warm_up_kernels(index_kernels: bool) -> None:
+    """Compile (or load from cache) the retrieval kernels, and the graph index's when graphs are the default,
+    in the background: off the first Retrieve and the first build."""
     try:
-        from kvd.index import graph
+        from kvd import gather_kernels
 
-        graph.warmup()
-    except Exception:  # a missing compiler only slows the first build; builds report their own failures
-        log.exception("index kernel warm-up failed")
+        gather_kernels.warmup()
+        if index_kernels:
+            from kvd.index import graph
+
+            graph.warmup()
+    except Exception:  # a missing compiler only slows the first calls; they report their own failures
+        log.exception("kernel warm-up failed")
 
 
 def _limit_malloc_arenas(arenas: int = 2) -> None:
@@ -144,9 +149,9 @@ class Daemon:
             os.chmod(self.config.server.socket, self.config.server.socket_mode)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        if self.config.index.default_kind in ("graph", "hnsw"):
-            # A daemon thread: a compile still running must not hold up shutdown.
-            threading.Thread(target=_warm_up_index_kernels, name="kvd-warmup", daemon=True).start()
+        # A daemon thread: a compile still running must not hold up shutdown.
+        threading.Thread(target=_warm_up_kernels, args=(self.config.index.default_kind in ("graph", "hnsw"),),
+                         name="kvd-warmup", daemon=True).start()
         if self.config.server.metrics:
             host, port = metrics.parse_listen(self.config.server.metrics)
             self.metrics_server = await metrics.serve_metrics(host, port)

@@ -6,6 +6,7 @@ from concurrent.futures import Executor
 
 import torch
 
+from kvd import gather_kernels
 from kvd.index.base import BuildHints, IndexShape, KeyIndex, SearchResult
 
 # Keys are converted to float32 chunk by chunk so that a scan never holds a float32 copy of the whole layer.
@@ -34,6 +35,8 @@ def exact_scores(queries: torch.Tensor, keys: torch.Tensor, begin: int, end: int
 
 def scores_at(queries: torch.Tensor, keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Exact float32 scores of the keys at positions ids [Hq, m] (all valid)."""
+    if gather_kernels.supported(keys):
+        return gather_kernels.score_rows(keys, queries, ids)
     group = queries.shape[0] // keys.shape[0]
     heads = (torch.arange(queries.shape[0]) // group).unsqueeze(1)
     gathered = keys[heads, ids].float()
