@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvd import retro
 from kvd.config import Config
 from kvd.errors import FailedPrecondition, InvalidArgument, KvdError
 from kvd.index.manager import IndexManager
@@ -236,7 +237,9 @@ class Engine:
 
     def retrieve(self, tenant: str, session_ids: list[str], layer: int, queries: torch.Tensor, k: int,
                  mode: Mode, ranges: list[tuple[int, int]] | None, scale: float, exact: bool,
-                 params: dict[str, str]) -> tuple[list[SequenceResult], list[Session], list[bool]]:
+                 params: dict[str, str], past: retro.PastQueries | None = None
+                 ) -> tuple[list[SequenceResult], list[Session], list[bool]]:
+        """`past`: RetroAttention's past queries (kvd.retro); their results land in each result's past_*."""
         if not session_ids:
             raise InvalidArgument("retrieve needs at least one session")
         sessions = [self.session(tenant, sid) for sid in session_ids]
@@ -251,6 +254,8 @@ class Engine:
         check_dtype("queries", queries, QUERY_DTYPES)
         check_shape("queries", queries, (len(sessions), first.num_query_heads, first.head_dim))
         check_finite("queries", queries)
+        if past is not None:
+            past = retro.check_past(past, len(sessions), first.num_query_heads, first.head_dim, mode)
         if ranges is not None and len(ranges) != len(sessions):
             raise InvalidArgument(f"{len(ranges)} ranges given for {len(sessions)} sequences")
         scale = check_scale(scale) or default_scale(first.head_dim)
@@ -263,6 +268,8 @@ class Engine:
                     self.indexes.on_retrieve(session, layer)
             try:
                 results = retrieve_batch(sessions, queries.float(), spec, ranges, self.fanout)
+                if past is not None:
+                    retro.attend_past_batch(sessions, results, past, layer, scale, self.fanout)
                 break
             except SessionSpilled:
                 continue

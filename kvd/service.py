@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import torch
 
-from kvd import __version__, convert
+from kvd import __version__, convert, retro
 from kvd.engine import Engine
 from kvd.errors import InvalidArgument, KvdError
 from kvd.retrieval import Mode
@@ -153,9 +153,10 @@ class KvdServicer(pb_grpc.KvdServicer):
         labels["mode"] = mode.value
         ranges = [(r.begin, r.end) for r in request.ranges] if request.ranges else None
         writer = codec.writer(request.output, request.HasField("output"))
+        past = retro.past_from_wire(codec, request.past) if request.HasField("past") else None
         results, _sessions, promoted = self.engine.retrieve(
             tenant, list(request.session_ids), request.layer, queries, request.k, mode, ranges, request.scale,
-            request.exact, dict(request.search_params))
+            request.exact, dict(request.search_params), past=past)
         labels["index"] = results[0].index_kind if results else "flat"
         labels["sequences"] = str(len(results))
         reply = pb.RetrieveResponse(counts=[r.count for r in results],
@@ -168,6 +169,8 @@ class KvdServicer(pb_grpc.KvdServicer):
         elif mode is Mode.ATTENTION:
             codec.write(writer, torch.stack([r.output for r in results]), reply.output)
             codec.write(writer, torch.stack([r.lse for r in results]), reply.lse)
+            if past is not None:
+                retro.write_past(codec, writer, results, reply)
         reply.server_ms = (time.perf_counter() - started) * 1000
         return reply
 

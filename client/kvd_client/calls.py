@@ -79,18 +79,37 @@ def normalize_queries(session_ids: str | Sequence[str], queries: Any) -> tuple[l
     return ids, tensor.contiguous(), single
 
 
-def retrieve_output_bytes(n: int, heads: int, k: int, head_dim: int, mode: str, kv_element: int) -> int:
+def retrieve_output_bytes(n: int, heads: int, k: int, head_dim: int, mode: str, kv_element: int, past: int = 0
+                          ) -> int:
     size = n * heads * k * 8 + _SLACK
     if mode == "ids_kv":
         size += 2 * n * heads * k * head_dim * kv_element
     elif mode == "attention":
-        size += n * heads * head_dim * 4 + n * heads * 4
+        size += (1 + past) * (n * heads * head_dim * 4 + n * heads * 4) + (2 * 64 if past else 0)
     return size
+
+
+def normalize_past(single: bool, past_queries: Any, past_seen_ids: Any, past_seen_from: Any
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+    """Past-query tensors as CPU tensors with the batch axis (added for a single session id)."""
+    if past_queries is None:
+        if past_seen_ids is not None or past_seen_from is not None:
+            raise ValueError("past_seen_ids and past_seen_from need past_queries")
+        return None
+    tensors = [None if t is None else wire.as_torch(t).contiguous() for t in (past_queries, past_seen_ids,
+                                                                             past_seen_from)]
+    if single:
+        tensors = [None if t is None else t.unsqueeze(0) for t in tensors]
+    queries, seen_ids, seen_from = tensors
+    assert queries is not None
+    return queries, seen_ids, seen_from
 
 
 def retrieve_request(placer: Placer, session_ids: list[str], layer: int, queries: torch.Tensor, k: int, mode: str,
                      ranges: Sequence[tuple[int, int]] | None, scale: float | None, exact: bool,
-                     search_params: dict[str, Any] | None) -> pb.RetrieveRequest:
+                     search_params: dict[str, Any] | None,
+                     past: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
+                     ) -> pb.RetrieveRequest:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, not {mode!r}")
     request = pb.RetrieveRequest(session_ids=session_ids, layer=layer, queries=placer.tensor(queries), k=k,
@@ -98,6 +117,13 @@ def retrieve_request(placer: Placer, session_ids: list[str], layer: int, queries
                                  search_params={key: str(v) for key, v in (search_params or {}).items()})
     if ranges is not None:
         request.ranges.extend(pb.TokenRange(begin=b, end=e) for b, e in ranges)
+    if past is not None:
+        queries_p, seen_ids, seen_from = past
+        request.past.queries.CopyFrom(placer.tensor(queries_p))
+        if seen_ids is not None:
+            request.past.seen_ids.CopyFrom(placer.tensor(seen_ids))
+        if seen_from is not None:
+            request.past.seen_from.CopyFrom(placer.tensor(seen_from))
     output = placer.output_ref()
     if output is not None:
         request.output.CopyFrom(output)
@@ -112,7 +138,8 @@ def retrieve_result(reply: pb.RetrieveResponse, placer: Placer, single: bool) ->
     return RetrieveResult(
         ids=read(reply.ids), counts=list(reply.counts), index_kinds=[INDEX_NAMES.get(k, "") for k in reply.index_kinds],
         server_ms=reply.server_ms, promoted=list(reply.promoted), keys=read(reply.keys), values=read(reply.values),
-        output=read(reply.output), lse=read(reply.lse),
+        output=read(reply.output), lse=read(reply.lse), past_output=read(reply.past_output),
+        past_lse=read(reply.past_lse),
     )
 
 

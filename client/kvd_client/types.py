@@ -71,6 +71,8 @@ class RetrieveResult:
     keys, values: [n, Hq, k, head_dim] in the session dtype (mode "ids_kv")
     output: float32 [n, Hq, head_dim], attention over the retrieved keys (mode "attention")
     lse:    float32 [n, Hq], log-sum-exp of the scaled scores of those keys (-inf for an empty set)
+    past_output, past_lse: with past queries, float32 [n, P, Hq, head_dim] and [n, P, Hq]: each past query's
+            partial attention over the keys it had not seen yet (lse -inf when none)
     """
 
     ids: torch.Tensor
@@ -82,6 +84,8 @@ class RetrieveResult:
     values: torch.Tensor | None = None
     output: torch.Tensor | None = None
     lse: torch.Tensor | None = None
+    past_output: torch.Tensor | None = None
+    past_lse: torch.Tensor | None = None
 
 
 @dataclass
