@@ -29,6 +29,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvd_transformers import ops
+from kvd_transformers.retro import MAX_WINDOW, RetroState
 
 
 @dataclass
@@ -56,6 +57,9 @@ class KVDConfig:
     kv_dtype: torch.dtype | None = None  # session dtype (default: the model's K/V dtype)
     pinned: bool = False
     ttl_seconds: int = 0
+    retro: bool = False              # RetroAttention: correct the last retro_window - 1 decode steps' attention
+    #                                  outputs with keys retrieved later (kvd_transformers.retro); needs enable()
+    retro_window: int = 2            # w: the step itself plus w - 1 corrected past steps (2 .. 8)
 
     def validate(self) -> None:
         if self.sink_tokens < 0 or self.window_tokens < 1:
@@ -66,6 +70,13 @@ class KVDConfig:
             raise ValueError("hold_tokens + flush_tokens must be <= window_tokens")
         if self.top_k < 1:
             raise ValueError("top_k must be >= 1")
+        if self.retro:
+            if not 2 <= self.retro_window <= MAX_WINDOW:
+                raise ValueError(f"retro_window must be in [2, {MAX_WINDOW}]")
+            if self.hold_tokens < self.retro_window - 1:
+                raise ValueError("retro needs hold_tokens >= retro_window - 1 (the re-run positions stay out of kvd)")
+            if self.index == "wave":
+                raise ValueError("retro does not support the wave index (its estimation zone would be counted twice)")
 
 
 @dataclass
@@ -260,6 +271,8 @@ class KVDCache(Cache):
                  config: KVDConfig | None = None, **overrides: Any) -> None:
         super().__init__(layers=[])
         cfg = replace(config or KVDConfig(), **overrides)
+        if cfg.retro and cfg.hold_tokens < cfg.retro_window - 1:
+            cfg = replace(cfg, hold_tokens=cfg.retro_window - 1)
         cfg.validate()
         self.client = client
         self.config = cfg
@@ -270,6 +283,7 @@ class KVDCache(Cache):
         self.batch = 0
         self.stats = CacheStats()
         self.retrieve_log: list[Any] | None = None  # debug: set to [] to record (layer, result) of each Retrieve
+        self.retro = RetroState(cfg.retro_window) if cfg.retro else None
         self._appender = ThreadPoolExecutor(1, thread_name_prefix="kvd-append") if cfg.async_append else None
         self._retriever = ThreadPoolExecutor(1, thread_name_prefix="kvd-retrieve") if cfg.overlap else None
         self._finalizer = weakref.finalize(self, _shutdown, self._appender, self._retriever)
@@ -313,6 +327,8 @@ class KVDCache(Cache):
         if any(drop > layer.win_len for layer in self.layers):
             raise NotImplementedError("KVDCache can only crop tokens that are still in the device window")
         self.flush()
+        if self.retro is not None:
+            self.retro.reset()
         for layer in self.layers:
             layer.used -= drop
             layer.total -= drop
@@ -434,12 +450,15 @@ class KVDCache(Cache):
             self._capture_ids(layer.total, key_states.shape[0], n)
         if n == 1 and layer.hint_q is not None:  # first decode step: the prefill's index hints go out
             self._finish_prefill(layer_idx, layer)
-        if n == 1 and not layer.keep_all:
-            if layer.used == layer.buf_k.shape[2]:
+        rerun = self._retro_rows()
+        if (n == 1 and not layer.keep_all) or (rerun and n == rerun + 1):
+            # a decode step (with retro: the new token after the re-run cached positions, which the cache was
+            # rewound by, so their recomputed K/V overwrite the stale ones)
+            if layer.used + n > layer.buf_k.shape[2]:
                 self._evict(layer_idx, layer, cfg.flush_tokens)
             slot = layer.used
-            layer.buf_k[:, :, slot:slot + 1].copy_(key_states)
-            layer.buf_v[:, :, slot:slot + 1].copy_(value_states)
+            layer.buf_k[:, :, slot:slot + n].copy_(key_states)
+            layer.buf_v[:, :, slot:slot + n].copy_(value_states)
             layer.pending_new = 0
         else:
             if n == 1:  # first decode step after an exact multi-forward prefill: drop to sink + window first
@@ -698,6 +717,11 @@ class KVDCache(Cache):
         layer: KVDLayer = self.layers[layer_idx]
         layer.consumed = True
         n = query.shape[2]
+        if self.retro is not None and layer.pending_new == 0 and n == (self.retro.rows or 0) + 1:
+            out = self._attend_retro(layer_idx, layer, query, key, value, mask, scale)
+            if layer_idx == self.num_layers - 1:
+                self._maybe_flush_decode()
+            return out
         if n == 1 and layer.pending_new == 0:
             out = self._attend_decode(layer_idx, layer, query, key, value, mask, scale)
             if layer_idx == self.num_layers - 1:
@@ -722,20 +746,22 @@ class KVDCache(Cache):
         return got
 
     def _start_retrieve(self, layer_idx: int, q_host: torch.Tensor, event: Any, ranges: list[tuple[int, int]],
-                        sids: list[str], scale: float) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+                        sids: list[str], scale: float, **past: torch.Tensor) -> Callable[[], Any]:
+        """Start the Retrieve call (in the worker thread with overlap=True); returns a waiter for its result.
+        `past`: retro's past-query arguments."""
         cfg = self.config
         client = self.client
         log = self.retrieve_log
         exact = cfg.exact
 
-        def call() -> tuple[torch.Tensor, torch.Tensor]:
+        def call() -> Any:
             if event is not None:
                 event.synchronize()
             res = client.retrieve(sids, layer_idx, q_host, k=cfg.top_k, mode="attention", ranges=ranges,
-                                  scale=scale, exact=exact)
+                                  scale=scale, exact=exact, **past)
             if log is not None:
                 log.append((layer_idx, res))
-            return res.output, res.lse
+            return res
 
         self.stats.retrieve_calls += 1
         if self._retriever is None:
@@ -766,9 +792,9 @@ class KVDCache(Cache):
             out_w, lse_w = ops.window_attention(query, key, value, scale, mask=valid)
             wait = self._start_retrieve(layer_idx, q_host, event, ranges, sids, scale)
         t1 = time.perf_counter()
-        out_r, lse_r = wait()
+        res = wait()
         stats.retrieve_wait_s += time.perf_counter() - t1
-        both = layer.stage_result(out_r, lse_r).to(query.device, non_blocking=True)  # one H2D copy
+        both = layer.stage_result(res.output, res.lse).to(query.device, non_blocking=True)  # one H2D copy
         d = query.shape[-1]
         out = ops.merge_into_window(out_w, lse_w, both[..., :d].unsqueeze(2), both[..., d].unsqueeze(2))
         out = out.to(query.dtype)
@@ -786,6 +812,100 @@ class KVDCache(Cache):
                     groups.setdefault((lay.submitted, lay.total), []).append(i)
             for (_, total), ids in groups.items():
                 self._submit_layers(ids, upto=total - hold)
+
+    # --- RetroAttention (kvd_transformers.retro) -----------------------------------------------------------
+    def begin_retro_step(self, input_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """Called by the retro pre-hook before every forward. For a one-token decode input, rewinds the cache by
+        the P cached positions that are still held back from kvd and returns their token ids [B, P] (None when
+        there is nothing to re-run); any other input ends the corrections of the cached positions."""
+        retro = self.retro
+        if retro is None:
+            return None
+        retro.rows = 0
+        if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] != 1 or input_ids.is_floating_point():
+            retro.reset()
+            return None
+        held = min((lay.total - lay.submitted for lay in self.layers), default=0)
+        count = min(retro.cached(), held) if self.is_open else 0
+        retro.keep_newest(count)
+        ids = input_ids if count == 0 or retro.ids is None else torch.cat([retro.ids, input_ids], dim=1)
+        retro.ids = ids[:, -retro.capacity:]
+        if count == 0:
+            return None
+        for lay in self.layers:
+            lay.used -= count
+            lay.total -= count
+        keep = self.layers[0].total
+        self._ids = [(pos, got[:, :keep - pos]) for pos, got in self._ids if pos < keep]
+        retro.rows = count
+        retro.rerun_rows += count
+        return ids[:, :count]
+
+    def end_retro_step(self) -> int:
+        """Called by the retro post-hook: the number of re-run rows of the forward that just ended."""
+        if self.retro is None:
+            return 0
+        rows, self.retro.rows = self.retro.rows or 0, None
+        return rows
+
+    def _retro_rows(self) -> int | None:
+        if self.retro is None:
+            return None
+        if self.retro.rows is None:
+            raise RuntimeError("KVDCache(retro=True) needs the hooks that kvd_transformers.enable(model) installs "
+                               "on the model that is called")
+        return self.retro.rows
+
+    def _attend_retro(self, layer_idx: int, layer: KVDLayer, query: torch.Tensor, key: torch.Tensor,
+                      value: torch.Tensor, mask: Any, scale: float) -> torch.Tensor:
+        """A decode step with RetroAttention: query [B, Hq, 1 + P, D] holds the P re-run cached positions, then
+        the new token. The new token attends as in `_attend_decode`; in the same Retrieve call the P cached
+        queries attend the newly retrieved keys they had not seen, and their cached outputs (corrected by the
+        log-sum-exp merge) are the outputs of the re-run rows."""
+        t0 = time.perf_counter()
+        self.stats.decode_calls += 1
+        assert self.retro is not None
+        retro, cache = self.retro, self.retro.layer(layer_idx)
+        count = query.shape[2] - 1
+        if len(cache) != count:
+            raise RuntimeError(f"layer {layer_idx}: the retro output cache holds {len(cache)} steps, {count} re-run")
+        q_new = query[:, :, -1:]
+        end = layer.offloaded_end()
+        valid = _resident_valid(mask, layer) if mask is not None else None
+        if end <= self.config.sink_tokens:  # nothing offloaded: the device holds the whole sequence
+            out_w, lse_w = ops.window_attention(q_new, key, value, scale, mask=valid)
+            out, lse = cache.rows(out_w[:, :, 0], lse_w[:, :, 0])
+            q_copy = q_new[:, :, 0].to("cpu", torch.float32, copy=True)
+            seen = torch.empty(*q_copy.shape[:2], 0, dtype=torch.int64)
+        else:
+            if layer.confirmed < end:
+                self._ensure_appended(layer_idx, layer, end)
+            q_host, event = layer.stage_query(q_new)
+            ranges = self._ranges(end, mask)
+            sids = self.session_ids or []
+            past = cache.request() if count else {}
+            if self._retriever is not None:
+                wait = self._start_retrieve(layer_idx, q_host, event, ranges, sids, scale, **past)
+                out_w, lse_w = ops.window_attention(q_new, key, value, scale, mask=valid)
+            else:
+                out_w, lse_w = ops.window_attention(q_new, key, value, scale, mask=valid)
+                wait = self._start_retrieve(layer_idx, q_host, event, ranges, sids, scale, **past)
+            t1 = time.perf_counter()
+            res = wait()
+            self.stats.retrieve_wait_s += time.perf_counter() - t1
+            q_copy, seen = q_host.clone(), res.ids
+            if count:
+                cache.note_retrieved(res.ids)
+                retro.corrections += int(torch.isfinite(res.past_lse).sum())
+            d = query.shape[-1]
+            both = cache.stage(res.output, res.lse, res.past_output if count else None,
+                               res.past_lse if count else None).to(query.device, non_blocking=True)
+            # one exact merge for all rows: cached outputs + their new keys, new token's window + its retrieval
+            base_out, base_lse = cache.rows(out_w[:, :, 0], lse_w[:, :, 0])
+            out, lse = ops.merge_lse(base_out, base_lse, both[..., :d], both[..., d])
+        cache.commit(out, lse, q_copy, seen, end, retro.capacity)
+        self.stats.decode_s += time.perf_counter() - t0
+        return out.transpose(1, 2).to(query.dtype)
 
     def _attend_multi(self, module: torch.nn.Module, layer_idx: int, layer: KVDLayer, query: torch.Tensor,
                       key: torch.Tensor, value: torch.Tensor, mask: Any, scale: float) -> torch.Tensor:
@@ -830,9 +950,9 @@ class KVDCache(Cache):
         for a in range(0, b * n, step):
             z = min(b * n, a + step)
             q_host, event = q[a:z].float().cpu(), None
-            o, lse = self._start_retrieve(layer_idx, q_host, event, ranges[a:z], sids[a:z], scale)()
-            outs.append(o)
-            lses.append(lse)
+            res = self._start_retrieve(layer_idx, q_host, event, ranges[a:z], sids[a:z], scale)()
+            outs.append(res.output)
+            lses.append(res.lse)
         out = torch.cat(outs).to(query.device).view(b, n, hq, d).permute(0, 2, 1, 3)
         lse = torch.cat(lses).to(query.device).view(b, n, hq).permute(0, 2, 1)
         return out, lse

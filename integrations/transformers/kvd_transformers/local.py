@@ -40,6 +40,8 @@ class LocalRetrieveResult:
     lse: torch.Tensor | None = None
     keys: torch.Tensor | None = None
     values: torch.Tensor | None = None
+    past_output: torch.Tensor | None = None
+    past_lse: torch.Tensor | None = None
 
 
 @dataclass
@@ -114,7 +116,8 @@ class LocalKvdClient:
 
     def retrieve(self, session_ids: str | list[str], layer: int, queries: Any, *, k: int,
                  mode: str = "attention", ranges: list[tuple[int, int]] | None = None,
-                 scale: float | None = None, exact: bool = False) -> LocalRetrieveResult:
+                 scale: float | None = None, exact: bool = False, past_queries: Any = None,
+                 past_seen_ids: Any = None, past_seen_from: Any = None) -> LocalRetrieveResult:
         self.calls["retrieve"] += 1
         if isinstance(session_ids, str):
             session_ids = [session_ids]
@@ -152,7 +155,33 @@ class LocalKvdClient:
             lse[i] = torch.logsumexp(sel, dim=-1)
             p = torch.exp(sel - lse[i].unsqueeze(-1))
             out[i] = torch.einsum("hk,hkd->hd", p, torch.gather(vr, 1, top.unsqueeze(-1).expand(-1, -1, d)))
-        return LocalRetrieveResult(ids=ids, counts=counts, output=out, lse=lse)
+        result = LocalRetrieveResult(ids=ids, counts=counts, output=out, lse=lse)
+        if past_queries is not None:
+            result.past_output, result.past_lse = self._past(session_ids, layer, ids, past_queries, past_seen_ids,
+                                                             past_seen_from, scale)
+        return result
+
+    def _past(self, session_ids: list[str], layer: int, ids: torch.Tensor, queries: Any, seen_ids: Any,
+              seen_from: Any, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """RetroAttention's past queries [n, P, Hq, D]: attention over the retrieved ids each has not seen."""
+        pq = torch.as_tensor(queries).float()
+        n, count, hq, d = pq.shape
+        out = torch.zeros(n, count, hq, d)
+        lse = torch.full((n, count, hq), float("-inf"))
+        for i, sid in enumerate(session_ids):
+            s = self._session(sid)
+            g = hq // s.info.num_kv_heads
+            for p in range(count):
+                bound = math.inf if seen_from is None else int(torch.as_tensor(seen_from)[i, p])
+                for h in range(hq):
+                    seen = set() if seen_ids is None else set(torch.as_tensor(seen_ids)[i, p, h].tolist())
+                    new = [j for j in ids[i, h].tolist() if 0 <= j < bound and j not in seen]
+                    if not new:
+                        continue
+                    scores = s.keys[layer][h // g, new].float() @ pq[i, p, h] * scale
+                    lse[i, p, h] = torch.logsumexp(scores, 0)
+                    out[i, p, h] = torch.softmax(scores, 0) @ s.values[layer][h // g, new].float()
+        return out, lse
 
     def fetch(self, session_id: str, begin: int = 0, end: int | None = None, layers: list[int] | None = None,
               with_token_ids: bool = False) -> LocalFetchResult:

@@ -1,0 +1,250 @@
+"""RetroAttention in the transformers integration (KVDCache(retro=True)) against a real kvd daemon, with tiny
+random Llamas in float32 on the CPU (helpers from test_transformers_kvd)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from tests.test_transformers_kvd import (
+    SINK,
+    SMALL,
+    full_attention_steps,
+    generate,
+    kvd_steps,
+    sid,
+    tiny_llama,
+)
+
+transformers = pytest.importorskip("transformers")
+import kvd_transformers  # noqa: E402
+from kvd_transformers import KVDCache, KVDConfig  # noqa: E402
+from kvd_transformers.cache import _resident_positions  # noqa: E402
+from kvd_transformers.local import LocalKvdClient  # noqa: E402
+
+
+def decode_steps_run(prompt: int, total: int, window: int) -> int:
+    """Past rows re-run over a teacher-forced run: step i (0-based) re-runs min(i, w - 1) positions."""
+    return sum(min(i, window - 1) for i in range(total - prompt))
+
+
+@pytest.mark.parametrize(("window", "overlap"), [(2, False), (4, True)])
+def test_exact_retrieval_changes_nothing(shared_daemon: Any, window: int, overlap: bool) -> None:
+    """k >= offloaded: no key is ever new to a past query, so retro gives full attention's logits, like the
+    plain path, while it re-runs the cached positions every step (overlap: Retrieve in the worker thread)."""
+    model = tiny_llama()
+    ids = torch.randint(1, 97, (1, 96 + 64))
+    ref = full_attention_steps(model, ids, 96)
+    client = shared_daemon.client()
+    cache = KVDCache(client, session=sid("rexact"), top_k=4096, index="flat", retro=True, retro_window=window,
+                     overlap=overlap, **SMALL)
+    got = kvd_steps(model, cache, ids, 96)
+    assert got.shape == ref.shape
+    assert torch.allclose(got, ref, atol=2e-5, rtol=1e-5), (got - ref).abs().max()
+    assert cache.retro is not None
+    assert cache.retro.rerun_rows == decode_steps_run(96, ids.shape[1], window)
+    assert cache.retro.corrections == 0
+    assert cache.stats.retrieve_calls >= 2 * 60
+    cache.close()
+
+
+def test_generate_padded_batch_exact(shared_daemon: Any) -> None:
+    """generate() with a left-padded batch of 2 and retro (w=3), k covering the offloaded part: the same tokens
+    and scores as full attention; every step's scores are for the new token only."""
+    model = tiny_llama(seed=5)
+    ids = torch.randint(1, 97, (2, 64))
+    ids[0, :9] = 0
+    mask = torch.ones_like(ids)
+    mask[0, :9] = 0
+    model.set_attn_implementation("sdpa")
+    ref = generate(model, ids, transformers.DynamicCache(config=model.config), 40, attention_mask=mask)
+    kvd_transformers.enable(model)
+    cache = KVDCache(shared_daemon.client(), top_k=4096, retro=True, retro_window=3, **SMALL)
+    got = generate(model, ids, cache, 40, attention_mask=mask)
+    assert torch.equal(got.sequences, ref.sequences)
+    for a, b in zip(got.scores, ref.scores, strict=True):
+        assert a.shape == (2, 97)
+        assert torch.allclose(a, b, atol=2e-5)
+    assert cache.retro is not None and cache.retro.rerun_rows > 0
+    cache.close()
+
+
+class RetroProbe(KVDCache):
+    """Records every decode attention call: queries, outputs, resident positions and K/V, the Retrieve reply."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.retrieve_log = []
+        self.calls: list[dict[str, Any]] = []
+
+    def attend(self, module: Any, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               mask: Any, scale: float) -> torch.Tensor:
+        before = len(self.retrieve_log)
+        out = super().attend(module, layer_idx, query, key, value, mask, scale)
+        layer = self.layers[layer_idx]
+        pos = _resident_positions(layer)
+        replies = self.retrieve_log[before:]
+        self.calls.append({
+            "layer": layer_idx, "query": query.detach().clone(), "out": out.detach().clone(), "total": layer.total,
+            "end": layer.offloaded_end(), "positions": torch.arange(layer.total) if pos is None else pos,
+            "keys": key.detach().clone(), "values": value.detach().clone(),
+            "ids": replies[-1][1].ids if replies else None})
+        return out
+
+
+def union_reference(birth: dict[str, Any], later: list[dict[str, Any]], row: int, kv: tuple[torch.Tensor, ...],
+                    layer: int, scale: float) -> torch.Tensor:
+    """Attention (float64) of the query a position had at its own step over its device window at that step plus
+    every key retrieved since (at that step and at `later` ones) below its offload bound. kv: kvd's K/V."""
+    keys, values = kv
+    q = birth["query"][row, :, -1].double()  # [Hq, D]
+    hq, group = q.shape[0], q.shape[0] // keys.shape[1]
+    out = torch.empty(hq, q.shape[1], dtype=torch.float64)
+    for h in range(hq):
+        kv_head = h // group
+        retrieved = set()
+        for call in [birth, *later]:
+            if call["ids"] is not None:
+                retrieved |= {int(i) for i in call["ids"][row, h] if 0 <= int(i) < birth["end"]}
+        ids = sorted(retrieved)
+        k = torch.cat([birth["keys"][row, kv_head].double(), keys[layer, kv_head, ids].double()])
+        v = torch.cat([birth["values"][row, kv_head].double(), values[layer, kv_head, ids].double()])
+        out[h] = torch.softmax(k @ q[h] * scale, 0) @ v
+    return out
+
+
+def check_unions(cache: RetroProbe, client: Any, window: int) -> int:
+    """Every output of every decode call (new and re-run rows) equals its union reference; returns how many
+    re-run rows differ from their first output (i.e. were really corrected)."""
+    cache.flush()
+    fetched = [client.fetch(s, 0, cache.get_seq_length()) for s in cache.session_ids]
+    scale = 16 ** -0.5
+    births: dict[tuple[int, int], int] = {}  # (layer, position) -> index of the call where it was the new token
+    changed = checked = 0
+    for c, call in enumerate(cache.calls):
+        n = call["query"].shape[2]
+        if n > window:
+            continue  # the prefill
+        births[(call["layer"], call["total"] - 1)] = c
+        for r in range(n):
+            position = call["total"] - n + r
+            birth = cache.calls[births[(call["layer"], position)]]
+            later = [x for x in cache.calls[births[(call["layer"], position)] + 1: c + 1]
+                     if x["layer"] == call["layer"]]
+            assert len(later) == n - 1 - r  # a position is re-run at the w - 1 steps after its own
+            for row, got in enumerate(fetched):
+                ref = union_reference(birth, later, row, (got.keys, got.values), call["layer"], scale)
+                assert torch.allclose(call["out"][row, :, r].double(), ref, atol=1e-5), (call["layer"], position)
+                checked += 1
+                first = birth["out"][row, :, -1]
+                changed += int(r < n - 1 and not torch.allclose(call["out"][row, :, r], first, atol=1e-4))
+    assert checked > 0
+    return changed
+
+
+def test_corrected_outputs_equal_union_attention(shared_daemon: Any) -> None:
+    """Small k, w=3, a batch of 2: every re-run row's output is exactly the attention of its cached query over
+    its window at its step plus the union of the keys retrieved since (below its offload bound), and the
+    corrections really change outputs and logits. The in-process exact client gives the same logits."""
+    model = tiny_llama(sharpen=12.0)
+    ids = torch.randint(1, 97, (2, 120 + 40))
+    client = shared_daemon.client()
+    cache = RetroProbe(client, session=[sid("ru0"), sid("ru1")], top_k=3, index="flat", retro=True, retro_window=3,
+                       **SMALL)
+    got = kvd_steps(model, cache, ids, 120)
+    assert cache.retro is not None and cache.retro.corrections > 0
+    assert check_unions(cache, client, 3) > 10
+    local = kvd_steps(model, KVDCache(LocalKvdClient(), session=["l0", "l1"], top_k=3, retro=True, retro_window=3,
+                                      **SMALL), ids, 120)
+    assert torch.allclose(got, local, atol=1e-5), (got - local).abs().max()
+    # the corrections reach the logits (through the recomputed K/V of the re-run positions)
+    plain = kvd_steps(model, KVDCache(client, session=[sid("rp0"), sid("rp1")], top_k=3, **SMALL), ids, 120)
+    assert not torch.allclose(got, plain, atol=1e-4)
+    cache.close()
+
+
+def test_batch_rows_equal_alone(shared_daemon: Any) -> None:
+    """Batch of 2 with retro (w=4) and a small k: each row gets exactly what it gets alone."""
+    model = tiny_llama(sharpen=8.0)
+    ids = torch.randint(1, 97, (2, 120))
+    client = shared_daemon.client()
+    retro = {"retro": True, "retro_window": 4, "top_k": 8}
+    batch = kvd_steps(model, KVDCache(client, session=[sid("rb0"), sid("rb1")], **retro, **SMALL), ids, 80)
+    for row in range(2):
+        alone = kvd_steps(model, KVDCache(client, session=sid(f"ra{row}"), **retro, **SMALL), ids[row:row + 1], 80)
+        assert torch.allclose(batch[row], alone[0], atol=1e-5), (batch[row] - alone[0]).abs().max()
+
+
+def test_cache_bounded_and_stale_kv_overwritten(shared_daemon: Any) -> None:
+    """w=8 over 400 generated tokens: the output cache never holds more than w-1 steps (and at most (w-1)*k
+    seen ids per entry), its bytes stop growing, the device buffers keep their size; kvd ends up with each
+    position's K/V from its last re-run (which differ from its first computation above layer 0)."""
+    window, k = 8, 4
+    model = tiny_llama(sharpen=12.0, seed=2)
+    kvd_transformers.enable(model)
+    client = shared_daemon.client()
+    cache = KVDCache(client, session=sid("rbound"), top_k=k, retro=True, retro_window=window, **SMALL)
+    assert cache.config.hold_tokens == window - 1  # raised automatically so that re-run positions stay out of kvd
+    first_kv: dict[tuple[int, int], torch.Tensor] = {}
+    last_kv: dict[tuple[int, int], torch.Tensor] = {}
+    original = cache.update
+
+    def recording_update(key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+                         **kwargs: Any) -> Any:
+        got = original(key_states, value_states, layer_idx, *args, **kwargs)
+        end = cache.layers[layer_idx].total
+        for i in range(key_states.shape[2]):
+            slot = (layer_idx, end - key_states.shape[2] + i)
+            first_kv.setdefault(slot, key_states[0, :, i].clone())
+            last_kv[slot] = key_states[0, :, i].clone()
+        return got
+
+    cache.update = recording_update  # type: ignore[method-assign]
+    token = torch.randint(1, 97, (1, 40))
+    sizes = []
+    with torch.no_grad():
+        logits = model(token, past_key_values=cache).logits
+        for step in range(400):
+            token = logits[:, -1:].argmax(-1)
+            logits = model(token, past_key_values=cache).logits
+            assert logits.shape == (1, 1, 97)  # the new token only
+            assert cache.retro is not None
+            for layer, lay in zip(cache.retro.layers, cache.layers, strict=True):
+                assert len(layer) == min(step + 1, window - 1)
+                assert all(s.shape[-1] <= (window - 1) * k for s in layer.seen)
+                assert lay.buf_k is not None and lay.buf_k.shape[2] == SMALL["sink_tokens"] + SMALL[
+                    "window_tokens"] + SMALL["flush_tokens"]
+            sizes.append(cache.retro.nbytes())
+    assert max(sizes[100:]) == max(sizes[:100])  # bounded: reached within w-1 steps, then flat
+    assert cache.retro.corrections > 0
+    total = cache.get_seq_length()
+    assert total == 40 + 400
+    cache.flush()
+    stored = client.fetch(cache.session_ids[0], 0, total)
+    rerun_differs = 0
+    for (layer, pos), k_last in last_kv.items():
+        assert torch.equal(stored.keys[layer, :, pos], k_last), (layer, pos)
+        rerun_differs += int(layer == 1 and pos >= 40 and not torch.equal(first_kv[(layer, pos)], k_last))
+    assert rerun_differs > 100
+    cache.close()
+
+
+def test_config_and_misuse() -> None:
+    with pytest.raises(ValueError, match="retro_window"):
+        KVDConfig(retro=True, retro_window=1).validate()
+    with pytest.raises(ValueError, match="retro_window"):
+        KVDCache(LocalKvdClient(), retro=True, retro_window=9)
+    with pytest.raises(ValueError, match="hold_tokens"):
+        KVDConfig(retro=True, retro_window=4, hold_tokens=2).validate()
+    with pytest.raises(ValueError, match="wave"):
+        KVDCache(LocalKvdClient(), retro=True, index="wave")
+    assert KVDCache(LocalKvdClient(), retro=True, retro_window=5, sink_tokens=SINK).config.hold_tokens == 4
+    assert KVDCache(LocalKvdClient()).retro is None  # off by default
+    # the retro steps need the hooks of enable() on the model that is called
+    model = tiny_llama()
+    kvd_transformers.enable(model)
+    cache = KVDCache(LocalKvdClient(), retro=True, **SMALL)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="enable"):
+        model.model(torch.randint(1, 97, (1, 8)), past_key_values=cache)
