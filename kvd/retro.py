@@ -16,8 +16,11 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
+from numba import njit
 
+from kvd import gather_kernels
 from kvd.errors import InvalidArgument
 from kvd.retrieval import Mode, SequenceResult, SessionSpilled
 from kvd.store.session import Session, Tier
@@ -80,15 +83,50 @@ def newly_seen(ids: torch.Tensor, count: int, seen_ids: torch.Tensor | None, see
                ) -> torch.Tensor:
     """ids [Hq, m] (-1 = none) -> bool [P, Hq, m]: which of them past query p has not attended yet."""
     heads, m = ids.shape
-    new = (ids >= 0).unsqueeze(0).expand(count, heads, m)
-    if seen_from is not None:
-        new = new & (ids.unsqueeze(0) < seen_from.view(count, 1, 1))
-    if seen_ids is not None and seen_ids.shape[-1] and m:
-        ordered = seen_ids.sort(dim=-1).values                      # [P, Hq, S]
-        probe = ids.unsqueeze(0).expand(count, heads, m).contiguous()
-        at = torch.searchsorted(ordered, probe).clamp_(max=ordered.shape[-1] - 1)
-        new = new & (ordered.gather(-1, at) != probe)
-    return new
+    seen = torch.empty(count, heads, 0, dtype=torch.int64) if seen_ids is None else seen_ids
+    bound = torch.full((count,), _NO_BOUND, dtype=torch.int64) if seen_from is None else seen_from
+    out = np.empty((count, heads, m), np.bool_)
+    _unseen(np.ascontiguousarray(ids.to(torch.int64).numpy()), np.ascontiguousarray(seen.numpy()),
+            np.ascontiguousarray(bound.numpy()), out)
+    return torch.from_numpy(out)
+
+
+_NO_BOUND = (1 << 62)
+
+
+@njit(cache=True, nogil=True)
+def _unseen(ids: np.ndarray, seen: np.ndarray, bound: np.ndarray, out: np.ndarray) -> None:
+    """out[p, h, j] = 0 <= ids[h, j] < bound[p] and ids[h, j] not in seen[p, h, :]: an open-addressing hash set
+    per (p, h) (a sort of the seen ids costs several times more in torch)."""
+    count, heads, width = seen.shape
+    m = ids.shape[1]
+    size = 16
+    while size < 2 * width + 1:
+        size *= 2
+    mask = size - 1
+    table = np.empty(size, np.int64)
+    for p in range(count):
+        for h in range(heads):
+            table[:] = -1
+            for j in range(width):
+                x = seen[p, h, j]
+                if x < 0:
+                    continue
+                i = (x * 2654435761) & mask
+                while table[i] != -1 and table[i] != x:
+                    i = (i + 1) & mask
+                table[i] = x
+            for j in range(m):
+                x = ids[h, j]
+                new = 0 <= x < bound[p]
+                if new:
+                    i = (x * 2654435761) & mask
+                    while table[i] != -1:
+                        if table[i] == x:
+                            new = False
+                            break
+                        i = (i + 1) & mask
+                out[p, h, j] = new
 
 
 def attend_past(keys: torch.Tensor, values: torch.Tensor, ids: torch.Tensor, queries: torch.Tensor,
@@ -104,6 +142,12 @@ def attend_past(keys: torch.Tensor, values: torch.Tensor, ids: torch.Tensor, que
     out = torch.zeros(count, heads, dim)
     lse = torch.full((count, heads), float("-inf"))
     if not bool(new.any()):
+        return out, lse
+    if gather_kernels.supported(keys) and gather_kernels.supported(values):  # bf16/fp32 stores: compiled rows
+        chosen = torch.where(new, ids.unsqueeze(0), -1)
+        for p in range(count):
+            scores = gather_kernels.score_rows(keys, queries[p], chosen[p])
+            out[p], lse[p] = gather_kernels.attend_rows(values, chosen[p], scores, scale)
         return out, lse
     kv_head = (torch.arange(heads) // (heads // keys.shape[0])).unsqueeze(1)
     rows = ids.clamp(min=0)

@@ -21,16 +21,17 @@ HKV, HQ, D, T, SINK, WINDOW = 2, 4, 16, 300, 4, 16
 
 @pytest.fixture(scope="module")
 def sessions(shared_daemon):
-    """Two sessions with random fp16 K/V (a batch of 2) and their K/V as float64 arrays."""
+    """Two sessions with random K/V (a batch of 2; fp16 takes the daemon's torch path, bf16 its compiled row
+    kernels) and their K/V as float64 arrays."""
     client = shared_daemon.client(shm=False)
     torch.manual_seed(0)
     data = {}
-    for _ in range(2):
+    for dtype in (torch.float16, torch.bfloat16):
         sid = f"retro-{uuid.uuid4().hex[:8]}"
-        client.create_session(sid, num_layers=2, num_kv_heads=HKV, num_query_heads=HQ, head_dim=D, dtype="fp16",
+        client.create_session(sid, num_layers=2, num_kv_heads=HKV, num_query_heads=HQ, head_dim=D, dtype=dtype,
                               index="flat", sink_tokens=SINK, window_tokens=WINDOW)
-        keys = (torch.randn(2, HKV, T, D) * 1.5).half()
-        values = torch.randn(2, HKV, T, D).half()
+        keys = (torch.randn(2, HKV, T, D) * 1.5).to(dtype)
+        values = torch.randn(2, HKV, T, D).to(dtype)
         client.append(sid, 0, keys, values)
         data[sid] = (keys.double().numpy(), values.double().numpy())
     client.close()
