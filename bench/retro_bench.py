@@ -82,12 +82,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def smoke(args: argparse.Namespace) -> None:
-    args.layers, args.acc_layers = 2, 2
-    args.speed_prompt, args.speed_steps, args.warmup = 256, 16, 2
-    args.prompt, args.new_tokens, args.samples = 256, 64, 8
-    args.sink, args.window, args.flush, args.top_k = 16, 64, 16, 8
-    args.prefill_chunk = min(args.prefill_chunk, 128)
-    args.sharpen = 4.0 if args.sharpen == 1.0 else args.sharpen
+    """Tiny CPU settings for every knob left at its GPU default."""
+    tiny = {"layers": 2, "acc_layers": 2, "speed_prompt": 256, "speed_steps": 16, "warmup": 2, "prompt": 256,
+            "new_tokens": 64, "samples": 8, "sink": 16, "window": 64, "flush": 16, "top_k": 8, "prefill_chunk": 128,
+            "sharpen": 4.0}
+    defaults = parse_args([])
+    for key, value in tiny.items():
+        if getattr(args, key) == getattr(defaults, key):
+            setattr(args, key, value)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
