@@ -116,7 +116,9 @@ def test_keys_touched_is_exact(data: tuple, built: GraphIndex) -> None:
     total = 0
     for h in range(SHAPE.num_query_heads):
         g = h // SHAPE.group_size
-        ids, touched = python_beam(keys[g].numpy(), built._adj[g], built._entries[g], q[h].numpy(), 40)
+        # the index keeps its keys in bf16 (the default store): the reference scores the same values
+        stored = keys[g].bfloat16().float().numpy()
+        ids, touched = python_beam(stored, built._adj[g], built._entries[g], q[h].numpy(), 40)
         assert ids[:20] == res.ids[h].tolist()
         total += touched
     assert res.keys_touched == round(total / SHAPE.num_query_heads), "average over query heads"
@@ -220,5 +222,45 @@ def test_serialization_round_trip(data: tuple, built: GraphIndex) -> None:
 
 def test_nbytes_plausible(built: GraphIndex) -> None:
     n, m = built.count, int(PARAMS["m"])
-    expected = SHAPE.num_kv_heads * n * (4 * D + 4 * 2 * m)
+    expected = SHAPE.num_kv_heads * n * (2 * D + 4 * 2 * m)  # bf16 keys + int32 rows of 2m
     assert expected <= built.nbytes() <= expected + 64 * 1024
+
+
+def test_bf16_and_fp32_stores_agree_on_bf16_keys(data: tuple) -> None:
+    """Keys that are bf16 already (as a bf16 session's are): the bf16 store holds them exactly, so building,
+    searching and adding give the same graph and results as the float32 store."""
+    keys, prefill, dec = data
+    keys = keys.bfloat16().float()
+    hints = brute_hints(keys, prefill, 50)
+    indexes = {}
+    for store in ("bf16", "fp32"):
+        index = GraphIndex(SHAPE, {**PARAMS, "store": store})
+        index.build(keys[:, :2500], None, hints_subset(hints, 2500))
+        index.add(keys[:, 2500:], None)
+        indexes[store] = index
+    assert indexes["bf16"].nbytes() < indexes["fp32"].nbytes()
+    assert np.array_equal(indexes["bf16"]._adj, indexes["fp32"]._adj)
+    for q in dec[:6]:
+        assert torch.equal(indexes["bf16"].search(q, 20, 1.0).ids, indexes["fp32"].search(q, 20, 1.0).ids)
+
+
+def hints_subset(hints: BuildHints, n: int) -> BuildHints:
+    """The hints' top-N lists restricted to keys below n (the rest -1)."""
+    top = hints.topn_ids
+    return BuildHints(queries=hints.queries, topn_ids=None if top is None else top.masked_fill(top >= n, -1))
+
+
+def test_float32_blob_of_an_older_version_loads_and_grows(data: tuple) -> None:
+    keys, _, dec = data
+    old = GraphIndex(SHAPE, {**PARAMS, "store": "fp32"})
+    old.build(keys[:, :1000], None, None)
+    loaded = GraphIndex.from_bytes(SHAPE, {}, old.to_bytes())   # its float32 keys stay float32
+    loaded.add(keys[:, 1000:1100], None)
+    old.add(keys[:, 1000:1100], None)
+    for q in dec[:4]:
+        assert torch.equal(loaded.search(q, 10, 1.0).ids, old.search(q, 10, 1.0).ids)
+
+
+def test_unknown_store_is_refused() -> None:
+    with pytest.raises(ValueError, match="store"):
+        GraphIndex(SHAPE, {"store": "fp8"})

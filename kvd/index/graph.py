@@ -14,7 +14,8 @@ Params (strings): m (32: projection/supply degree, rows hold 2m), ef (search bea
 0 skips the step), entries (128), per ("kv": one graph per KV head from the group's pooled queries |
 "query": one per query head, as RoarGraph), sample (prefill queries used per query head, 4096), topn (N when
 the lists are computed here, 100), pivots (list members that pivot, all), window (>0: cheap rank-window
-projection instead of the per-list RNG), insert_ef (64), threads (worker ranges; default one per core).
+projection instead of the per-list RNG), insert_ef (64), threads (worker ranges; default one per core),
+store (bf16 | fp32: how the index keeps its copy of the keys).
 Presets: default = quality; pivots=32 = balanced; window=2,enhance_ef=0 = fast build.
 Concurrency: add() and search() of one index must not overlap (the caller serializes per layer); builds and
 searches of different indexes may, and use separate worker pools.
@@ -25,8 +26,10 @@ Why (recall@100 vs fraction of keys scored; realistic = bench.qkdata.realistic, 
   but has one entry point, cannot count distance computations and needs its whole state rebuilt on every
   insertion. Scoring the popular keys first lifted realistic 128K recall at ~2% from 0.87 (one entry) to
   0.94-0.95. numba also runs the construction: the projection in batched torch took 93 s at 32K keys vs
-  ~18 s compiled (loaded 2 cores). faiss was not tried: no need left. Memory: a float32 key copy (numba has
-  no float16) + int32 rows: 512 + 8m bytes per key per graph at head_dim 128.
+  ~18 s compiled (loaded 2 cores). faiss was not tried: no need left. Memory: a bf16 copy of the keys (param
+  store=bf16, the default; exact for bf16 sessions, and returned keys are rescored from the session anyway)
+  + int32 rows: 256 + 8m bytes per key per graph at head_dim 128 (store=fp32: 512 + 8m). The bf16 store
+  found the same ids at the same speed or better (32K keys, 2 cores: 265-337 vs 350-426 ns per key scored).
 - every list member pivots: with sinks, the top-1 key of 4096 queries was only 62 distinct keys, so
   RoarGraph's top-1 pivot degenerates (0.34 recall at ef=100 vs 0.70, 32K, S=1024).
 - L2 construction distance: RoarGraph's -q.k metric pruned heavy-tailed keys to degree < 2 (0.59 at ef=100);
@@ -42,6 +45,7 @@ Why (recall@100 vs fraction of keys scored; realistic = bench.qkdata.realistic, 
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -55,7 +59,8 @@ from kvd.index.wave_io import pack, unpack
 
 _CONCURRENT_GRAPHS = 4
 DEFAULTS = {"m": "32", "ef": "512", "enhance_ef": "32", "entries": "128", "per": "kv", "sample": "4096",
-            "topn": "100", "insert_ef": "64", "pivots": "100000", "window": "0"}
+            "topn": "100", "insert_ef": "64", "pivots": "100000", "window": "0", "store": "bf16"}
+_STORE_DTYPES = {"bf16": np.uint16, "fp32": np.float32}  # bf16 keys are kept as their bit patterns
 
 
 class GraphIndex(KeyIndex):
@@ -65,8 +70,10 @@ class GraphIndex(KeyIndex):
         super().__init__(shape, params)
         if self._param("per") not in ("kv", "query"):
             raise ValueError("graph param 'per' must be 'kv' or 'query'")
+        if self._param("store") not in _STORE_DTYPES:
+            raise ValueError(f"graph param 'store' must be one of {sorted(_STORE_DTYPES)}")
         d = shape.head_dim
-        self._keys = np.zeros((shape.num_kv_heads, 0, d), dtype=np.float32)       # [Hkv, cap, d]
+        self._keys = np.zeros((shape.num_kv_heads, 0, d), dtype=_STORE_DTYPES[self._param("store")])  # [Hkv, cap, d]
         self._adj = np.zeros((self.num_graphs, 0, 2 * self._m), dtype=np.int32)   # [G, cap, W]
         self._entries = np.full((self.num_graphs, 1), -1, dtype=np.int64)          # [G, E]
         self._count = 0
@@ -96,7 +103,9 @@ class GraphIndex(KeyIndex):
     def build(self, keys: torch.Tensor, values: torch.Tensor | None, hints: BuildHints | None) -> None:
         self._check_keys(keys)
         n = keys.shape[1]
-        self._keys = np.ascontiguousarray(keys.float().numpy())
+        exact = np.ascontiguousarray(keys.float().numpy())  # construction measures in float32
+        self._keys = np.zeros((0, 0, 0), dtype=_STORE_DTYPES[self._param("store")])
+        self._keys = self._to_store(keys)
         self._count = n
         if n == 0:
             self._adj = np.zeros((self.num_graphs, 0, 2 * self._m), dtype=np.int32)
@@ -104,7 +113,7 @@ class GraphIndex(KeyIndex):
             return
         # graphs are built concurrently (their serial steps overlap), each step's ranges in the build pool
         with ThreadPoolExecutor(max_workers=min(self.num_graphs, _CONCURRENT_GRAPHS)) as graphs:
-            results = list(graphs.map(lambda g: build_graph(self._keys[self._key_head(g)],
+            results = list(graphs.map(lambda g: build_graph(exact[self._key_head(g)],
                                                             self._lists(g, keys, hints), self._graph_params()),
                                       range(self.num_graphs)))
         width = max(e.shape[0] for _, e in results)
@@ -145,6 +154,13 @@ class GraphIndex(KeyIndex):
         # no queries known: fall back to keys as pseudo-queries (a plain key graph, not attention-aware)
         return kv[_subsample(kv.shape[0], min(sample, 1024))]
 
+    def _to_store(self, keys: torch.Tensor) -> np.ndarray:
+        """Keys as the index keeps them: bf16 bit patterns (exact for bf16 sessions; the search only ranks,
+        every returned key is rescored exactly from the session) or float32."""
+        if self._keys.dtype == np.uint16:
+            return np.ascontiguousarray(keys.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16))
+        return np.ascontiguousarray(keys.float().numpy())
+
     def _check_keys(self, keys: torch.Tensor) -> None:
         if keys.dim() != 3 or keys.shape[0] != self.shape.num_kv_heads or keys.shape[2] != self.shape.head_dim:
             raise ValueError(f"keys must be [{self.shape.num_kv_heads}, n, {self.shape.head_dim}]")
@@ -159,7 +175,7 @@ class GraphIndex(KeyIndex):
         self._reserve(hi)
         if lo == 0:  # never built: start from key 0
             self._entries = np.zeros((self.num_graphs, 1), dtype=np.int64)
-        self._keys[:, lo:hi] = keys.float().numpy()
+        self._keys[:, lo:hi] = self._to_store(keys)
         ef, m = int(self._param("insert_ef")), self._m
         run_ranges(lambda a, b: [gk.insert_nodes(self._keys[self._key_head(g)], self._adj[g], self._entries[g],
                                                  lo, hi, ef, m) for g in range(a, b)],
@@ -171,7 +187,7 @@ class GraphIndex(KeyIndex):
         if needed <= cap:
             return
         new_cap = max(needed, cap + cap // 2, 1024)
-        keys = np.zeros((self._keys.shape[0], new_cap, self._keys.shape[2]), dtype=np.float32)
+        keys = np.zeros((self._keys.shape[0], new_cap, self._keys.shape[2]), dtype=self._keys.dtype)
         keys[:, : self._count] = self._keys[:, : self._count]
         adj = np.full((self._adj.shape[0], new_cap, self._adj.shape[2]), -1, dtype=np.int32)
         adj[:, : self._count] = self._adj[:, : self._count]
@@ -195,7 +211,7 @@ class GraphIndex(KeyIndex):
             _SCRATCH.tag = gk.search_rows(self._keys, self._adj, self._entries, q, key_of, graph_of, self._count,
                                           ef, lo, hi, ids, touched, visited, tag)
 
-        run_ranges(rows, hq, int(self.params.get("threads", 0)) or hq, "search")
+        run_ranges(rows, hq, int(self.params.get("threads", 0)) or min(hq, os.cpu_count() or 1), "search")
         return SearchResult(ids=torch.from_numpy(ids), keys_touched=round(float(touched.mean())))
 
     # ---------------------------------------------------------------------------------- bookkeeping
@@ -212,7 +228,7 @@ class GraphIndex(KeyIndex):
         meta = {"kind": self.kind, "count": n, "params": self.params}
         arrays = {"adj": torch.from_numpy(np.ascontiguousarray(self._adj[:, :n])),
                   "entries": torch.from_numpy(self._entries),
-                  "keys": torch.from_numpy(np.ascontiguousarray(self._keys[:, :n]))}
+                  "keys": _keys_tensor(np.ascontiguousarray(self._keys[:, :n]))}
         return pack(meta, arrays)
 
     @classmethod
@@ -221,14 +237,27 @@ class GraphIndex(KeyIndex):
         if meta.get("kind") != cls.kind:
             raise ValueError(f"not a {cls.kind} index blob")
         index = cls(shape, {**meta.get("params", {}), **params})
-        adj, keys = arrays["adj"].numpy(), arrays["keys"].numpy()
+        adj, keys = arrays["adj"].numpy(), _keys_array(arrays["keys"])
         if adj.shape[0] != index.num_graphs or keys.shape[0] != shape.num_kv_heads:
             raise ValueError("index blob does not match the shape")
         index._adj = np.ascontiguousarray(adj, dtype=np.int32)
-        index._keys = np.ascontiguousarray(keys, dtype=np.float32)
+        index._keys = keys
         index._entries = np.ascontiguousarray(arrays["entries"].numpy(), dtype=np.int64)
         index._count = int(meta["count"])
         return index
+
+
+def _keys_tensor(keys: np.ndarray) -> torch.Tensor:
+    if keys.dtype == np.uint16:
+        return torch.from_numpy(keys.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(keys)
+
+
+def _keys_array(keys: torch.Tensor) -> np.ndarray:
+    """A stored key tensor back to the kernels' array (float32 blobs of older versions load as they are)."""
+    if keys.dtype == torch.bfloat16:
+        return np.ascontiguousarray(keys.view(torch.int16).numpy().view(np.uint16))
+    return np.ascontiguousarray(keys.numpy(), dtype=np.float32)
 
 
 _SCRATCH = threading.local()

@@ -48,8 +48,9 @@ def run_ranges(fn: Callable[[int, int], object], total: int, parts: int, purpose
     if parts == 1:
         return [fn(0, total)]
     bounds = [total * i // parts for i in range(parts + 1)]
-    futures = [pool(purpose).submit(fn, bounds[i], bounds[i + 1]) for i in range(parts)]
-    return [f.result() for f in futures]
+    futures = [pool(purpose).submit(fn, bounds[i], bounds[i + 1]) for i in range(1, parts)]
+    first = fn(bounds[0], bounds[1])  # the caller works too instead of waiting idle
+    return [first] + [f.result() for f in futures]
 
 
 @dataclass(frozen=True)

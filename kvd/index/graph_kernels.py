@@ -5,22 +5,44 @@ Search maximizes the inner product q.k; construction measures keys against each 
 Every kernel is serial and releases the GIL; callers parallelize by running index ranges in Python threads
 (numba's own parallel layer is avoided on purpose: its default workqueue layer must not be entered from
 several threads at once, and the daemon searches and builds from different threads).
+Keys may be float32 or bf16 bit patterns (uint16, widened exactly in the distance loops): every kernel is
+compiled for the key type it is given.
 Compiled on first use and cached on disk (numba cache=True; NUMBA_CACHE_DIR overrides the location).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
 
 _INF = np.float32(np.inf)
+
+
+@intrinsic
+def _bits_to_f32(typingctx, bits):  # numba typing hook: reinterpret uint32 bits as float32
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.uint32), codegen
+
+
+def _widen(x):  # compiled per element type by the overload below
+    return x
+
+
+@overload(_widen, inline="always")
+def _widen_typed(x):  # numba typing hook: bf16 bit patterns (uint16) -> float32, floats unchanged
+    if isinstance(x, types.Integer) and x.bitwidth == 16 and not x.signed:
+        return lambda x: _bits_to_f32(np.uint32(x) << np.uint32(16))
+    return lambda x: x
 
 
 @njit(cache=True, nogil=True, fastmath=True, inline="always")
 def _dot(a: np.ndarray, b: np.ndarray) -> np.float32:
     s = np.float32(0.0)
     for i in range(a.shape[0]):
-        s += a[i] * b[i]
+        s += _widen(a[i]) * _widen(b[i])
     return s
 
 
@@ -28,7 +50,7 @@ def _dot(a: np.ndarray, b: np.ndarray) -> np.float32:
 def _sqdist(a: np.ndarray, b: np.ndarray) -> np.float32:
     s = np.float32(0.0)
     for i in range(a.shape[0]):
-        t = a[i] - b[i]
+        t = _widen(a[i]) - _widen(b[i])
         s += t * t
     return s
 
