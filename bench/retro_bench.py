@@ -71,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--flush", type=int, default=32)
     p.add_argument("--index", default=None, help="index kind of the sessions (default: the daemon's); not wave")
     p.add_argument("--exact", action="store_true", help="force kvd's exact scan")
+    p.add_argument("--index-wait", type=float, default=240.0,
+                   help="seconds to wait for the sessions' indexes after the prefill (non-flat kinds)")
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--prefill-chunk", type=int, default=4096)
     p.add_argument("--target", default=None, help="an existing daemon; default: start one")
@@ -246,6 +248,7 @@ def decode_run(model: Any, client: Any, prompt: torch.Tensor, steps: int, window
             cache.flush()
             sync(device)
             res["prefill_s"] = round(time.perf_counter() - t, 2)
+            res["index_wait_s"] = wait_indexes(client, sid, args)
             token = out.logits[:, -1:].argmax(-1)
             tokens, times = [token], []
             for i in range(steps):
@@ -282,6 +285,19 @@ def decode_run(model: Any, client: Any, prompt: torch.Tensor, steps: int, window
     with contextlib.suppress(Exception):
         client.delete_session(sid)
     return res, tokens, cache
+
+
+def wait_indexes(client: Any, sid: str, args: argparse.Namespace) -> float | None:
+    """Seconds until every layer's index is built (None for the exact scan; -1 after --index-wait)."""
+    if args.index in (None, "flat") or args.exact:
+        return None
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < args.index_wait:
+        indexes = client.get_session(sid).indexes
+        if indexes and all(i["ready"] for i in indexes):
+            return round(time.perf_counter() - t0, 2)
+        time.sleep(0.5)
+    return -1.0
 
 
 def speed_phase(client: Any, args: argparse.Namespace, device: torch.device, windows: list[int],

@@ -50,6 +50,29 @@ def test_exact_retrieval_changes_nothing(shared_daemon: Any, window: int, overla
     cache.close()
 
 
+def test_flush_mid_generation_ends_corrections(shared_daemon: Any) -> None:
+    """flush() sends the held-back positions to kvd: they can no longer be re-run, so the corrections restart
+    from the next step, and the result is still exact with k >= offloaded."""
+    model = tiny_llama(seed=4)
+    ids = torch.randint(1, 97, (1, 96 + 40))
+    ref = full_attention_steps(model, ids, 96)
+    kvd_transformers.enable(model)
+    cache = KVDCache(shared_daemon.client(), session=sid("rflush"), top_k=4096, retro=True, retro_window=3, **SMALL)
+    got = []
+    with torch.no_grad():
+        got.append(model(ids[:, :96], past_key_values=cache).logits[:, -1])
+        for t in range(96, ids.shape[1]):
+            if t == 116:
+                cache.flush()
+                assert cache.layers[0].submitted == cache.layers[0].total
+            got.append(model(ids[:, t:t + 1], past_key_values=cache).logits[:, -1])
+    assert torch.allclose(torch.stack(got, 1), ref, atol=2e-5)
+    assert cache.retro is not None
+    # 40 steps re-run min(i, 2) rows each, except that the step after the flush re-runs none and the next one
+    assert cache.retro.rerun_rows == decode_steps_run(96, ids.shape[1], 3) - 2 - 1
+    cache.close()
+
+
 def test_generate_padded_batch_exact(shared_daemon: Any) -> None:
     """generate() with a left-padded batch of 2 and retro (w=3), k covering the offloaded part: the same tokens
     and scores as full attention; every step's scores are for the new token only."""
@@ -150,7 +173,7 @@ def test_corrected_outputs_equal_union_attention(shared_daemon: Any) -> None:
     corrections really change outputs and logits. The in-process exact client gives the same logits."""
     model = tiny_llama(sharpen=12.0)
     ids = torch.randint(1, 97, (2, 120 + 40))
-    client = shared_daemon.client()
+    client = shared_daemon.client(shm=False)  # inline tensors here; the other tests use shared memory
     cache = RetroProbe(client, session=[sid("ru0"), sid("ru1")], top_k=3, index="flat", retro=True, retro_window=3,
                        **SMALL)
     got = kvd_steps(model, cache, ids, 120)

@@ -901,8 +901,10 @@ class KVDCache(Cache):
             both = cache.stage(res.output, res.lse, res.past_output if count else None,
                                res.past_lse if count else None).to(query.device, non_blocking=True)
             # one exact merge for all rows: cached outputs + their new keys, new token's window + its retrieval
+            # (the first part is never empty: each row's window holds at least its own token)
             base_out, base_lse = cache.rows(out_w[:, :, 0], lse_w[:, :, 0])
-            out, lse = ops.merge_lse(base_out, base_lse, both[..., :d], both[..., d])
+            out = ops.merge_into_window(base_out, base_lse, both[..., :d], both[..., d])
+            lse = torch.logaddexp(base_lse, both[..., d])
         cache.commit(out, lse, q_copy, seen, end, retro.capacity)
         self.stats.decode_s += time.perf_counter() - t0
         return out.transpose(1, 2).to(query.dtype)
