@@ -129,6 +129,11 @@ def _unseen(ids: np.ndarray, seen: np.ndarray, bound: np.ndarray, out: np.ndarra
                 out[p, h, j] = new
 
 
+def warmup() -> None:
+    """Compile (or load from the numba cache) the newly-seen kernel: ~1 s on the first past query otherwise."""
+    newly_seen(torch.tensor([[0, 1]]), 1, torch.tensor([[[0]]]), torch.tensor([2]))
+
+
 def attend_past(keys: torch.Tensor, values: torch.Tensor, ids: torch.Tensor, queries: torch.Tensor,
                 seen_ids: torch.Tensor | None, seen_from: torch.Tensor | None, scale: float
                 ) -> tuple[torch.Tensor, torch.Tensor]:
