@@ -12,13 +12,14 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
-from kvd import retro
+from kvd import ingest_kernels, retro
 from kvd.config import Config
 from kvd.errors import FailedPrecondition, InvalidArgument, KvdError
 from kvd.index.manager import IndexManager
@@ -43,6 +44,7 @@ from kvd.validate import (
 
 log = logging.getLogger("kvd.engine")
 INDEX_KINDS = ("flat", "hnsw", "graph", "wave")
+T = TypeVar("T")
 
 
 @dataclass
@@ -197,8 +199,10 @@ class Engine:
         expected = (len(layers), shape.num_kv_heads, n_tokens, shape.head_dim)
         check_shape("keys", keys, expected)
         check_shape("values", values, expected)
-        check_finite("keys", keys)
-        check_finite("values", values)
+        for what, tensor in (("keys", keys), ("values", values)):
+            bad = sum(self._per_layer(lambda i, t=tensor: ingest_kernels.count_nonfinite(t[i]), len(layers)))
+            if bad:
+                raise InvalidArgument(f"{what} contains {bad} NaN or infinite values")
         if token_ids is not None and token_ids.numel() != n_tokens:
             raise InvalidArgument(f"{token_ids.numel()} token ids given for {n_tokens} tokens")
         hints = self.indexes.check_hints(session, layers, hint_queries, hint_topn)
@@ -219,13 +223,18 @@ class Engine:
                     session.token_ids.write(start, token_ids.to(torch.int64))
                 except ValueError as exc:
                     raise InvalidArgument(str(exc)) from None
-            for i, layer in enumerate(layers):
-                session.layers[layer].append(keys[i], values[i])
+            self._per_layer(lambda i: session.layers[layers[i]].append(keys[i], values[i]), len(layers))
             self.tiering.on_append(session, layers, start, n_tokens)
         self.indexes.on_append(session, layers, hints)
         self.counters["appends"] += 1
         self.counters["appended_tokens"] += n_tokens * len(layers)
         return session
+
+    def _per_layer(self, work: Callable[[int], T], count: int) -> list[T]:
+        """work(0..count-1), the layers of one append in parallel (the kernels and copies release the GIL)."""
+        if count <= 1:
+            return [work(i) for i in range(count)]
+        return list(self.scan_pool.map(work, range(count)))
 
     def _check_writable(self, session: Session) -> None:
         if session.deleted:

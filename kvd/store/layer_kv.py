@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from kvd import ingest_kernels
+
 _MIN_GROWTH_TOKENS = 1024
 _GROWTH_FACTOR = 1.5
 
@@ -47,7 +49,7 @@ class LayerKV:
         if needed > self.capacity:
             self._reallocate(self._grown_capacity(needed))
         if n:
-            self.max_key_norm = torch.maximum(self.max_key_norm, keys.float().norm(dim=-1).amax(dim=1))
+            self.max_key_norm = torch.maximum(self.max_key_norm, ingest_kernels.max_key_norm(keys))
         self._keys[:, self.length: needed].copy_(keys)
         self._values[:, self.length: needed].copy_(values)
         self.length = needed
@@ -76,7 +78,7 @@ class LayerKV:
         self._keys = keys.contiguous()
         self._values = values.contiguous()
         self.length = keys.shape[1]
-        self.max_key_norm = keys.float().norm(dim=-1).amax(dim=1) if self.length else torch.zeros(self.num_kv_heads)
+        self.max_key_norm = ingest_kernels.max_key_norm(keys)
 
     def release(self) -> None:
         self._keys = torch.empty((self.num_kv_heads, 0, self.head_dim), dtype=self.dtype)
