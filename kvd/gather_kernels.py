@@ -75,8 +75,11 @@ def _score_rows(store: np.ndarray, queries: np.ndarray, ids: np.ndarray, group: 
 @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _attend_rows(store: np.ndarray, ids: np.ndarray, scores: np.ndarray, scale: float, group: int,
                  out: np.ndarray, lse: np.ndarray) -> None:
+    # The weights come first: with an exp and a branch on it between two rows, their cache misses (rows
+    # scattered over a large store) were taken one after another; the value pass alone overlaps them.
     num_query_heads, m = ids.shape
     d = out.shape[1]
+    weights = np.empty(m)
     for h in range(num_query_heads):
         row = np.empty(d, np.float32)
         kv = h // group
@@ -89,16 +92,15 @@ def _attend_rows(store: np.ndarray, ids: np.ndarray, scores: np.ndarray, scale: 
         if top == _NEG_INF:
             lse[h] = _NEG_INF
             continue
+        for j in range(m):
+            weights[j] = math.exp(scores[h, j] * scale - top) if ids[h, j] >= 0 else 0.0
         total = 0.0
         for j in range(m):
-            key = ids[h, j]
-            if key < 0:
-                continue
-            weight = math.exp(scores[h, j] * scale - top)
+            weight = weights[j]
             if weight == 0.0:
                 continue
             total += weight
-            _widen_row(store[kv, key], row)
+            _widen_row(store[kv, ids[h, j]], row)
             for c in range(d):
                 out[h, c] += np.float32(weight) * row[c]
         inv = 1.0 / total
