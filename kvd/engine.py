@@ -264,7 +264,9 @@ class Engine:
         check_shape("queries", queries, (len(sessions), first.num_query_heads, first.head_dim))
         check_finite("queries", queries)
         if past is not None:
-            past = retro.check_past(past, len(sessions), first.num_query_heads, first.head_dim, mode)
+            if mode is not Mode.ATTENTION:
+                raise InvalidArgument(f"past queries need mode ATTENTION, not {mode.name}")
+            past = retro.check_past(past, len(sessions), first.num_query_heads, first.head_dim)
         if ranges is not None and len(ranges) != len(sessions):
             raise InvalidArgument(f"{len(ranges)} ranges given for {len(sessions)} sequences")
         scale = check_scale(scale) or default_scale(first.head_dim)
@@ -276,9 +278,7 @@ class Engine:
                 if not exact:
                     self.indexes.on_retrieve(session, layer)
             try:
-                results = retrieve_batch(sessions, queries.float(), spec, ranges, self.fanout)
-                if past is not None:
-                    retro.attend_past_batch(sessions, results, past, layer, scale, self.fanout)
+                results = retrieve_batch(sessions, queries.float(), spec, ranges, self.fanout, past)
                 break
             except SessionSpilled:
                 continue

@@ -10,7 +10,7 @@ from enum import Enum
 import torch
 from kvd_client.attention import attention_from_scores, merge_attention
 
-from kvd import gather_kernels
+from kvd import gather_kernels, retro
 from kvd.errors import FailedPrecondition, InvalidArgument
 from kvd.index.flat import exact_topk, pad_ids
 from kvd.store.session import Session, Tier
@@ -73,8 +73,10 @@ def _gather(store: torch.Tensor, ids: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def retrieve_sequence(session: Session, queries: torch.Tensor, spec: RetrieveSpec,
-                      requested_range: tuple[int, int] | None) -> SequenceResult:
-    """queries: float32 [Hq, d]. Runs under the session's read lock."""
+                      requested_range: tuple[int, int] | None, past: retro.PastQueries | None = None
+                      ) -> SequenceResult:
+    """queries: float32 [Hq, d]; past: this sequence's past queries (mode ATTENTION; kvd.retro), attended in
+    the same pass over the retrieved rows. Runs under the session's read lock."""
     shape = session.shape
     with session.lock.read():
         if session.tier is not Tier.MEMORY:
@@ -95,11 +97,16 @@ def retrieve_sequence(session: Session, queries: torch.Tensor, spec: RetrieveSpe
             result.values = _pad_rows(_gather(values, ids, shape.group_size), spec.k)
             return result
         # The search already scored the chosen keys exactly in float32: no second gather of K.
-        if gather_kernels.supported(values):
+        if past is not None and retro.fused(keys, values):
+            output, lse, result.past_output, result.past_lse = retro.attend_rows_past(
+                keys, values, ids, scores, spec.scale, past)
+        elif gather_kernels.supported(values):
             output, lse = gather_kernels.attend_rows(values, ids, scores, spec.scale)
         else:
             output, lse = attention_from_scores(scores * spec.scale, _gather(values, ids, shape.group_size),
                                                 valid=ids >= 0)
+        if past is not None and result.past_output is None:
+            result.past_output, result.past_lse = retro.attend_past(keys, values, ids, past, spec.scale)
         if estimate is not None:
             output, lse = merge_attention(output, lse, estimate[0], estimate[1])
         result.output, result.lse = output, lse
@@ -127,10 +134,13 @@ def _pad_rows(tensor: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def retrieve_batch(sessions: list[Session], queries: torch.Tensor, spec: RetrieveSpec,
-                   ranges: list[tuple[int, int]] | None, pool: Executor | None) -> list[SequenceResult]:
-    """queries: float32 [n, Hq, d]. Sequences run in parallel on `pool` when there are several."""
+                   ranges: list[tuple[int, int]] | None, pool: Executor | None,
+                   past: retro.PastQueries | None = None) -> list[SequenceResult]:
+    """queries: float32 [n, Hq, d]; past: checked past queries of all n sequences (kvd.retro). Sequences run in
+    parallel on `pool` when there are several."""
     def one(i: int) -> SequenceResult:
-        return retrieve_sequence(sessions[i], queries[i], spec, ranges[i] if ranges else None)
+        return retrieve_sequence(sessions[i], queries[i], spec, ranges[i] if ranges else None,
+                                 None if past is None else past.row(i))
 
     if pool is None or len(sessions) == 1:
         return [one(i) for i in range(len(sessions))]

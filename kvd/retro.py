@@ -11,8 +11,7 @@ zone is not included.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from concurrent.futures import Executor
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,12 +21,12 @@ from numba import njit
 
 from kvd import gather_kernels
 from kvd.errors import InvalidArgument
-from kvd.retrieval import Mode, SequenceResult, SessionSpilled
-from kvd.store.session import Session, Tier
+from kvd.gather_kernels import _raw, _widen_row
 from kvd.validate import QUERY_DTYPES, check_dtype, check_finite, check_shape
 
 if TYPE_CHECKING:
     from kvd.convert import TensorCodec
+    from kvd.retrieval import SequenceResult
     from kvd.shm import OutputWriter
     from kvd.v1 import kvd_pb2 as pb
 
@@ -42,6 +41,11 @@ class PastQueries:
     seen_ids: torch.Tensor | None     # int64 [n, P, Hq, S]
     seen_from: torch.Tensor | None    # int64 [n, P]
 
+    def row(self, i: int) -> PastQueries:
+        """Sequence i's past queries ([P, Hq, d], [P, Hq, S], [P])."""
+        return PastQueries(self.queries[i], None if self.seen_ids is None else self.seen_ids[i],
+                           None if self.seen_from is None else self.seen_from[i])
+
 
 def past_from_wire(codec: TensorCodec, message: pb.PastQueries) -> PastQueries:
     """The tensors of RetrieveRequest.past, as sent (checked later by `check_past`)."""
@@ -51,10 +55,8 @@ def past_from_wire(codec: TensorCodec, message: pb.PastQueries) -> PastQueries:
                        codec.read(message.seen_from, "past.seen_from", required=False))
 
 
-def check_past(past: PastQueries, sequences: int, heads: int, head_dim: int, mode: Mode) -> PastQueries:
-    """Validate shapes, dtypes and values; returns float32 queries and int64 ids."""
-    if mode is not Mode.ATTENTION:
-        raise InvalidArgument(f"past queries need mode ATTENTION, not {mode.name}")
+def check_past(past: PastQueries, sequences: int, heads: int, head_dim: int) -> PastQueries:
+    """Validate shapes, dtypes and values (the caller checks the mode); returns float32 queries and int64 ids."""
     queries = past.queries
     check_dtype("past.queries", queries, QUERY_DTYPES)
     if queries.dim() != 4 or queries.shape[0] != sequences or not 1 <= queries.shape[1] <= MAX_PAST:
@@ -83,77 +85,227 @@ def newly_seen(ids: torch.Tensor, count: int, seen_ids: torch.Tensor | None, see
                ) -> torch.Tensor:
     """ids [Hq, m] (-1 = none) -> bool [P, Hq, m]: which of them past query p has not attended yet."""
     heads, m = ids.shape
-    seen = torch.empty(count, heads, 0, dtype=torch.int64) if seen_ids is None else seen_ids
-    bound = torch.full((count,), _NO_BOUND, dtype=torch.int64) if seen_from is None else seen_from
+    seen, bound = _seen_arrays(count, heads, seen_ids, seen_from)
     out = np.empty((count, heads, m), np.bool_)
-    _unseen(np.ascontiguousarray(ids.to(torch.int64).numpy()), np.ascontiguousarray(seen.numpy()),
-            np.ascontiguousarray(bound.numpy()), out)
+    _unseen(np.ascontiguousarray(ids.to(torch.int64).numpy()), seen, bound, out)
     return torch.from_numpy(out)
 
 
 _NO_BOUND = (1 << 62)
+_NEG_INF = -np.inf
+
+
+def _seen_arrays(count: int, heads: int, seen_ids: torch.Tensor | None, seen_from: torch.Tensor | None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    seen = np.empty((count, heads, 0), np.int64) if seen_ids is None else np.ascontiguousarray(seen_ids.numpy())
+    bound = np.full(count, _NO_BOUND, np.int64) if seen_from is None else np.ascontiguousarray(seen_from.numpy())
+    return seen, bound
+
+
+@njit(cache=True, nogil=True)
+def _table_size(width: int) -> int:
+    size = 16
+    while size < 2 * width + 1:
+        size *= 2
+    return size
+
+
+@njit(cache=True, nogil=True)
+def _fill_table(table: np.ndarray, seen: np.ndarray) -> None:
+    """An open-addressing hash set (size a power of two, -1 = free) of the ids >= 0 in seen (a sort of the seen
+    ids costs several times more in torch)."""
+    mask = table.shape[0] - 1
+    table[:] = -1
+    for j in range(seen.shape[0]):
+        x = seen[j]
+        if x < 0:
+            continue
+        i = (x * 2654435761) & mask
+        while table[i] != -1 and table[i] != x:
+            i = (i + 1) & mask
+        table[i] = x
+
+
+@njit(cache=True, nogil=True)
+def _is_new(table: np.ndarray, x: int, bound: int) -> bool:
+    """0 <= x < bound and x not in the hash set."""
+    if not 0 <= x < bound:
+        return False
+    mask = table.shape[0] - 1
+    i = (x * 2654435761) & mask
+    while table[i] != -1:
+        if table[i] == x:
+            return False
+        i = (i + 1) & mask
+    return True
 
 
 @njit(cache=True, nogil=True)
 def _unseen(ids: np.ndarray, seen: np.ndarray, bound: np.ndarray, out: np.ndarray) -> None:
-    """out[p, h, j] = 0 <= ids[h, j] < bound[p] and ids[h, j] not in seen[p, h, :]: an open-addressing hash set
-    per (p, h) (a sort of the seen ids costs several times more in torch)."""
+    """out[p, h, j] = 0 <= ids[h, j] < bound[p] and ids[h, j] not in seen[p, h, :]."""
     count, heads, width = seen.shape
-    m = ids.shape[1]
-    size = 16
-    while size < 2 * width + 1:
-        size *= 2
-    mask = size - 1
-    table = np.empty(size, np.int64)
+    table = np.empty(_table_size(width), np.int64)
     for p in range(count):
         for h in range(heads):
-            table[:] = -1
-            for j in range(width):
-                x = seen[p, h, j]
-                if x < 0:
-                    continue
-                i = (x * 2654435761) & mask
-                while table[i] != -1 and table[i] != x:
-                    i = (i + 1) & mask
-                table[i] = x
-            for j in range(m):
-                x = ids[h, j]
-                new = 0 <= x < bound[p]
-                if new:
-                    i = (x * 2654435761) & mask
-                    while table[i] != -1:
-                        if table[i] == x:
-                            new = False
-                            break
-                        i = (i + 1) & mask
-                out[p, h, j] = new
+            _fill_table(table, seen[p, h])
+            for j in range(ids.shape[1]):
+                out[p, h, j] = _is_new(table, ids[h, j], bound[p])
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _attend_rows_past(kstore: np.ndarray, vstore: np.ndarray, ids: np.ndarray, scores: np.ndarray, scale: float,
+                      group: int, past: np.ndarray, seen: np.ndarray, bound: np.ndarray, out: np.ndarray,
+                      lse: np.ndarray, past_out: np.ndarray, past_lse: np.ndarray) -> float:
+    """gather_kernels._attend_rows (the current query: the same arithmetic, so the same bits) fused with the
+    past queries' attention over their newly seen keys. Per head, each key row is read once for all past
+    queries and each value row once for the current and all past queries.
+
+    Rows scattered over a large store miss the caches; gathered again per past query, one miss at a time
+    behind an exp and a branch each, they cost more than the attention itself. Here the key pass also loads
+    one element of every 64-byte line of the value rows (independent loads: the core overlaps those misses
+    with the key rows'), and every weight is computed before the value pass. Returns the sum of those
+    loads (so that they are kept)."""
+    num_query_heads, m = ids.shape
+    d = out.shape[1]
+    count = past.shape[0]
+    tables = np.empty((count, _table_size(seen.shape[2])), np.int64)
+    new = np.empty((count, m), np.bool_)
+    past_scores = np.empty((count, m), np.float32)
+    past_top = np.empty(count)
+    past_total = np.empty(count)
+    weights = np.empty((count + 1, m))  # row 0: the current query
+    used = np.empty(m, np.bool_)
+    row = np.empty(d, np.float32)
+    line = 64 // vstore.itemsize
+    touched = 0.0
+    for h in range(num_query_heads):
+        kv = h // group
+        for p in range(count):
+            _fill_table(tables[p], seen[p, h])
+            past_top[p] = _NEG_INF
+        for j in range(m):
+            key = ids[h, j]
+            if key < 0:
+                for p in range(count):
+                    new[p, j] = False
+                continue
+            for c in range(0, d, line):
+                touched += vstore[kv, key, c]
+            fresh = False
+            for p in range(count):
+                new[p, j] = _is_new(tables[p], key, bound[p])
+                fresh = fresh or new[p, j]
+            if not fresh:
+                continue
+            _widen_row(kstore[kv, key], row)
+            for p in range(count):
+                if new[p, j]:
+                    acc = np.float32(0.0)
+                    for c in range(d):
+                        acc += row[c] * past[p, h, c]
+                    past_scores[p, j] = acc
+                    if acc * scale > past_top[p]:
+                        past_top[p] = acc * scale
+        top = _NEG_INF
+        for j in range(m):
+            if ids[h, j] >= 0 and scores[h, j] * scale > top:
+                top = scores[h, j] * scale
+        for j in range(m):
+            valid = ids[h, j] >= 0 and top != _NEG_INF
+            weights[0, j] = math.exp(scores[h, j] * scale - top) if valid else 0.0
+            used[j] = weights[0, j] != 0.0
+            for p in range(count):
+                weights[p + 1, j] = math.exp(past_scores[p, j] * scale - past_top[p]) if new[p, j] else 0.0
+                used[j] = used[j] or weights[p + 1, j] != 0.0
+        for c in range(d):
+            out[h, c] = 0.0
+        for p in range(count):
+            for c in range(d):
+                past_out[p, h, c] = 0.0
+        total = 0.0
+        past_total[:] = 0.0
+        for j in range(m):
+            if not used[j]:
+                continue
+            _widen_row(vstore[kv, ids[h, j]], row)
+            weight = weights[0, j]
+            if weight != 0.0:
+                total += weight
+                for c in range(d):
+                    out[h, c] += np.float32(weight) * row[c]
+            for p in range(count):
+                weight = weights[p + 1, j]
+                if weight != 0.0:
+                    past_total[p] += weight
+                    for c in range(d):
+                        past_out[p, h, c] += np.float32(weight) * row[c]
+        if top == _NEG_INF:
+            lse[h] = _NEG_INF
+        else:
+            inv = 1.0 / total
+            for c in range(d):
+                out[h, c] *= np.float32(inv)
+            lse[h] = top + math.log(total)
+        for p in range(count):
+            if past_top[p] == _NEG_INF:
+                past_lse[p, h] = _NEG_INF
+                continue
+            inv = 1.0 / past_total[p]
+            for c in range(d):
+                past_out[p, h, c] *= np.float32(inv)
+            past_lse[p, h] = past_top[p] + math.log(past_total[p])
+    return touched
+
+
+def fused(keys: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether `attend_rows_past` takes these stores (bf16/fp32: the compiled row kernels' stores)."""
+    return gather_kernels.supported(keys) and gather_kernels.supported(values)
+
+
+def attend_rows_past(keys: torch.Tensor, values: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor,
+                     scale: float, past: PastQueries
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The current query's partial attention (as gather_kernels.attend_rows) and the past queries' over their
+    newly seen keys, in one pass over the retrieved rows.
+
+    keys, values [Hkv, L, d] (`fused` stores); ids [Hq, m] (this call's retrieval, -1 padded) with the current
+    query's exact scores [Hq, m]; past: one sequence's [P, Hq, d], [P, Hq, S], [P]. Returns output [Hq, d],
+    lse [Hq], past output [P, Hq, d] (zeros where nothing is new) and past lse [P, Hq] (-inf there)."""
+    count, heads, dim = past.queries.shape
+    seen, bound = _seen_arrays(count, heads, past.seen_ids, past.seen_from)
+    out = np.empty((heads, dim), np.float32)
+    lse = np.empty(heads, np.float32)
+    past_out = np.empty((count, heads, dim), np.float32)
+    past_lse = np.empty((count, heads), np.float32)
+    _attend_rows_past(_raw(keys), _raw(values), np.ascontiguousarray(ids.numpy()),
+                      np.ascontiguousarray(scores.float().numpy()), float(scale), heads // values.shape[0],
+                      np.ascontiguousarray(past.queries.numpy()), seen, bound, out, lse, past_out, past_lse)
+    return torch.from_numpy(out), torch.from_numpy(lse), torch.from_numpy(past_out), torch.from_numpy(past_lse)
 
 
 def warmup() -> None:
-    """Compile (or load from the numba cache) the newly-seen kernel: ~1 s on the first past query otherwise."""
+    """Compile (or load from the numba cache) the kernels of past queries: ~1 s on the first one otherwise."""
     newly_seen(torch.tensor([[0, 1]]), 1, torch.tensor([[[0]]]), torch.tensor([2]))
+    ids = torch.tensor([[0, 1, -1]])
+    past = PastQueries(torch.ones(2, 1, 4), torch.tensor([[[0]], [[-1]]]), torch.tensor([2, 1]))
+    for dtype in (torch.bfloat16, torch.float32):
+        store = torch.ones(1, 2, 4, dtype=dtype)
+        attend_rows_past(store, store, ids, torch.ones(1, 3), 1.0, past)
 
 
-def attend_past(keys: torch.Tensor, values: torch.Tensor, ids: torch.Tensor, queries: torch.Tensor,
-                seen_ids: torch.Tensor | None, seen_from: torch.Tensor | None, scale: float
+def attend_past(keys: torch.Tensor, values: torch.Tensor, ids: torch.Tensor, past: PastQueries, scale: float
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Partial attention of P past queries over their newly seen keys, in float32.
+    """Partial attention of P past queries over their newly seen keys, in float32, with torch ops (stores that
+    `fused` does not take).
 
-    keys, values [Hkv, L, d]; ids [Hq, m] (this call's retrieval, -1 padded); queries float32 [P, Hq, d];
-    seen_ids [P, Hq, S]; seen_from [P]. Returns output [P, Hq, d] (zeros where nothing is new) and lse [P, Hq]
-    (-inf there)."""
+    keys, values [Hkv, L, d]; ids [Hq, m] (this call's retrieval, -1 padded); past: one sequence's queries
+    float32 [P, Hq, d], seen ids [P, Hq, S] and bounds [P]. Returns output [P, Hq, d] (zeros where nothing is
+    new) and lse [P, Hq] (-inf there)."""
+    queries = past.queries
     count, heads, dim = queries.shape
-    new = newly_seen(ids, count, seen_ids, seen_from)
-    out = torch.zeros(count, heads, dim)
-    lse = torch.full((count, heads), float("-inf"))
+    new = newly_seen(ids, count, past.seen_ids, past.seen_from)
     if not bool(new.any()):
-        return out, lse
-    if gather_kernels.supported(keys) and gather_kernels.supported(values):  # bf16/fp32 stores: compiled rows
-        chosen = torch.where(new, ids.unsqueeze(0), -1)
-        for p in range(count):
-            scores = gather_kernels.score_rows(keys, queries[p], chosen[p])
-            out[p], lse[p] = gather_kernels.attend_rows(values, chosen[p], scores, scale)
-        return out, lse
+        return torch.zeros(count, heads, dim), torch.full((count, heads), float("-inf"))
     kv_head = (torch.arange(heads) // (heads // keys.shape[0])).unsqueeze(1)
     rows = ids.clamp(min=0)
     scores = torch.einsum("phd,hmd->phm", queries, keys[kv_head, rows].float()) * scale
@@ -164,27 +316,6 @@ def attend_past(keys: torch.Tensor, values: torch.Tensor, ids: torch.Tensor, que
     probs = torch.where(new, probs, torch.zeros_like(probs))
     out = torch.einsum("phm,hmd->phd", probs, values[kv_head, rows].float())
     return out, lse
-
-
-def attend_past_batch(sessions: Sequence[Session], results: list[SequenceResult], past: PastQueries, layer: int,
-                      scale: float, pool: Executor | None) -> None:
-    """Fill each result's past_output/past_lse (raises SessionSpilled like retrieve_sequence)."""
-    def one(i: int) -> None:
-        session = sessions[i]
-        with session.lock.read():
-            if session.tier is not Tier.MEMORY:
-                raise SessionSpilled(session.session_id)
-            keys, values = session.layers[layer].view()
-            seen_ids = None if past.seen_ids is None else past.seen_ids[i]
-            seen_from = None if past.seen_from is None else past.seen_from[i]
-            results[i].past_output, results[i].past_lse = attend_past(
-                keys, values, results[i].ids, past.queries[i], seen_ids, seen_from, scale)
-
-    if pool is None or len(sessions) == 1:
-        for i in range(len(sessions)):
-            one(i)
-    else:
-        list(pool.map(one, range(len(sessions))))
 
 
 def write_past(codec: TensorCodec, writer: OutputWriter | None, results: list[SequenceResult],
