@@ -25,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -895,8 +896,8 @@ class KVDCache(Cache):
             self.stats.retrieve_wait_s += time.perf_counter() - t1
             q_copy, seen = q_host.clone(), res.ids
             if count:
-                cache.note_retrieved(res.ids)
-                retro.corrections += int(torch.isfinite(res.past_lse).sum())
+                cache.note_retrieved(res.ids, retro.capacity)
+                retro.corrections += int(np.isfinite(res.past_lse.numpy()).sum())
             d = query.shape[-1]
             both = cache.stage(res.output, res.lse, res.past_output if count else None,
                                res.past_lse if count else None).to(query.device, non_blocking=True)

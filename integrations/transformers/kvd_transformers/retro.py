@@ -57,20 +57,25 @@ class RetroLayer:
             self.out, self.lse = self.out[:, drop:], self.lse[:, drop:]
 
     def request(self) -> dict[str, torch.Tensor]:
-        """The past-query arguments of client.retrieve for the cached entries."""
-        b, hq, _ = self.queries[0].shape
-        width = max(s.shape[-1] for s in self.seen)
-        seen = torch.full((b, len(self), hq, width), -1, dtype=torch.int32)
+        """The past-query arguments of client.retrieve for the cached entries (views where one entry is cached,
+        the usual w = 2)."""
+        b = self.queries[0].shape[0]
+        seen_from = torch.tensor([self.seen_from] * b, dtype=torch.int64)
+        if len(self) == 1:
+            return {"past_queries": self.queries[0].unsqueeze(1), "past_seen_ids": self.seen[0].unsqueeze(1),
+                    "past_seen_from": seen_from}
+        seen = torch.full((b, len(self), self.seen[0].shape[1], max(s.shape[-1] for s in self.seen)), -1,
+                          dtype=torch.int64)
         for p, ids in enumerate(self.seen):
             seen[:, p, :, :ids.shape[-1]] = ids
-        seen_from = torch.tensor(self.seen_from, dtype=torch.int64).expand(b, len(self)).contiguous()
         return {"past_queries": torch.stack(self.queries, dim=1), "past_seen_ids": seen, "past_seen_from": seen_from}
 
-    def note_retrieved(self, ids: torch.Tensor) -> None:
-        """The positions retrieved this step ([B, Hq, k], host) count as seen by every cached query (those at or
-        beyond an entry's bound were in its window already and are not recorded)."""
-        for p, bound in enumerate(self.seen_from):
-            self.seen[p] = torch.cat([self.seen[p], torch.where(ids < bound, ids, -1)], dim=-1)
+    def note_retrieved(self, ids: torch.Tensor, capacity: int) -> None:
+        """The positions retrieved this step ([B, Hq, k], host) count as seen by the cached queries that the
+        coming commit keeps (with `capacity`). Positions at or beyond an entry's bound stay too: kvd never
+        counts them as new for it (they were in its window)."""
+        for p in range(max(0, len(self) - capacity + 1), len(self)):
+            self.seen[p] = torch.cat([self.seen[p], ids], dim=-1)
 
     def stage(self, out: torch.Tensor, lse: torch.Tensor, past_out: torch.Tensor | None,
               past_lse: torch.Tensor | None) -> torch.Tensor:
