@@ -1,0 +1,133 @@
+"""Per-call cost of RetroAttention's past queries (issue 6): decode-shaped Retrieve calls through a daemon with
+and without P past queries, interleaved.
+
+One bf16 session of the 8B layer shape (8 KV / 32 query heads, head dim 128), --tokens keys per layer, k=100,
+partial attention over the offloaded range (sink 128, window 544 excluded), flat exact index. Each call goes to
+a layer that was not touched for a while (calls cycle over --layers, as the decode does), so the retrieved rows
+miss the caches as they do in a decode. Past queries are random, their seen ids the previous call's retrieval
+(so nearly every retrieved key is new to them, as with random weights). Reports medians of the call, of its
+server time (RetrieveResponse.server_ms), and the paired extra of each past count over the plain call.
+
+    python bench/retro_call_bench.py                          # starts its own daemon (bench/daemon.py)
+    python bench/retro_call_bench.py --layers 1 --past 1,3,7
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+for extra in (ROOT / "client", ROOT):
+    if str(extra) not in sys.path:
+        sys.path.insert(0, str(extra))
+
+from kvd_client import KvdClient  # noqa: E402
+
+from bench.daemon import Daemon  # noqa: E402
+
+KV_HEADS, HEADS, DIM, K, SINK, WINDOW = 8, 32, 128, 100, 128, 544
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=8192, help="keys per layer")
+    p.add_argument("--layers", type=int, default=32, help="layers the calls cycle over")
+    p.add_argument("--past", default="1,3", help="comma-separated past-query counts P to compare with P=0")
+    p.add_argument("--calls", type=int, default=200, help="timed calls per variant")
+    p.add_argument("--warmup", type=float, default=15.0,
+                   help="seconds of untimed calls first (a fresh daemon compiles its kernels in the background)")
+    p.add_argument("--target", default=None, help="an existing daemon; default: start one")
+    p.add_argument("--out", default=None, help="JSON path (default: $OUT/retro_call_bench.json if OUT is set)")
+    return p.parse_args(argv)
+
+
+def fill(client: Any, args: argparse.Namespace, sid: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    client.create_session(sid, num_layers=args.layers, num_kv_heads=KV_HEADS, num_query_heads=HEADS, head_dim=DIM,
+                          dtype=torch.bfloat16, index="flat", sink_tokens=SINK, window_tokens=WINDOW)
+    step = 2048
+    for a in range(0, args.tokens, step):
+        n = min(step, args.tokens - a)
+        keys = torch.randn(args.layers, KV_HEADS, n, DIM, generator=gen).bfloat16()
+        values = torch.randn(args.layers, KV_HEADS, n, DIM, generator=gen).bfloat16()
+        client.append(sid, a, keys, values)
+
+
+def measure(client: Any, args: argparse.Namespace, sid: str, counts: list[int]) -> dict[int, dict[str, list[float]]]:
+    gen = torch.Generator().manual_seed(1)
+    ranges = [(SINK, args.tokens - WINDOW)]
+    got: dict[int, dict[str, list[float]]] = {p: {"call_ms": [], "server_ms": []} for p in counts}
+    prev = client.retrieve([sid], 0, torch.randn(1, HEADS, DIM, generator=gen), k=K, ranges=ranges)
+    slot, i, timed_from, started_all = 0, 0, None, time.perf_counter()
+    while timed_from is None or i < timed_from + args.calls:
+        if timed_from is None and time.perf_counter() - started_all >= args.warmup:
+            timed_from = i
+        query = torch.randn(1, HEADS, DIM, generator=gen)
+        for p in (counts if i % 2 else counts[::-1]):
+            past: dict[str, torch.Tensor] = {}
+            if p:
+                past = {"past_queries": torch.randn(1, p, HEADS, DIM, generator=gen),
+                        "past_seen_ids": prev.ids.unsqueeze(1).expand(1, p, HEADS, K),
+                        "past_seen_from": torch.full((1, p), args.tokens - WINDOW, dtype=torch.int64)}
+            slot += 1
+            started = time.perf_counter()
+            res = client.retrieve([sid], slot % args.layers, query, k=K, ranges=ranges, **past)
+            took = 1000 * (time.perf_counter() - started)
+            if timed_from is not None:
+                got[p]["call_ms"].append(took)
+                got[p]["server_ms"].append(res.server_ms)
+            prev = res
+        i += 1
+    return got
+
+
+def summary(got: dict[int, dict[str, list[float]]]) -> list[dict[str, Any]]:
+    base = got[0]
+    rows = []
+    for p, times in got.items():
+        row: dict[str, Any] = {"past": p, "call_ms": round(statistics.median(times["call_ms"]), 3),
+                               "server_ms": round(statistics.median(times["server_ms"]), 3)}
+        if p:
+            for key in ("call_ms", "server_ms"):
+                row[f"extra_{key}"] = round(statistics.median(b - a for a, b in zip(base[key], times[key],
+                                                                                   strict=True)), 3)
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    counts = [0, *(int(p) for p in args.past.split(",") if p)]
+    daemon = None if args.target else Daemon()
+    try:
+        client = KvdClient(args.target or daemon.target)  # type: ignore[union-attr]
+        sid = "retro-call-bench"
+        fill(client, args, sid)
+        rows = summary(measure(client, args, sid, counts))
+        client.delete_session(sid)
+        client.close()
+    finally:
+        if daemon is not None:
+            daemon.stop()
+    result = {"args": vars(args), "cpu_count": os.cpu_count(), "rows": rows}
+    out = args.out or (os.path.join(os.environ["OUT"], "retro_call_bench.json") if os.environ.get("OUT") else None)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=1))
+    for row in rows:
+        extra = f", extra {row['extra_call_ms']} ms (server {row['extra_server_ms']} ms)" if row["past"] else ""
+        print(f"P={row['past']}: call {row['call_ms']} ms (server {row['server_ms']} ms){extra}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
