@@ -284,6 +284,12 @@ class Engine:
                 continue
         self.counters["retrieves"] += 1
         self.counters["retrieved_sequences"] += len(sessions)
+        if not exact:
+            # A ready index that could not serve (e.g. a range narrower than it covers) fell back to the exact
+            # scan: correct, but slower than the operator may expect, so it is counted.
+            self.counters["retrieves_index_bypassed"] += sum(
+                1 for session, result in zip(sessions, results, strict=True)
+                if (slot := session.indexes[layer]) is not None and slot.ready and result.index_kind != slot.kind)
         return results, sessions, promoted
 
     def fetch(self, tenant: str, session_id: str, layers: list[int], begin: int, end: int,

@@ -67,9 +67,14 @@ def test_index_lifecycle(shared_daemon, kind):
     reference = brute_topk(q, keys[:, : n + 700], 20, sink, n + 700 - window)
     recall = sum(len(set(a) & set(b)) for a, b in zip(hits.ids.tolist(), reference, strict=True)) / 80
     assert recall >= 0.6, recall
-    # A narrower range than the index covers is served exactly.
+    # A narrower range than the index covers is served exactly, and counted as a bypass of the index.
+    bypassed = client.stats().counters.get("retrieves_index_bypassed", 0)
     narrow = client.retrieve(sid, 0, q, k=7, mode="ids", ranges=[(100, 900)])
     assert narrow.ids.tolist() == brute_topk(q, keys, 7, 100, 900)
+    assert narrow.index_kinds == ["flat"]
+    assert client.stats().counters.get("retrieves_index_bypassed", 0) == bypassed + 1
+    client.retrieve(sid, 0, q, k=7, mode="ids", ranges=[(100, 900)], exact=True)   # asked for: not a bypass
+    assert client.stats().counters.get("retrieves_index_bypassed", 0) == bypassed + 1
     client.close()
 
 
