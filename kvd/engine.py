@@ -45,6 +45,7 @@ from kvd.validate import (
 log = logging.getLogger("kvd.engine")
 INDEX_KINDS = ("flat", "hnsw", "graph", "wave")
 T = TypeVar("T")
+_PARALLEL_APPEND_BYTES = 8 << 20
 
 
 @dataclass
@@ -196,11 +197,14 @@ class Engine:
         if keys.dim() != 4:
             raise InvalidArgument(f"keys must be [n_layers, num_kv_heads, n_tokens, head_dim], got {list(keys.shape)}")
         n_tokens = keys.shape[2]
+        # a decode-time append (a few tokens) costs less than handing its layers to worker threads
+        parallel = keys.numel() * keys.element_size() >= _PARALLEL_APPEND_BYTES
         expected = (len(layers), shape.num_kv_heads, n_tokens, shape.head_dim)
         check_shape("keys", keys, expected)
         check_shape("values", values, expected)
         for what, tensor in (("keys", keys), ("values", values)):
-            bad = sum(self._per_layer(lambda i, t=tensor: ingest_kernels.count_nonfinite(t[i]), len(layers)))
+            bad = sum(self._per_layer(lambda i, t=tensor: ingest_kernels.count_nonfinite(t[i]), len(layers),
+                                      parallel))
             if bad:
                 raise InvalidArgument(f"{what} contains {bad} NaN or infinite values")
         if token_ids is not None and token_ids.numel() != n_tokens:
@@ -223,16 +227,16 @@ class Engine:
                     session.token_ids.write(start, token_ids.to(torch.int64))
                 except ValueError as exc:
                     raise InvalidArgument(str(exc)) from None
-            self._per_layer(lambda i: session.layers[layers[i]].append(keys[i], values[i]), len(layers))
+            self._per_layer(lambda i: session.layers[layers[i]].append(keys[i], values[i]), len(layers), parallel)
             self.tiering.on_append(session, layers, start, n_tokens)
         self.indexes.on_append(session, layers, hints)
         self.counters["appends"] += 1
         self.counters["appended_tokens"] += n_tokens * len(layers)
         return session
 
-    def _per_layer(self, work: Callable[[int], T], count: int) -> list[T]:
-        """work(0..count-1), the layers of one append in parallel (the kernels and copies release the GIL)."""
-        if count <= 1:
+    def _per_layer(self, work: Callable[[int], T], count: int, parallel: bool) -> list[T]:
+        """work(0..count-1): the layers of a large append in parallel (the kernels and copies release the GIL)."""
+        if count <= 1 or not parallel:
             return [work(i) for i in range(count)]
         return list(self.scan_pool.map(work, range(count)))
 
