@@ -42,6 +42,7 @@ from kvd_client import KvdClient  # noqa: E402
 from kvd_transformers import KVDCache, ops  # noqa: E402
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from bench.common import chunked_prefill, markdown_table, random_llama, sync, wait_indexes  # noqa: E402
 from bench.daemon import Daemon  # noqa: E402
 
 
@@ -85,28 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # --- model ---------------------------------------------------------------------------------------------------
 def build_model(args: argparse.Namespace, device: torch.device) -> tuple[Any, LlamaConfig]:
-    if args.cpu_smoke:
-        cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
-                          num_key_value_heads=2, vocab_size=512, max_position_embeddings=1 << 16)
-        dtype = torch.float32
-    else:
-        cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=args.layers,
-                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                          max_position_embeddings=1 << 21, rope_theta=500000.0)
-        dtype = torch.bfloat16
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype).eval()
-    return model, cfg
+    return random_llama(2 if args.cpu_smoke else args.layers, device, args.cpu_smoke, max_positions=1 << 21)
 
 
 # --- timing helpers --------------------------------------------------------------------------------------------
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -222,21 +205,6 @@ def fill_synthetic(client: KvdClient, sid: str, ctx: int, cfg: LlamaConfig, dtyp
     return time.perf_counter() - t0
 
 
-def wait_indexes(client: Any, sid: str, timeout: float) -> float | None:
-    """Seconds until every layer's index is ready (None: flat / no index kind; -1: timed out)."""
-    t0 = time.perf_counter()
-    while True:
-        info = client.get_session(sid)
-        kinds = [i for i in info.indexes if i.get("kind") not in ("", "flat")]
-        if not kinds and info.index_kind in ("", "flat"):
-            return None
-        if kinds and len(kinds) == info.num_layers and all(i["ready"] for i in kinds):
-            return round(time.perf_counter() - t0, 2)
-        if time.perf_counter() - t0 > timeout:
-            return -1.0
-        time.sleep(0.5)
-
-
 def run_kvd(model: Any, cfg: LlamaConfig, client: Any, ctx: int, synthetic: bool, device: torch.device,
             args: argparse.Namespace, label: str = "kvd", filled: str | None = None, keep: bool = False,
             index: str | None = None) -> dict[str, Any]:
@@ -263,19 +231,14 @@ def run_kvd(model: Any, cfg: LlamaConfig, client: Any, ctx: int, synthetic: bool
     else:
         ids = torch.randint(0, cfg.vocab_size, (1, ctx), generator=gen).to(device)
         cache = KVDCache(client, session=sid, **knobs)
-        sync(device)
         t = time.perf_counter()
-        with torch.no_grad():
-            for s in range(0, ctx, args.prefill_chunk):
-                out = model(ids[:, s:s + args.prefill_chunk], past_key_values=cache, use_cache=True,
-                            logits_to_keep=1)
-        sync(device)
-        res["prefill_s"] = round(time.perf_counter() - t, 2)
+        seconds, logits = chunked_prefill(model, ids, cache, args.prefill_chunk)
+        res["prefill_s"] = round(seconds, 2)
         cache.flush()
         res["prefill_with_kvd_ingest_s"] = round(time.perf_counter() - t, 2)
         res["prefill_gpu_peak_gib"] = peak_gib(device)
-        token = out.logits[:, -1:].argmax(-1)
-        del out
+        token = logits.argmax(-1)
+        del logits
     # the first decode step trims the device part to sink + window and sends the prefill's index hints; then
     # wait until the daemon has built the indexes (until then it serves layers by the exact scan)
     with torch.no_grad():
@@ -317,16 +280,10 @@ def run_full(model: Any, cfg: LlamaConfig, ctx: int, device: torch.device, args:
     cache = DynamicCache(config=cfg)
     ids = torch.randint(0, cfg.vocab_size, (1, ctx), generator=torch.Generator().manual_seed(ctx)).to(device)
     try:
-        sync(device)
-        t = time.perf_counter()
-        with torch.no_grad():
-            for s in range(0, ctx, args.prefill_chunk):
-                out = model(ids[:, s:s + args.prefill_chunk], past_key_values=cache, use_cache=True,
-                            logits_to_keep=1)
-        sync(device)
-        res["prefill_s"] = round(time.perf_counter() - t, 2)
-        token = out.logits[:, -1:].argmax(-1)
-        del out
+        seconds, logits = chunked_prefill(model, ids, cache, args.prefill_chunk)
+        res["prefill_s"] = round(seconds, 2)
+        token = logits.argmax(-1)
+        del logits
         times, _ = decode_loop(model, cache, token, args.steps, args.warmup, device)
         res["decode_ms_median"] = round(1000 * statistics.median(times), 2)
         res["decode_ms_min"] = round(1000 * min(times), 2)
@@ -371,15 +328,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             ("attention_other_ms_per_token", "attn other ms"), ("prefill_s", "prefill s"),
             ("fill_s", "synth fill s"), ("index_ready_s", "index wait s"), ("gpu_peak_gib", "GPU peak GiB"),
             ("gpu_kv_fraction_pct", "KV on GPU %")]
-    lines = [" | ".join(h for _, h in cols)]
-    lines.append(" | ".join("-" * len(h) for _, h in cols))
-    for r in rows:
-        cells = []
-        for key, _ in cols:
-            v = r.get(key, "OOM" if r.get("oom") and key == "decode_ms_median" else "")
-            cells.append(str(v))
-        lines.append(" | ".join(cells))
-    return "\n".join(lines)
+    return markdown_table(rows, cols, lambda row, key: "OOM" if row.get("oom") and key == "decode_ms_median" else "")
 
 
 def main(argv: list[str] | None = None) -> int:

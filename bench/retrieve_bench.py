@@ -36,6 +36,7 @@ for extra in (ROOT / "client", ROOT):
 from kvd_client import KvdClient  # noqa: E402
 
 from bench import qkdata  # noqa: E402
+from bench.common import markdown_table  # noqa: E402
 from bench.daemon import Daemon  # noqa: E402
 from kvd.config import load  # noqa: E402
 from kvd.engine import Engine  # noqa: E402
@@ -161,9 +162,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     cols = [("tokens", "tokens"), ("kind", "kind"), ("served_by", "served by"), ("in_process_ms", "in-process ms"),
             ("daemon_ms", "via daemon ms"), ("server_ms", "server ms"), ("transport_ms", "rpc+client ms"),
             ("index_build_s", "build s")]
-    lines = [" | ".join(h for _, h in cols), " | ".join("-" * len(h) for _, h in cols)]
-    lines += [" | ".join(str(r.get(c, "")) for c, _ in cols) for r in rows]
-    return "\n".join(lines)
+    return markdown_table(rows, cols)
 
 
 def main(argv: list[str] | None = None) -> int:

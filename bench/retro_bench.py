@@ -46,8 +46,9 @@ import kvd_transformers  # noqa: E402
 import transformers  # noqa: E402
 from kvd_client import KvdClient  # noqa: E402
 from kvd_transformers import KVDCache  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaConfig  # noqa: E402
 
+from bench.common import markdown_table, random_llama, sync, wait_indexes  # noqa: E402
 from bench.daemon import Daemon  # noqa: E402
 
 
@@ -97,30 +98,13 @@ def smoke(args: argparse.Namespace) -> None:
 
 # --- model -----------------------------------------------------------------------------------------------------
 def build_model(layers: int, args: argparse.Namespace, device: torch.device) -> tuple[Any, LlamaConfig]:
-    if args.cpu_smoke:
-        cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=layers, num_attention_heads=8,
-                          num_key_value_heads=2, vocab_size=512, max_position_embeddings=1 << 16)
-        dtype = torch.float32
-    else:
-        cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
-                          num_key_value_heads=8, vocab_size=128256, max_position_embeddings=1 << 17,
-                          rope_theta=500000.0)
-        dtype = torch.bfloat16
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype).eval()
+    model, cfg = random_llama(layers, device, args.cpu_smoke, max_positions=1 << 17)
     if args.sharpen != 1.0:
         with torch.no_grad():
             for layer in model.model.layers:
                 layer.self_attn.q_proj.weight.mul_(args.sharpen)
                 layer.self_attn.k_proj.weight.mul_(args.sharpen)
     return model, cfg
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 # --- measurement cache -----------------------------------------------------------------------------------------
@@ -248,7 +232,7 @@ def decode_run(model: Any, client: Any, prompt: torch.Tensor, steps: int, window
             cache.flush()
             sync(device)
             res["prefill_s"] = round(time.perf_counter() - t, 2)
-            res["index_wait_s"] = wait_indexes(client, sid, args)
+            res["index_wait_s"] = None if args.exact else wait_indexes(client, sid, args.index_wait)
             token = out.logits[:, -1:].argmax(-1)
             tokens, times = [token], []
             for i in range(steps):
@@ -287,19 +271,6 @@ def decode_run(model: Any, client: Any, prompt: torch.Tensor, steps: int, window
     with contextlib.suppress(Exception):
         client.delete_session(sid)
     return res, tokens, cache
-
-
-def wait_indexes(client: Any, sid: str, args: argparse.Namespace) -> float | None:
-    """Seconds until every layer's index is built (None for the exact scan; -1 after --index-wait)."""
-    if args.index in (None, "flat") or args.exact:
-        return None
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < args.index_wait:
-        indexes = client.get_session(sid).indexes
-        if indexes and all(i["ready"] for i in indexes):
-            return round(time.perf_counter() - t0, 2)
-        time.sleep(0.5)
-    return -1.0
 
 
 def speed_phase(client: Any, args: argparse.Namespace, device: torch.device, windows: list[int],
@@ -400,9 +371,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             ("attn_err_own_step_pct", "attn err at own step %"), ("attn_err_corrected_pct", "attn err corrected %"),
             ("hidden_err_pct", "hidden err %"), ("past_heads_with_new_keys_pct", "past heads w/ new keys %"),
             ("retrieved_keys_covered_x_k", "keys covered (x k)")]
-    lines = [" | ".join(h for _, h in cols), " | ".join("-" * len(h) for _, h in cols)]
-    lines += [" | ".join(str(r.get(key, "")) for key, _ in cols) for r in rows]
-    return "\n".join(lines)
+    return markdown_table(rows, cols)
 
 
 def main(argv: list[str] | None = None) -> int:
