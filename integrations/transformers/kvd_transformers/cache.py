@@ -990,9 +990,12 @@ class KVDCache(Cache):
 
 # --- helpers ---------------------------------------------------------------------------------------------------
 def _shutdown(*pools: ThreadPoolExecutor | None) -> None:
+    current = threading.current_thread()
     for pool in pools:
         if pool is not None:
-            pool.shutdown(wait=True)
+            # The finalizer may run on one of the pool's own threads (the cache's last reference dropped in a
+            # task there): that thread cannot wait for itself.
+            pool.shutdown(wait=current not in getattr(pool, "_threads", ()))
 
 
 def _is_not_found(exc: BaseException) -> bool:
