@@ -103,6 +103,7 @@ class Daemon:
         self.telemetry = Telemetry(self.engine)
         self.metrics_server: asyncio.Server | None = None
         self.watchdog: asyncio.Task | None = None
+        self.warmup: threading.Thread | None = None
         tokens = auth.TokenStore.load(config.server.token_file) if config.server.token_file else None
         self.auth = auth.AuthInterceptor(tokens, allow_insecure_tcp=config.server.allow_insecure_tcp)
 
@@ -151,9 +152,10 @@ class Daemon:
             os.chmod(self.config.server.socket, self.config.server.socket_mode)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        # A daemon thread: a compile still running must not hold up shutdown.
-        threading.Thread(target=_warm_up_kernels, args=(self.config.index.default_kind in ("graph", "hnsw"),),
-                         name="kvd-warmup", daemon=True).start()
+        # Off the startup path; stop() waits for it: a process exiting while numba compiles aborts (SIGABRT).
+        self.warmup = threading.Thread(target=_warm_up_kernels, name="kvd-warmup", daemon=True,
+                                       args=(self.config.index.default_kind in ("graph", "hnsw"),))
+        self.warmup.start()
         if self.config.server.metrics:
             host, port = metrics.parse_listen(self.config.server.metrics)
             self.metrics_server = await metrics.serve_metrics(host, port)
@@ -180,6 +182,9 @@ class Daemon:
         self.pool.shutdown(wait=True)
         if self.config.server.socket:
             Path(self.config.server.socket).unlink(missing_ok=True)
+        if self.warmup is not None and self.warmup.is_alive():
+            log.info("waiting for the kernel warm-up to finish")
+            await loop.run_in_executor(None, self.warmup.join)
         log.info("kvd stopped")
 
     async def run(self) -> None:
