@@ -67,6 +67,8 @@ class ServerConfig:
     max_message_mb: int = 1024
     workers: int = 0              # retrieval threads; 0 = CPU count
     grace_seconds: float = 10.0   # drain time for in-flight calls on shutdown
+    fast_lane: bool = True        # Retrieve/Append/Fetch over a plain socket at <socket>.fast (local clients)
+    fast_lane_connections: int = 64
 
 
 @dataclass
@@ -117,6 +119,9 @@ class Config:
             raise ConfigError("server.tls_cert and server.tls_key go together")
         if self.server.max_message_mb < 4:
             raise ConfigError("server.max_message_mb must be at least 4")
+        if self.server.fast_lane_connections < 1:
+            raise ConfigError("server.fast_lane_connections must be at least 1 (server.fast_lane = false turns "
+                              "the fast lane off)")
         return self
 
 

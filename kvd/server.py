@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from kvd import __version__, auth, metrics, sdnotify
 from kvd.config import Config
 from kvd.engine import Engine
+from kvd.fastlane import FastLaneServer
 from kvd.service import KvdServicer
 from kvd.telemetry import Telemetry
 from kvd.v1 import kvd_pb2 as pb
@@ -104,6 +105,8 @@ class Daemon:
         self.metrics_server: asyncio.Server | None = None
         self.watchdog: asyncio.Task | None = None
         self.warmup: threading.Thread | None = None
+        self.servicer: KvdServicer | None = None
+        self.fast_lane: FastLaneServer | None = None
         tokens = auth.TokenStore.load(config.server.token_file) if config.server.token_file else None
         self.auth = auth.AuthInterceptor(tokens, allow_insecure_tcp=config.server.allow_insecure_tcp)
 
@@ -113,6 +116,7 @@ class Daemon:
                    ("grpc.so_reuseport", 0)]
         server = grpc.aio.server(options=options, interceptors=[metrics.RpcMetricsInterceptor(), self.auth])
         servicer = KvdServicer(self.engine, self.pool, tenant_of, self.telemetry.observe)
+        self.servicer = servicer
         pb_grpc.add_KvdServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -150,6 +154,8 @@ class Daemon:
         await self.server.start()
         if self.config.server.socket:
             os.chmod(self.config.server.socket, self.config.server.socket_mode)
+            if self.config.server.fast_lane:
+                self._start_fast_lane()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         # Off the startup path; stop() waits for it: a process exiting while numba compiles aborts (SIGABRT).
@@ -167,6 +173,18 @@ class Daemon:
                                                   "memory_budget": self.engine.registry.memory_budget_bytes,
                                                   "data_dir": self.config.storage.data_dir}})
 
+    def _start_fast_lane(self) -> None:
+        cfg = self.config.server
+        path = f"{cfg.socket}.fast"
+        prepare_socket_path(path)
+        assert self.servicer is not None
+        self.fast_lane = FastLaneServer(path, self.servicer, self.auth, socket_mode=cfg.socket_mode,
+                                        max_connections=cfg.fast_lane_connections,
+                                        max_bytes=cfg.max_message_mb * 1024 * 1024)
+        self.fast_lane.start()
+        self.servicer.fast_lane_socket = path
+        self.addresses.append(f"fast lane unix://{path}")
+
     async def stop(self) -> None:
         sdnotify.stopping("draining in-flight calls")
         log.info("shutting down: draining in-flight calls")
@@ -175,9 +193,11 @@ class Daemon:
         if self.metrics_server is not None:
             self.metrics_server.close()
         await self.health.enter_graceful_shutdown()
+        loop = asyncio.get_running_loop()
+        if self.fast_lane is not None:
+            await loop.run_in_executor(None, self.fast_lane.stop, self.config.server.grace_seconds)
         if self.server is not None:
             await self.server.stop(self.config.server.grace_seconds)
-        loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.engine.close)
         self.pool.shutdown(wait=True)
         if self.config.server.socket:

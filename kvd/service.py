@@ -27,29 +27,17 @@ Observer = Callable[[str, grpc.StatusCode, float, dict[str, str]], None]
 
 
 def _rpc(method: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
-    """Run a handler body in the worker pool and map KvdError to its status code."""
+    """Run a handler body in the worker pool (KvdServicer.invoke) and map KvdError to its status code."""
 
     @functools.wraps(method)
     async def handler(self: KvdServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        started = time.perf_counter()
+        started = time.perf_counter()  # the call's latency includes its wait for a worker
         tenant = self.tenant_of(context)
-        labels: dict[str, str] = {}
-        code = grpc.StatusCode.OK
         try:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.pool, method, self, request, tenant, labels)
+            return await loop.run_in_executor(self.pool, self.invoke, method, request, tenant, started)
         except KvdError as exc:
-            code = exc.code
-            self.engine.counters[f"errors_{code.name.lower()}"] += 1
-            await context.abort(code, exc.message)
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            self.engine.counters["errors_internal"] += 1
-            log.exception("internal error in %s", method.__name__)
-            await context.abort(code, f"internal error in {method.__name__}; see the daemon log")
-        finally:
-            if self.observe is not None:
-                self.observe(method.__name__, code, time.perf_counter() - started, labels)
+            await context.abort(exc.code, exc.message)
 
     return handler
 
@@ -61,6 +49,32 @@ class KvdServicer(pb_grpc.KvdServicer):
         self.pool = pool
         self.tenant_of = tenant_of
         self.observe = observe
+        self.fast_lane_socket = ""  # set by the daemon when its fast lane listens (kvd.fastlane)
+
+    def invoke(self, body: Callable[..., Any], request: Any, tenant: str, started: float | None = None) -> Any:
+        """Run one call's body on this thread with the daemon's accounting (error counters, telemetry).
+        Raises KvdError, an unexpected exception becoming INTERNAL (logged)."""
+        started = time.perf_counter() if started is None else started
+        labels: dict[str, str] = {}
+        code = grpc.StatusCode.OK
+        try:
+            return body(self, request, tenant, labels)
+        except KvdError as exc:
+            code = exc.code
+            self.engine.counters[f"errors_{code.name.lower()}"] += 1
+            raise
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            self.engine.counters["errors_internal"] += 1
+            log.exception("internal error in %s", body.__name__)
+            raise KvdError(f"internal error in {body.__name__}; see the daemon log") from None
+        finally:
+            if self.observe is not None:
+                self.observe(body.__name__, code, time.perf_counter() - started, labels)
+
+    def invoke_named(self, method: str, request: Any, tenant: str) -> Any:
+        """invoke() by method name, for transports other than gRPC (kvd.fastlane)."""
+        return self.invoke(getattr(type(self), method).__wrapped__, request, tenant)
 
     def codec(self, tenant: str) -> convert.TensorCodec:
         return convert.TensorCodec(self.engine.shm, tenant)
@@ -234,7 +248,7 @@ class KvdServicer(pb_grpc.KvdServicer):
     def RegisterSharedMemory(self, request: pb.RegisterSharedMemoryRequest, tenant: str, labels: dict
                              ) -> pb.RegisterSharedMemoryResponse:
         self.engine.shm.register(tenant, request.name, request.key, request.offset, request.byte_size)
-        return pb.RegisterSharedMemoryResponse()
+        return pb.RegisterSharedMemoryResponse(fast_lane_socket=self.fast_lane_socket)
 
     @_rpc
     def UnregisterSharedMemory(self, request: pb.UnregisterSharedMemoryRequest, tenant: str, labels: dict

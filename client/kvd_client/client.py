@@ -13,9 +13,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvd.v1 import kvd_pb2 as pb
 from kvd.v1 import kvd_pb2_grpc as pb_grpc
-from kvd_client import calls
+from kvd_client import calls, fastlane
 from kvd_client import target as targets
-from kvd_client.errors import KvdError, from_rpc_error
+from kvd_client.errors import KvdError, NotFoundError, from_rpc_error
+from kvd_client.fastlane import FastLane
 from kvd_client.transport import Placer, Transport
 from kvd_client.types import FetchResult, RetrieveResult, SessionInfo, Stats
 
@@ -29,11 +30,13 @@ class KvdClient:
     target: "unix:///path/kvd.sock", "/path/kvd.sock", "host:port", or None for $KVD_TARGET or the default
             socket. shm: "auto" (shared memory when the daemon is on this host, inline bytes otherwise),
             True (require it) or False. token: bearer token for a daemon that requires one.
+    fast_lane: send Retrieve/Append/Fetch over the daemon's fast-lane socket when it offers one (local clients
+            using shared memory; kvd_client.fastlane), else gRPC. Same messages, results and errors.
     """
 
     def __init__(self, target: str | None = None, *, shm: bool | str = "auto", token: str | None = None,
                  tls_root_cert: bytes | None = None, timeout: float | None = None,
-                 max_shm_bytes: int = 1 << 30) -> None:
+                 max_shm_bytes: int = 1 << 30, fast_lane: bool = True) -> None:
         self.target = targets.normalize(target)
         options = targets.channel_options()
         if tls_root_cert is not None:
@@ -49,22 +52,53 @@ class KvdClient:
         self._transport = Transport(use_shm, max_shm_bytes)
         self._lock = threading.RLock()
         self._shapes: dict[str, SessionInfo] = {}
+        self._token = token
+        self._fast_lane_wanted = fast_lane
+        self._fast_path = ""              # the daemon's fast-lane socket, learned when shm is registered
+        self._fast: FastLane | None = None
 
     # -- plumbing --------------------------------------------------------------------------------------
 
     def _invoke(self, method: str, request: Any) -> Any:
+        lane = self._lane() if method in fastlane.METHODS else None
+        if lane is not None:
+            try:
+                return lane.call(method, request)
+            except KvdError:
+                if not lane.broken:
+                    raise
+                self._drop_lane()
+                if method not in fastlane.READ_ONLY:
+                    raise  # it may have been applied before the connection broke: no blind retry
         try:
             return getattr(self._stub, method)(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
+
+    def _lane(self) -> FastLane | None:
+        """The fast-lane connection (callers hold the lock), opened on first use; None: use gRPC."""
+        if self._fast is None and self._fast_path:
+            try:
+                self._fast = FastLane(self._fast_path, self._token, self.timeout)
+            except (OSError, KvdError):
+                self._fast_path = ""  # refused or gone: stay on gRPC until the daemon offers it again
+        return self._fast
+
+    def _drop_lane(self) -> None:
+        if self._fast is not None:
+            self._fast.close()
+            self._fast = None
+
+    @property
+    def uses_fast_lane(self) -> bool:
+        return self._fast is not None
 
     def _placer(self, needed: int) -> Placer:
         """Grow (or create) the shared-memory region so that `needed` bytes fit; falls back to inline."""
         region = self._transport.wanted_region(needed)
         if region is not None:
             try:
-                self._invoke("RegisterSharedMemory", pb.RegisterSharedMemoryRequest(
-                    name=region.key, key=region.key, offset=0, byte_size=region.size))
+                self._register(region)
             except KvdError:
                 region.close()
                 if self._transport.mode is True:
@@ -76,6 +110,13 @@ class KvdClient:
                     self._release(previous)
         return self._transport.placer(needed)
 
+    def _register(self, region: Any) -> None:
+        reply = self._invoke("RegisterSharedMemory", pb.RegisterSharedMemoryRequest(
+            name=region.key, key=region.key, offset=0, byte_size=region.size))
+        if self._fast_lane_wanted and reply.fast_lane_socket != self._fast_path:
+            self._drop_lane()
+            self._fast_path = reply.fast_lane_socket
+
     def _release(self, region: Any) -> None:
         with contextlib.suppress(KvdError):
             self._invoke("UnregisterSharedMemory", pb.UnregisterSharedMemoryRequest(name=region.key))
@@ -83,7 +124,16 @@ class KvdClient:
 
     def _with_tensors(self, needed: int, call: Callable[[Placer], T]) -> T:
         with self._lock:
-            return call(self._placer(needed))
+            placer = self._placer(needed)
+            try:
+                return call(placer)
+            except NotFoundError as exc:
+                # A restarted daemon has forgotten the region: the call was refused before doing anything,
+                # so register it again and repeat the call once.
+                if placer.name is None or f"region {placer.name!r} is not registered" not in exc.details:
+                    raise
+                self._register(self._transport.region)
+                return call(self._placer(needed))
 
     @property
     def uses_shared_memory(self) -> bool:
@@ -94,6 +144,7 @@ class KvdClient:
             region = self._transport.close()
             if region is not None:
                 self._release(region)
+            self._drop_lane()
             self._channel.close()
 
     def __enter__(self) -> KvdClient:

@@ -63,7 +63,11 @@ _BY_CODE = {
 }
 
 
+def from_status(code: grpc.StatusCode, details: str) -> KvdError:
+    return _BY_CODE.get(code, KvdError)(code, details or "")
+
+
 def from_rpc_error(error: grpc.RpcError) -> KvdError:
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else str(error)
-    return _BY_CODE.get(code, KvdError)(code, details or "")
+    return from_status(code, details)

@@ -1,0 +1,117 @@
+"""The fast lane: kvd's data-path calls over a plain Unix socket, beside gRPC.
+
+A decode step makes one Retrieve per layer, in sequence, so per-call overhead multiplies by the layer count.
+gRPC's own round trip on a Unix socket is ~0.5 ms, and the daemon's asyncio server adds an executor hop;
+this lane sends the same protobuf messages, framed by a 5-byte header, to a thread of the daemon that runs
+the call directly. Tensors still travel through the client's shared-memory region, so the lane is offered
+only to local clients: the daemon names its socket in RegisterSharedMemoryResponse.fast_lane_socket.
+
+Frames: header struct "<BI" (kind, payload length), then the payload.
+- client -> daemon: kind = method id (HELLO first, with the bearer token as UTF-8, possibly empty), payload =
+  the serialized request;
+- daemon -> client: kind = gRPC status code value (0 = OK), payload = the serialized reply, or the error
+  message as UTF-8.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Any
+
+import grpc
+
+from kvd.v1 import kvd_pb2 as pb
+from kvd_client.errors import KvdError, UnavailableError, from_status
+
+HEADER = struct.Struct("<BI")
+HELLO = 0
+# method name -> (id, request type, reply type); only unary calls whose tensors travel in shared memory
+READ_ONLY = frozenset({"Retrieve", "Fetch"})
+METHODS: dict[str, tuple[int, type, type]] = {
+    "Retrieve": (1, pb.RetrieveRequest, pb.RetrieveResponse),
+    "Append": (2, pb.AppendRequest, pb.AppendResponse),
+    "Fetch": (3, pb.FetchRequest, pb.FetchResponse),
+}
+METHOD_BY_ID = {ident: (name, request, reply) for name, (ident, request, reply) in METHODS.items()}
+STATUS_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def recv_exact(sock: socket.socket, size: int) -> bytearray | None:
+    """Exactly `size` bytes, or None when the peer closed the connection before the first byte."""
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:], size - got)
+        if n == 0:
+            if got == 0:
+                return None
+            raise ConnectionError(f"connection closed mid-frame ({got} of {size} bytes)")
+        got += n
+    return buffer
+
+
+def send_frame(sock: socket.socket, kind: int, payload: bytes) -> None:
+    sock.sendall(HEADER.pack(kind, len(payload)) + payload)
+
+
+def recv_frame(sock: socket.socket, max_bytes: int) -> tuple[int, bytearray] | None:
+    """(kind, payload), or None at a clean end of the connection."""
+    header = recv_exact(sock, HEADER.size)
+    if header is None:
+        return None
+    kind, size = HEADER.unpack(header)
+    if size > max_bytes:
+        raise ConnectionError(f"frame of {size} bytes exceeds the limit of {max_bytes}")
+    payload = recv_exact(sock, size) if size else bytearray()
+    if payload is None:
+        raise ConnectionError("connection closed after a frame header")
+    return kind, payload
+
+
+class FastLane:
+    """One connection to the daemon's fast-lane socket. Not thread-safe: the client calls it under its lock."""
+
+    def __init__(self, path: str, token: str | None, timeout: float | None, max_bytes: int = 1 << 30) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.broken = False  # set when the connection failed; the caller then drops this lane
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.settimeout(timeout if timeout is not None else 10.0)
+            self.sock.connect(path)
+            send_frame(self.sock, HELLO, (token or "").encode())
+            self._reply(pb.RegisterSharedMemoryResponse)  # the daemon's answer to the hello: OK or an error
+            self.sock.settimeout(timeout)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def call(self, method: str, request: Any) -> Any:
+        """Send one request and wait for its reply; raises the same KvdError subclasses as the gRPC path.
+        A broken or timed-out connection raises UnavailableError / KvdError(DEADLINE_EXCEEDED) and sets
+        `broken`: the lane must not be used again."""
+        ident, _, reply_type = METHODS[method]
+        try:
+            send_frame(self.sock, ident, request.SerializeToString())
+            return self._reply(reply_type)
+        except TimeoutError:
+            self.broken = True
+            raise KvdError(grpc.StatusCode.DEADLINE_EXCEEDED, f"fast-lane {method} timed out") from None
+        except OSError as exc:
+            self.broken = True
+            raise UnavailableError(grpc.StatusCode.UNAVAILABLE, f"fast-lane connection lost: {exc}") from None
+
+    def _reply(self, reply_type: type) -> Any:
+        frame = recv_frame(self.sock, self.max_bytes)
+        if frame is None:
+            raise ConnectionError("the daemon closed the fast-lane connection")
+        status, payload = frame
+        if status != 0:
+            code = STATUS_BY_VALUE.get(status, grpc.StatusCode.UNKNOWN)
+            raise from_status(code, payload.decode(errors="replace"))
+        return reply_type.FromString(bytes(payload))
+
+    def close(self) -> None:
+        self.sock.close()
