@@ -80,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "integration's own per-token overhead from the daemon's retrieval time")
     p.add_argument("--check", action="store_true",
                    help="first check on the device that kvd (k >= offloaded) reproduces full attention's logits")
+    p.add_argument("--compare-grpc", action="store_true",
+                   help="after each kvd run's timed steps, time as many more on the same cache with a gRPC-only "
+                        "client (the fast lane off): both transports in one run")
     p.add_argument("--out", default=None, help="JSON path (default: $OUT/decode_bench.json or bench/results/)")
     return p.parse_args(argv)
 
@@ -207,7 +210,7 @@ def fill_synthetic(client: KvdClient, sid: str, ctx: int, cfg: LlamaConfig, dtyp
 
 def run_kvd(model: Any, cfg: LlamaConfig, client: Any, ctx: int, synthetic: bool, device: torch.device,
             args: argparse.Namespace, label: str = "kvd", filled: str | None = None, keep: bool = False,
-            index: str | None = None) -> dict[str, Any]:
+            index: str | None = None, compare_client: Any = None) -> dict[str, Any]:
     """One kvd run. `filled`: an already filled synthetic session to continue (no new fill); `keep`: leave
     the session in the daemon (for a following run)."""
     kvd_transformers.enable(model)
@@ -264,7 +267,13 @@ def run_kvd(model: Any, cfg: LlamaConfig, client: Any, ctx: int, synthetic: bool
         "gpu_peak_gib": peak_gib(device),
         "gpu_kv_resident_mib": round(resident / 2**20, 1),
         "gpu_kv_fraction_pct": round(100 * resident / full_kv, 3),
+        "fast_lane": bool(getattr(client, "uses_fast_lane", False)),
     })
+    if compare_client is not None:
+        cache.client = compare_client
+        times, token = decode_loop(model, cache, token, args.steps, 1, device, on_warm=cache.stats.reset)
+        res["grpc_decode_ms_median"] = round(1000 * statistics.median(times), 2)
+        res["grpc_kvd_wait_ms_per_token"] = round(1000 * cache.stats.retrieve_wait_s / steps, 2)
     cache.close()
     if not keep:
         with contextlib.suppress(Exception):
@@ -327,7 +336,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             ("vs_full", "x full"), ("kvd_wait_ms_per_token", "kvd wait ms"),
             ("attention_other_ms_per_token", "attn other ms"), ("prefill_s", "prefill s"),
             ("fill_s", "synth fill s"), ("index_ready_s", "index wait s"), ("gpu_peak_gib", "GPU peak GiB"),
-            ("gpu_kv_fraction_pct", "KV on GPU %")]
+            ("gpu_kv_fraction_pct", "KV on GPU %"), ("grpc_decode_ms_median", "over gRPC ms/tok")]
     return markdown_table(rows, cols, lambda row, key: "OOM" if row.get("oom") and key == "decode_ms_median" else "")
 
 
@@ -373,9 +382,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, cfg = build_model(args, device)
         client = KvdClient(target)
+        grpc_client = KvdClient(target, fast_lane=False) if args.compare_grpc else None
         if args.check:
             env["check"] = exactness_check(client, device)
         env.update(rpc_floor(client, cfg, next(model.parameters()).dtype))
+        if grpc_client is not None:
+            env.update({f"grpc_{k}": v for k, v in rpc_floor(grpc_client, cfg, next(model.parameters()).dtype).items()})
         for ctx in contexts:
             synthetic = args.synthetic == "always" or (args.synthetic == "auto" and ctx > args.real_prefill_max)
             full = None
@@ -389,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
                 label = f"kvd-{kind}" if kind else "kvd"
                 try:
                     res = run_kvd(model, cfg, client, ctx, synthetic, device, args, label=label, keep=synthetic,
-                                  index=kind)
+                                  index=kind, compare_client=grpc_client)
                 except torch.OutOfMemoryError:
                     res = {"ctx": ctx, "mode": label, "oom": True}
                 runs.append(res)
@@ -409,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(r)
                 save()
         client.close()
+        if grpc_client is not None:
+            grpc_client.close()
     finally:
         if daemon is not None:
             daemon.stop()
