@@ -25,7 +25,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -884,7 +883,7 @@ class KVDCache(Cache):
             q_host, event = layer.stage_query(q_new)
             ranges = self._ranges(end, mask)
             sids = self.session_ids or []
-            past = cache.request() if count else {}
+            past = cache.request(retro.bounds) if count else {}
             if self._retriever is not None:
                 wait = self._start_retrieve(layer_idx, q_host, event, ranges, sids, scale, **past)
                 out_w, lse_w = ops.window_attention(q_new, key, value, scale, mask=valid)
@@ -894,18 +893,10 @@ class KVDCache(Cache):
             t1 = time.perf_counter()
             res = wait()
             self.stats.retrieve_wait_s += time.perf_counter() - t1
-            q_copy, seen = q_host.clone(), res.ids
-            if count:
-                cache.note_retrieved(res.ids, retro.capacity)
-                retro.corrections += int(np.isfinite(res.past_lse.numpy()).sum())
-            d = query.shape[-1]
-            both = cache.stage(res.output, res.lse, res.past_output if count else None,
-                               res.past_lse if count else None).to(query.device, non_blocking=True)
-            # one exact merge for all rows: cached outputs + their new keys, new token's window + its retrieval
-            # (the first part is never empty: each row's window holds at least its own token)
-            base_out, base_lse = cache.rows(out_w[:, :, 0], lse_w[:, :, 0])
-            out = ops.merge_into_window(base_out, base_lse, both[..., :d], both[..., d])
-            lse = torch.logaddexp(base_lse, both[..., d])
+            # one merge for all rows, then the commit (kvd_transformers.retro)
+            out = retro.finish(cache, res, out_w, lse_w, q_host.clone(), end, query.device)
+            self.stats.decode_s += time.perf_counter() - t0
+            return out.transpose(1, 2).to(query.dtype)
         cache.commit(out, lse, q_copy, seen, end, retro.capacity)
         self.stats.decode_s += time.perf_counter() - t0
         return out.transpose(1, 2).to(query.dtype)

@@ -38,6 +38,7 @@ class RetroLayer:
         self.out: torch.Tensor | None = None     # float32 [B, P, Hq, D] on the device
         self.lse: torch.Tensor | None = None     # float32 [B, P, Hq]
         self.host: torch.Tensor | None = None    # staging of one reply: [B, 1 + P, Hq, D + 1]
+        self.host_parts: tuple[torch.Tensor, ...] = ()  # its views: new token's out, lse; past outs, lses
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -56,11 +57,19 @@ class RetroLayer:
             assert self.out is not None and self.lse is not None
             self.out, self.lse = self.out[:, drop:], self.lse[:, drop:]
 
-    def request(self) -> dict[str, torch.Tensor]:
+    def request(self, bounds: dict[tuple[int, ...], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The past-query arguments of client.retrieve for the cached entries (views where one entry is cached,
-        the usual w = 2)."""
+        the usual w = 2). `bounds`: a memo of seen_from tensors shared by the layers (they hold the same
+        bounds)."""
         b = self.queries[0].shape[0]
-        seen_from = torch.tensor([self.seen_from] * b, dtype=torch.int64)
+        key = (b, *self.seen_from)
+        seen_from = None if bounds is None else bounds.get(key)
+        if seen_from is None:
+            seen_from = torch.tensor([self.seen_from] * b, dtype=torch.int64)
+            if bounds is not None:
+                if len(bounds) > 64:
+                    bounds.clear()
+                bounds[key] = seen_from
         if len(self) == 1:
             return {"past_queries": self.queries[0].unsqueeze(1), "past_seen_ids": self.seen[0].unsqueeze(1),
                     "past_seen_from": seen_from}
@@ -87,30 +96,37 @@ class RetroLayer:
         host = self.host
         if host is None or host.shape != shape:
             host = self.host = torch.empty(shape, dtype=torch.float32, pin_memory=torch.cuda.is_available())
-        host[:, -1, :, :-1].copy_(out)
-        host[:, -1, :, -1].copy_(lse)
+            self.host_parts = (host[:, -1, :, :-1], host[:, -1, :, -1], host[:, :-1, :, :-1], host[:, :-1, :, -1])
+        parts = self.host_parts
+        parts[0].copy_(out)
+        parts[1].copy_(lse)
         if past_out is not None and past_lse is not None:
-            host[:, :-1, :, :-1].copy_(past_out)
-            host[:, :-1, :, -1].copy_(past_lse)
+            parts[2].copy_(past_out)
+            parts[3].copy_(past_lse)
         return host
 
     def rows(self, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached outputs followed by the new token's device-window part (out [B, Hq, D], lse [B, Hq]):
         [B, P + 1, Hq, D] and [B, P + 1, Hq], float32."""
-        out, lse = out.float().unsqueeze(1), lse.unsqueeze(1)
+        out, lse = out.unsqueeze(1), lse.unsqueeze(1)
         if self.out is None or self.lse is None:
-            return out, lse
-        return torch.cat([self.out, out], dim=1), torch.cat([self.lse, lse], dim=1)
+            return out.float(), lse
+        return torch.cat([self.out, out], dim=1), torch.cat([self.lse, lse], dim=1)  # cat promotes to float32
 
     def commit(self, out: torch.Tensor, lse: torch.Tensor, query: torch.Tensor, seen: torch.Tensor, seen_from: int,
                capacity: int) -> None:
-        """The step's final rows (corrected past outputs, then the new token's) become the cache, with the new
-        token's query (host [B, Hq, D]), seen positions and bound; keeps at most `capacity` entries."""
+        """The step's final rows (corrected past outputs, then the new token's; `lse` may hold only the last
+        `capacity` rows) become the cache, with the new token's query (host [B, Hq, D]), seen positions and
+        bound; keeps at most `capacity` entries."""
         self.queries.append(query)
         self.seen.append(seen)
         self.seen_from.append(seen_from)
-        self.out, self.lse = out, lse
-        self.keep_newest(capacity)
+        keep = min(capacity, len(self))
+        drop = len(self) - keep
+        if drop:
+            del self.queries[:drop], self.seen[:drop], self.seen_from[:drop]
+        self.out = out if out.shape[1] == keep else out[:, out.shape[1] - keep:]
+        self.lse = lse if lse.shape[1] == keep else lse[:, lse.shape[1] - keep:]
 
     def nbytes(self) -> int:
         tensors = [*self.queries, *self.seen, self.out, self.lse]
@@ -127,12 +143,25 @@ class RetroState:
         self.layers: list[RetroLayer] = []
         self.ids: torch.Tensor | None = None  # [B, <= w-1] token ids of the cached positions, oldest first
         self.rows: int | None = None           # past rows of the forward under way (None: none prepared)
-        self.corrections = 0                   # (row, past query, head) triples that received new keys
         self.rerun_rows = 0                    # past positions re-run (summed over steps)
+        self.bounds: dict[tuple[int, ...], torch.Tensor] = {}  # memo of the seen_from tensors (RetroLayer.request)
+        self._counted = 0                      # corrections counted so far
+        self._uncounted: list[torch.Tensor] = []  # past lse of replies not counted yet (counted in batches)
 
     @property
     def capacity(self) -> int:
         return self.window - 1
+
+    @property
+    def corrections(self) -> int:
+        """(row, past query, head) triples that received new keys."""
+        self._count()
+        return self._counted
+
+    def _count(self) -> None:
+        if self._uncounted:
+            self._counted += int(torch.isfinite(torch.cat([t.reshape(-1) for t in self._uncounted])).sum())
+            self._uncounted.clear()
 
     def layer(self, idx: int) -> RetroLayer:
         while len(self.layers) <= idx:
@@ -157,6 +186,31 @@ class RetroState:
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
+
+    def finish(self, cache: RetroLayer, res: Any, out_w: torch.Tensor, lse_w: torch.Tensor, query: torch.Tensor,
+               seen_from: int, device: torch.device) -> torch.Tensor:
+        """The rest of a retro step once kvd answered (`res`, with past fields when the layer's cache holds
+        entries): one host-to-device copy of the answer, one exact log-sum-exp merge for all rows (cached
+        outputs + their newly seen keys, the new token's window part out_w [B, Hq, 1, D] / lse_w [B, Hq, 1] + its
+        retrieval; the first part is never empty: each row's window holds at least its own token), and the
+        commit (the new token's host query [B, Hq, D] is kept as given: the caller passes a copy). Returns the
+        outputs of all rows, float32 [B, P + 1, Hq, D]."""
+        count = len(cache)
+        if count:
+            cache.note_retrieved(res.ids, self.capacity)
+            self._uncounted.append(res.past_lse)
+            if len(self._uncounted) >= 256:
+                self._count()
+        d = out_w.shape[-1]
+        both = cache.stage(res.output, res.lse, res.past_output if count else None,
+                           res.past_lse if count else None).to(device, non_blocking=True)
+        base_out, base_lse = cache.rows(out_w[:, :, 0], lse_w[:, :, 0])
+        lse_r = both[..., d]
+        out = torch.lerp(base_out, both[..., :d], torch.sigmoid(lse_r - base_lse).unsqueeze(-1))
+        keep = min(self.capacity, count + 1)  # only the rows that stay cached need their log-sum-exp
+        lse = torch.logaddexp(base_lse[:, count + 1 - keep:], lse_r[:, count + 1 - keep:])
+        cache.commit(out, lse, query, res.ids, seen_from, self.capacity)
+        return out
 
 
 # --- the forward hooks that turn a one-token decode call into a retro step -------------------------------------
