@@ -21,6 +21,7 @@ import os
 import platform
 import pstats
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -58,6 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hint-queries", type=int, default=1024, help="prefill queries per head sent as hints")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--index-wait", type=float, default=600.0)
+    p.add_argument("--search-variants", default="",
+                   help="';'-separated k=v,... search params also timed through the fast lane, e.g. "
+                        "'schedule=ranges;schedule=claim'")
+    p.add_argument("--busy", type=int, default=0,
+                   help="processes spinning on a core each while the daemon is timed (a GPU process's host threads)")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 
@@ -162,6 +168,19 @@ def through_daemon(client: KvdClient, grpc_client: KvdClient, data: qkdata.QKDat
         row[f"{label}_transport_ms"] = round(ms - server_ms, 3)
         row[f"{label}_served_by"] = result.index_kinds[0]
     row["fast_lane"] = client.uses_fast_lane
+    variants = {}
+    for text in [v for v in args.search_variants.split(";") if v]:
+        server_times: list[float] = []
+
+        def variant(i: int, search: dict[str, str] = params_of(text), server: list[float] = server_times) -> Any:
+            result = client.retrieve(sid, 0, queries[i % queries.shape[0]], k=K, search_params=search)
+            server.append(result.server_ms)
+            return result
+
+        ms, _ = timed(variant, args.calls)
+        variants[text] = {"ms": round(ms, 3), "server_ms": round(statistics.median(server_times[10:]), 3)}
+    if variants:
+        row["variants"] = variants
     client.delete_session(sid)
     return row
 
@@ -174,6 +193,17 @@ def table(rows: list[dict[str, Any]]) -> str:
     return markdown_table(rows, cols)
 
 
+def variants_table(rows: list[dict[str, Any]]) -> str:
+    flat = [{"tokens": r["tokens"], "kind": r["kind"], "variant": name, **v}
+            for r in rows for name, v in r.get("variants", {}).items()]
+    return markdown_table(flat, [("tokens", "tokens"), ("kind", "kind"), ("variant", "search params"),
+                                 ("ms", "fast lane ms"), ("server_ms", "of which server")])
+
+
+def spin(count: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)  # as in the daemon: its pools parallelize, torch ops stay single-threaded
@@ -183,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     out = Path(args.out or os.path.join(os.environ.get("OUT") or ROOT / "bench" / "results", "retrieve_bench.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
+    env["busy_processes"] = args.busy
+    spinners: list[subprocess.Popen] = []
     with Daemon() as daemon, KvdClient(daemon.target) as client, \
             KvdClient(daemon.target, fast_lane=False) as grpc_client:
         for n in [int(t) for t in args.tokens.split(",") if t]:
@@ -191,12 +223,21 @@ def main(argv: list[str] | None = None) -> int:
             for kind in [k for k in args.kinds.split(",") if k]:
                 row: dict[str, Any] = {"tokens": n, "kind": kind}
                 row.update(in_process(data, n, kind, params, args, hints))
-                row.update(through_daemon(client, grpc_client, data, n, kind, params, args, hints))
+                spinners = spin(args.busy)
+                try:
+                    row.update(through_daemon(client, grpc_client, data, n, kind, params, args, hints))
+                finally:
+                    for proc in spinners:
+                        proc.kill()
+                        proc.wait()
                 print(json.dumps(row), flush=True)
                 rows.append(row)
                 out.write_text(json.dumps({"env": env, "args": vars(args), "rows": rows}, indent=1))
     print(f"\nwrote {out}\n")
     print(table(rows))
+    if any("variants" in r for r in rows):
+        print()
+        print(variants_table(rows))
     return 0
 
 

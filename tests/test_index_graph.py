@@ -264,3 +264,18 @@ def test_float32_blob_of_an_older_version_loads_and_grows(data: tuple) -> None:
 def test_unknown_store_is_refused() -> None:
     with pytest.raises(ValueError, match="store"):
         GraphIndex(SHAPE, {"store": "fp8"})
+
+
+@pytest.mark.parametrize("threads", ["1", "3", "0"])
+def test_claimed_and_ranged_schedules_find_the_same_keys(data: tuple, built: GraphIndex, threads: str) -> None:
+    """How query heads are spread over threads must not change any head's search."""
+    _, _, dec = data
+    for q in dec[:4]:
+        ranged = built.search(q, 10, 1.0, {"schedule": "ranges", "threads": threads}).ids
+        claimed = built.search(q, 10, 1.0, {"schedule": "claim", "threads": threads}).ids
+        assert torch.equal(ranged, claimed)
+
+
+def test_unknown_schedule_is_refused() -> None:
+    with pytest.raises(ValueError, match="schedule"):
+        GraphIndex(SHAPE, {"schedule": "random"})

@@ -14,8 +14,10 @@ Params (strings): m (32: projection/supply degree, rows hold 2m), ef (search bea
 0 skips the step), entries (128), per ("kv": one graph per KV head from the group's pooled queries |
 "query": one per query head, as RoarGraph), sample (prefill queries used per query head, 4096), topn (N when
 the lists are computed here, 100), pivots (list members that pivot, all), window (>0: cheap rank-window
-projection instead of the per-list RNG), insert_ef (64), threads (worker ranges; default one per core),
-store (bf16 | fp32: how the index keeps its copy of the keys).
+projection instead of the per-list RNG), insert_ef (64), threads (worker threads; default one per core),
+store (bf16 | fp32: how the index keeps its copy of the keys), schedule (claim: a search's query heads are
+claimed one at a time by the threads | ranges: one fixed range per thread; threads and schedule can also be
+given per call).
 Presets: default = quality; pivots=32 = balanced; window=2,enhance_ef=0 = fast build.
 Concurrency: add() and search() of one index must not overlap (the caller serializes per layer); builds and
 searches of different indexes may, and use separate worker pools.
@@ -54,13 +56,16 @@ import torch
 
 from kvd.index import graph_kernels as gk
 from kvd.index.base import BuildHints, IndexShape, KeyIndex, SearchResult
-from kvd.index.graph_build import GraphParams, build_graph, exact_topn, run_ranges
+from kvd.index.graph_build import GraphParams, build_graph, exact_topn, run_claimed, run_ranges
 from kvd.index.wave_io import pack, unpack
 
 _CONCURRENT_GRAPHS = 4
 DEFAULTS = {"m": "32", "ef": "512", "enhance_ef": "32", "entries": "128", "per": "kv", "sample": "4096",
-            "topn": "100", "insert_ef": "64", "pivots": "100000", "window": "0", "store": "bf16"}
+            "topn": "100", "insert_ef": "64", "pivots": "100000", "window": "0", "store": "bf16",
+            "threads": "0", "schedule": "claim"}
 _STORE_DTYPES = {"bf16": np.uint16, "fp32": np.float32}  # bf16 keys are kept as their bit patterns
+# how a search's query heads are spread over threads: claimed one at a time, or one fixed range per thread
+_SCHEDULES = ("claim", "ranges")
 
 
 class GraphIndex(KeyIndex):
@@ -72,6 +77,8 @@ class GraphIndex(KeyIndex):
             raise ValueError("graph param 'per' must be 'kv' or 'query'")
         if self._param("store") not in _STORE_DTYPES:
             raise ValueError(f"graph param 'store' must be one of {sorted(_STORE_DTYPES)}")
+        if self._param("schedule") not in _SCHEDULES:
+            raise ValueError(f"graph param 'schedule' must be one of {sorted(_SCHEDULES)}")
         d = shape.head_dim
         self._keys = np.zeros((shape.num_kv_heads, 0, d), dtype=_STORE_DTYPES[self._param("store")])  # [Hkv, cap, d]
         self._adj = np.zeros((self.num_graphs, 0, 2 * self._m), dtype=np.int32)   # [G, cap, W]
@@ -211,7 +218,11 @@ class GraphIndex(KeyIndex):
             _SCRATCH.tag = gk.search_rows(self._keys, self._adj, self._entries, q, key_of, graph_of, self._count,
                                           ef, lo, hi, ids, touched, visited, tag)
 
-        run_ranges(rows, hq, int(self.params.get("threads", 0)) or min(hq, os.cpu_count() or 1), "search")
+        threads = int(self._param("threads", params)) or min(hq, os.cpu_count() or 1)
+        if self._param("schedule", params) == "ranges":
+            run_ranges(rows, hq, threads, "search")
+        else:
+            run_claimed(rows, hq, threads, "search")
         return SearchResult(ids=torch.from_numpy(ids), keys_touched=round(float(touched.mean())))
 
     # ---------------------------------------------------------------------------------- bookkeeping

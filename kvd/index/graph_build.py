@@ -18,6 +18,7 @@ enhance_ef=0 skips step 4.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from collections.abc import Callable
@@ -51,6 +52,26 @@ def run_ranges(fn: Callable[[int, int], object], total: int, parts: int, purpose
     futures = [pool(purpose).submit(fn, bounds[i], bounds[i + 1]) for i in range(1, parts)]
     first = fn(bounds[0], bounds[1])  # the caller works too instead of waiting idle
     return [first] + [f.result() for f in futures]
+
+
+def run_claimed(fn: Callable[[int, int], object], total: int, workers: int, purpose: str = "search") -> None:
+    """fn(i, i + 1) for every i of 0..total-1, claimed one at a time by `workers` threads of the `purpose` pool
+    (the caller is one of them): a worker that the OS delays does fewer items instead of holding up a fixed
+    share, as a static split does when another process keeps a core busy."""
+    workers = max(1, min(workers, total))
+    if workers == 1:
+        fn(0, total)
+        return
+    claim = itertools.count()  # next() on it is atomic under the GIL
+
+    def work() -> None:
+        while (i := next(claim)) < total:
+            fn(i, i + 1)
+
+    futures = [pool(purpose).submit(work) for _ in range(workers - 1)]
+    work()
+    for future in futures:
+        future.result()
 
 
 @dataclass(frozen=True)
