@@ -97,3 +97,34 @@ def test_index_survives_spill_and_promote(daemon_factory):
     assert after.index_kinds == ["hnsw"], "the index came back from disk without a rebuild"
     assert after.ids.tolist() == before.ids.tolist()
     client.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_graph_attention_is_exact_over_its_ids_for_every_session_dtype(shared_daemon, dtype):
+    """The graph's bf16 key copy is exact for bf16 sessions (its scores are reused) but not for fp16/fp32 ones
+    (the chosen keys are rescored from the session): either way the partial attention equals a float64
+    reference over the returned ids."""
+    client = shared_daemon.client()
+    sid = f"graph-scores-{str(dtype).removeprefix('torch.')}"
+    n, sink, window, d, hq = 2500, 4, 64, 32, 4
+    client.create_session(sid, num_layers=1, num_kv_heads=2, num_query_heads=hq, head_dim=d, dtype=dtype,
+                          index="graph", sink_tokens=sink, window_tokens=window)
+    keys, values = clustered_kv(5, n)
+    keys, values = keys.to(dtype), values.to(dtype)
+    hint_queries = torch.randn(1, hq, 64, d, generator=torch.Generator().manual_seed(6))
+    client.append(sid, 0, keys.unsqueeze(0), values.unsqueeze(0), hint_queries=hint_queries)
+    wait_ready(client, sid, 1)
+    q = torch.randn(hq, d, generator=torch.Generator().manual_seed(7)) * 2
+    scale = d ** -0.5
+    res = client.retrieve(sid, 0, q, k=50, mode="attention", scale=scale)
+    assert res.index_kinds == ["graph"]
+    for h in range(hq):
+        ids = res.ids[h][res.ids[h] >= 0]
+        assert len(ids) == 50
+        kh, vh = keys[h // 2, ids].double(), values[h // 2, ids].double()
+        logits = (kh @ q[h].double()) * scale
+        weights = torch.softmax(logits, 0)
+        torch.testing.assert_close(res.output[h].double(), weights @ vh, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(res.lse[h].double(), torch.logsumexp(logits, 0), rtol=1e-6, atol=1e-6)
+    client.delete_session(sid)
+    client.close()

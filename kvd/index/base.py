@@ -60,6 +60,10 @@ class SearchResult:
     ids: torch.Tensor               # int64 [Hq, k], local ids, -1 padded
     estimate: Estimate | None = None
     keys_touched: int = 0           # keys scored, averaged over query heads (fraction touched = this / count)
+    # float32 q.k of every valid id, when the index scored them from a copy of the keys in `scores_from`
+    # precision (the caller may then skip rescoring them from the session when that copy is exact)
+    scores: torch.Tensor | None = None
+    scores_from: torch.dtype | None = None
 
 
 class KeyIndex(ABC):

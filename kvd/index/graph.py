@@ -207,6 +207,7 @@ class GraphIndex(KeyIndex):
         ids = np.full((hq, k), -1, dtype=np.int64)
         if self._count == 0 or k == 0:
             return SearchResult(ids=torch.from_numpy(ids))
+        scores = np.empty((hq, k), dtype=np.float32)
         ef = max(int(self._param("ef", params)), k)
         q = np.ascontiguousarray(queries.float().numpy())
         key_of = np.arange(hq) // self.shape.group_size
@@ -216,14 +217,16 @@ class GraphIndex(KeyIndex):
         def rows(lo: int, hi: int) -> None:
             visited, tag = _scratch(self._count, hi - lo)
             _SCRATCH.tag = gk.search_rows(self._keys, self._adj, self._entries, q, key_of, graph_of, self._count,
-                                          ef, lo, hi, ids, touched, visited, tag)
+                                          ef, lo, hi, ids, scores, touched, visited, tag)
 
         threads = int(self._param("threads", params)) or min(hq, os.cpu_count() or 1)
         if self._param("schedule", params) == "ranges":
             run_ranges(rows, hq, threads, "search")
         else:
             run_claimed(rows, hq, threads, "search")
-        return SearchResult(ids=torch.from_numpy(ids), keys_touched=round(float(touched.mean())))
+        return SearchResult(ids=torch.from_numpy(ids), keys_touched=round(float(touched.mean())),
+                            scores=torch.from_numpy(scores),
+                            scores_from=torch.bfloat16 if self._keys.dtype == np.uint16 else torch.float32)
 
     # ---------------------------------------------------------------------------------- bookkeeping
     @property

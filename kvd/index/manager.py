@@ -83,7 +83,10 @@ class LayerIndex:
         local = found.ids
         valid = local >= 0
         ids = torch.where(valid, local + self.base, local)
-        scores = scores_at(queries, keys, ids.clamp(min=0))
+        if found.scores is not None and found.scores_from in (torch.float32, keys.dtype):
+            scores = found.scores  # scored from an exact copy of these keys: no second pass over them
+        else:
+            scores = scores_at(queries, keys, ids.clamp(min=0))
         scores = scores.masked_fill(~valid, float("-inf"))
         extra = [(begin, self.base), (covered_end, end)]
         for lo, hi in extra:
