@@ -10,6 +10,8 @@ server time (RetrieveResponse.server_ms), and the paired extra of each past coun
 
     python bench/retro_call_bench.py                          # starts its own daemon (bench/daemon.py)
     python bench/retro_call_bench.py --layers 1 --past 1,3,7
+    KVD_RETRO_THREADS=1 python bench/retro_call_bench.py   # the daemon's fused kernel on one thread (default:
+                                                           # up to half the cores, kvd.retro.max_threads)
 """
 
 from __future__ import annotations
@@ -118,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if daemon is not None:
             daemon.stop()
-    result = {"args": vars(args), "cpu_count": os.cpu_count(), "rows": rows}
+    result = {"args": vars(args), "cpu_count": os.cpu_count(),
+              "retro_threads_env": os.environ.get("KVD_RETRO_THREADS", ""), "rows": rows}
     out = args.out or (os.path.join(os.environ["OUT"], "retro_call_bench.json") if os.environ.get("OUT") else None)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -890,11 +890,12 @@ class KVDCache(Cache):
             else:
                 out_w, lse_w = ops.window_attention(q_new, key, value, scale, mask=valid)
                 wait = self._start_retrieve(layer_idx, q_host, event, ranges, sids, scale, **past)
+            base = cache.rows(out_w[:, :, 0], lse_w[:, :, 0])  # while kvd works
             t1 = time.perf_counter()
             res = wait()
             self.stats.retrieve_wait_s += time.perf_counter() - t1
             # one merge for all rows, then the commit (kvd_transformers.retro)
-            out = retro.finish(cache, res, out_w, lse_w, q_host.clone(), end, query.device)
+            out = retro.finish(cache, res, base, q_host.clone(), end, query.device)
             self.stats.decode_s += time.perf_counter() - t0
             return out.transpose(1, 2).to(query.dtype)
         cache.commit(out, lse, q_copy, seen, end, retro.capacity)

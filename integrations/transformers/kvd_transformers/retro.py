@@ -187,24 +187,24 @@ class RetroState:
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
 
-    def finish(self, cache: RetroLayer, res: Any, out_w: torch.Tensor, lse_w: torch.Tensor, query: torch.Tensor,
+    def finish(self, cache: RetroLayer, res: Any, base: tuple[torch.Tensor, torch.Tensor], query: torch.Tensor,
                seen_from: int, device: torch.device) -> torch.Tensor:
         """The rest of a retro step once kvd answered (`res`, with past fields when the layer's cache holds
-        entries): one host-to-device copy of the answer, one exact log-sum-exp merge for all rows (cached
-        outputs + their newly seen keys, the new token's window part out_w [B, Hq, 1, D] / lse_w [B, Hq, 1] + its
-        retrieval; the first part is never empty: each row's window holds at least its own token), and the
-        commit (the new token's host query [B, Hq, D] is kept as given: the caller passes a copy). Returns the
-        outputs of all rows, float32 [B, P + 1, Hq, D]."""
+        entries): one host-to-device copy of the answer, one exact log-sum-exp merge for all rows with `base`
+        (`cache.rows` of the new token's window part, computed while kvd works: the cached outputs, then the
+        window part; never empty, each row's window holds at least its own token), and the commit (the new
+        token's host query [B, Hq, D] is kept as given: the caller passes a copy). Returns the outputs of all
+        rows, float32 [B, P + 1, Hq, D]."""
         count = len(cache)
         if count:
             cache.note_retrieved(res.ids, self.capacity)
             self._uncounted.append(res.past_lse)
             if len(self._uncounted) >= 256:
                 self._count()
-        d = out_w.shape[-1]
+        base_out, base_lse = base
+        d = base_out.shape[-1]
         both = cache.stage(res.output, res.lse, res.past_output if count else None,
                            res.past_lse if count else None).to(device, non_blocking=True)
-        base_out, base_lse = cache.rows(out_w[:, :, 0], lse_w[:, :, 0])
         lse_r = both[..., d]
         out = torch.lerp(base_out, both[..., :d], torch.sigmoid(lse_r - base_lse).unsqueeze(-1))
         keep = min(self.capacity, count + 1)  # only the rows that stay cached need their log-sum-exp
