@@ -18,6 +18,8 @@ import torch
 from numba import njit, types
 from numba.extending import overload
 
+from kvd.workers import run_claimed
+
 _NEG_INF = -np.inf
 
 
@@ -74,13 +76,14 @@ def _score_rows(store: np.ndarray, queries: np.ndarray, ids: np.ndarray, group: 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _attend_rows(store: np.ndarray, ids: np.ndarray, scores: np.ndarray, scale: float, group: int,
-                 out: np.ndarray, lse: np.ndarray) -> None:
+                 out: np.ndarray, lse: np.ndarray, h0: int, h1: int) -> None:
+    """Query heads h0..h1-1 (callers split the heads over threads)."""
     # The weights come first: with an exp and a branch on it between two rows, their cache misses (rows
     # scattered over a large store) were taken one after another; the value pass alone overlaps them.
-    num_query_heads, m = ids.shape
+    m = ids.shape[1]
     d = out.shape[1]
     weights = np.empty(m)
-    for h in range(num_query_heads):
+    for h in range(h0, h1):
         row = np.empty(d, np.float32)
         kv = h // group
         top = _NEG_INF
@@ -109,6 +112,12 @@ def _attend_rows(store: np.ndarray, ids: np.ndarray, scores: np.ndarray, scale: 
         lse[h] = top + math.log(total)
 
 
+# Value rows are scattered over a large store (a cache miss each): a decode-sized call (32 heads x 100 rows)
+# is split over a few threads; small calls stay on the caller, where a hand-off would cost more than it saves.
+_ATTEND_CHUNKS = 4
+_ROWS_PER_CHUNK = 512
+
+
 def score_rows(keys: torch.Tensor, queries: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Exact float32 q.k for keys [Hkv, n, d] at ids [Hq, m] (-1: -inf); queries [Hq, d] -> [Hq, m]."""
     group = queries.shape[0] // keys.shape[0]
@@ -126,8 +135,15 @@ def attend_rows(values: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor, s
     group = num_query_heads // values.shape[0]
     out = np.empty((num_query_heads, values.shape[2]), np.float32)
     lse = np.empty(num_query_heads, np.float32)
-    _attend_rows(_raw(values), np.ascontiguousarray(ids.numpy()),
-                 np.ascontiguousarray(scores.float().numpy()), float(scale), group, out, lse)
+    store, id_rows = _raw(values), np.ascontiguousarray(ids.numpy())
+    score_rows = np.ascontiguousarray(scores.float().numpy())
+    chunks = min(_ATTEND_CHUNKS, max(1, ids.numel() // _ROWS_PER_CHUNK))
+
+    def heads(c0: int, c1: int) -> None:
+        _attend_rows(store, id_rows, score_rows, float(scale), group, out, lse,
+                     num_query_heads * c0 // chunks, num_query_heads * c1 // chunks)
+
+    run_claimed(heads, chunks, chunks, "search")
     return torch.from_numpy(out), torch.from_numpy(lse)
 
 

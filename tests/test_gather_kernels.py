@@ -34,8 +34,9 @@ def _reference(keys, values, queries, ids, scale):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_kernels_match_float64_reference(dtype):
-    keys, values, queries, ids = _case(dtype)
+@pytest.mark.parametrize("kv_heads,group,m", [(2, 3, 40), (2, 3, 200), (8, 4, 100)])  # 1, 2 and 4 head chunks
+def test_kernels_match_float64_reference(dtype, kv_heads, group, m):
+    keys, values, queries, ids = _case(dtype, kv_heads=kv_heads, group=group, m=m)
     assert gather_kernels.supported(keys)
     scale = 0.125
     ref_scores, ref_out, ref_lse = _reference(keys, values, queries, ids, scale)

@@ -56,8 +56,9 @@ import torch
 
 from kvd.index import graph_kernels as gk
 from kvd.index.base import BuildHints, IndexShape, KeyIndex, SearchResult
-from kvd.index.graph_build import GraphParams, build_graph, exact_topn, run_claimed, run_ranges
+from kvd.index.graph_build import GraphParams, build_graph, exact_topn
 from kvd.index.wave_io import pack, unpack
+from kvd.workers import run_claimed, run_ranges
 
 _CONCURRENT_GRAPHS = 4
 DEFAULTS = {"m": "32", "ef": "512", "enhance_ef": "32", "entries": "128", "per": "kv", "sample": "4096",

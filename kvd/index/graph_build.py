@@ -18,60 +18,14 @@ enhance_ef=0 skips step 4.
 
 from __future__ import annotations
 
-import itertools
 import os
-import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from kvd.index import graph_kernels as gk
-
-_POOLS: dict[str, ThreadPoolExecutor] = {}
-_POOLS_LOCK = threading.Lock()
-
-
-def pool(name: str) -> ThreadPoolExecutor:
-    """Process-wide worker threads for compiled kernels (which release the GIL), one pool per purpose
-    ("build", "search"), each as large as the machine: a long build never queues searches behind it."""
-    with _POOLS_LOCK:
-        if name not in _POOLS:
-            _POOLS[name] = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix=f"kvd-{name}")
-        return _POOLS[name]
-
-
-def run_ranges(fn: Callable[[int, int], object], total: int, parts: int, purpose: str = "build") -> list[object]:
-    """fn(lo, hi) over `parts` contiguous ranges of 0..total-1 in the `purpose` pool; returns the results."""
-    parts = max(1, min(parts, total))
-    if parts == 1:
-        return [fn(0, total)]
-    bounds = [total * i // parts for i in range(parts + 1)]
-    futures = [pool(purpose).submit(fn, bounds[i], bounds[i + 1]) for i in range(1, parts)]
-    first = fn(bounds[0], bounds[1])  # the caller works too instead of waiting idle
-    return [first] + [f.result() for f in futures]
-
-
-def run_claimed(fn: Callable[[int, int], object], total: int, workers: int, purpose: str = "search") -> None:
-    """fn(i, i + 1) for every i of 0..total-1, claimed one at a time by `workers` threads of the `purpose` pool
-    (the caller is one of them): a worker that the OS delays does fewer items instead of holding up a fixed
-    share, as a static split does when another process keeps a core busy."""
-    workers = max(1, min(workers, total))
-    if workers == 1:
-        fn(0, total)
-        return
-    claim = itertools.count()  # next() on it is atomic under the GIL
-
-    def work() -> None:
-        while (i := next(claim)) < total:
-            fn(i, i + 1)
-
-    futures = [pool(purpose).submit(work) for _ in range(workers - 1)]
-    work()
-    for future in futures:
-        future.result()
+from kvd.workers import run_ranges
 
 
 @dataclass(frozen=True)
