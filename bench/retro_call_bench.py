@@ -12,6 +12,8 @@ server time (RetrieveResponse.server_ms), and the paired extra of each past coun
     python bench/retro_call_bench.py --layers 1 --past 1,3,7
     KVD_RETRO_THREADS=1 python bench/retro_call_bench.py   # the daemon's fused kernel on one thread (default:
                                                            # up to half the cores, kvd.retro.max_threads)
+    python bench/retro_call_bench.py --kernel 1,2,4,6       # in-process: the fused kernel alone on 1, 2, 4, 6
+                                                           # threads vs gather_kernels.attend_rows (no daemon)
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=15.0,
                    help="seconds of untimed calls first (a fresh daemon compiles its kernels in the background)")
     p.add_argument("--target", default=None, help="an existing daemon; default: start one")
+    p.add_argument("--kernel", default=None,
+                   help="comma-separated thread counts: time kvd.retro.attend_rows_past in-process instead")
     p.add_argument("--out", default=None, help="JSON path (default: $OUT/retro_call_bench.json if OUT is set)")
     return p.parse_args(argv)
 
@@ -106,9 +110,49 @@ def summary(got: dict[int, dict[str, list[float]]]) -> list[dict[str, Any]]:
     return rows
 
 
+def kernel(args: argparse.Namespace, counts: list[int]) -> list[dict[str, Any]]:
+    """The fused kernel in-process on the same shapes (rows cold: the calls cycle over --layers stores; key rows
+    scored just before, as the search does), interleaved with gather_kernels.attend_rows (the plain call's)."""
+    from kvd import gather_kernels, retro
+
+    gen = torch.Generator().manual_seed(0)
+    keys = [torch.randn(KV_HEADS, args.tokens, DIM, generator=gen).bfloat16() for _ in range(args.layers)]
+    values = [torch.randn(KV_HEADS, args.tokens, DIM, generator=gen).bfloat16() for _ in range(args.layers)]
+    retro.warmup()
+    variants = [(0, 1)] + [(p, int(t)) for p in counts if p for t in args.kernel.split(",")]
+    times: dict[tuple[int, int], list[float]] = {v: [] for v in variants}
+    prev = None
+    for i in range(args.calls * len(variants)):
+        layer = i % args.layers
+        ids = torch.stack([torch.randperm(args.tokens - SINK - WINDOW, generator=gen)[:K] + SINK
+                           for _ in range(HEADS)])
+        scores = gather_kernels.score_rows(keys[layer], torch.randn(HEADS, DIM, generator=gen), ids)
+        p, threads = variants[i % len(variants)]
+        seen = (ids if prev is None else prev).unsqueeze(0).expand(p, HEADS, K).contiguous()
+        past = retro.PastQueries(torch.randn(p, HEADS, DIM, generator=gen), seen,
+                                 torch.full((p,), args.tokens - WINDOW))
+        started = time.perf_counter()
+        if p == 0:
+            gather_kernels.attend_rows(values[layer], ids, scores, 0.088)
+        else:
+            retro.attend_rows_past(keys[layer], values[layer], ids, scores, 0.088, past, threads=threads)
+        times[(p, threads)].append(1000 * (time.perf_counter() - started))
+        prev = ids
+    return [{"past": p, "threads": t, "kernel_ms": round(statistics.median(v), 3)} for (p, t), v in times.items()]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     counts = [0, *(int(p) for p in args.past.split(",") if p)]
+    if args.kernel:
+        rows = kernel(args, counts)
+        for row in rows:
+            print(f"P={row['past']} threads={row['threads']}: {row['kernel_ms']} ms"
+                  + (" (gather_kernels.attend_rows)" if row["past"] == 0 else ""))
+        if args.out:
+            Path(args.out).write_text(json.dumps({"args": vars(args), "cpu_count": os.cpu_count(), "rows": rows},
+                                                 indent=1))
+        return 0
     daemon = None if args.target else Daemon()
     try:
         client = KvdClient(args.target or daemon.target)  # type: ignore[union-attr]
