@@ -279,3 +279,12 @@ def test_claimed_and_ranged_schedules_find_the_same_keys(data: tuple, built: Gra
 def test_unknown_schedule_is_refused() -> None:
     with pytest.raises(ValueError, match="schedule"):
         GraphIndex(SHAPE, {"schedule": "random"})
+
+
+def test_prefetching_changes_no_result(data: tuple, built: GraphIndex) -> None:
+    _, _, dec = data
+    for q in dec[:4]:
+        on = built.search(q, 10, 1.0, {"prefetch": "1"})
+        off = built.search(q, 10, 1.0, {"prefetch": "0"})
+        assert torch.equal(on.ids, off.ids) and torch.equal(on.scores, off.scores)
+        assert on.keys_touched == off.keys_touched

@@ -16,8 +16,9 @@ Params (strings): m (32: projection/supply degree, rows hold 2m), ef (search bea
 the lists are computed here, 100), pivots (list members that pivot, all), window (>0: cheap rank-window
 projection instead of the per-list RNG), insert_ef (64), threads (worker threads; default one per core),
 store (bf16 | fp32: how the index keeps its copy of the keys), schedule (claim: a search's query heads are
-claimed one at a time by the threads | ranges: one fixed range per thread; threads and schedule can also be
-given per call).
+claimed one at a time by the threads | ranges: one fixed range per thread), prefetch (1: key rows are
+requested from memory before they are scored | 0; same results); threads, schedule and prefetch can also be
+given per call.
 Presets: default = quality; pivots=32 = balanced; window=2,enhance_ef=0 = fast build.
 Concurrency: add() and search() of one index must not overlap (the caller serializes per layer); builds and
 searches of different indexes may, and use separate worker pools.
@@ -63,7 +64,7 @@ from kvd.workers import run_claimed, run_ranges
 _CONCURRENT_GRAPHS = 4
 DEFAULTS = {"m": "32", "ef": "512", "enhance_ef": "32", "entries": "128", "per": "kv", "sample": "4096",
             "topn": "100", "insert_ef": "64", "pivots": "100000", "window": "0", "store": "bf16",
-            "threads": "0", "schedule": "claim"}
+            "threads": "0", "schedule": "claim", "prefetch": "1"}
 _STORE_DTYPES = {"bf16": np.uint16, "fp32": np.float32}  # bf16 keys are kept as their bit patterns
 # how a search's query heads are spread over threads: claimed one at a time, or one fixed range per thread
 _SCHEDULES = ("claim", "ranges")
@@ -218,9 +219,10 @@ class GraphIndex(KeyIndex):
         def rows(lo: int, hi: int) -> None:
             visited, tag = _scratch(self._count, hi - lo)
             _SCRATCH.tag = gk.search_rows(self._keys, self._adj, self._entries, q, key_of, graph_of, self._count,
-                                          ef, lo, hi, ids, scores, touched, visited, tag)
+                                          ef, lo, hi, ids, scores, touched, visited, tag, prefetch)
 
         threads = int(self._param("threads", params)) or min(hq, os.cpu_count() or 1)
+        prefetch = self._param("prefetch", params) != "0"
         if self._param("schedule", params) == "ranges":
             run_ranges(rows, hq, threads, "search")
         else:

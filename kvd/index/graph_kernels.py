@@ -27,6 +27,33 @@ def _bits_to_f32(typingctx, bits):  # numba typing hook: reinterpret uint32 bits
     return types.float32(types.uint32), codegen
 
 
+@intrinsic
+def _prefetch_at(typingctx, arr, row, offset):  # numba typing hook: prefetch byte `offset` of arr[row] (2-D)
+    def codegen(context, builder, signature, args):
+        array_type, row_type, offset_type = signature.args
+        array = context.make_array(array_type)(context, builder, args[0])
+        row_index = context.cast(builder, args[1], row_type, types.intp)
+        byte = context.cast(builder, args[2], offset_type, types.intp)
+        stride = builder.extract_value(array.strides, 0)
+        address = builder.add(builder.ptrtoint(array.data, ir.IntType(64)),
+                              builder.add(builder.mul(row_index, stride), byte))
+        i32 = ir.IntType(32)
+        prefetch = builder.module.declare_intrinsic(
+            "llvm.prefetch", fnty=ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), i32, i32, i32]))
+        # read access, high temporal locality, data cache
+        builder.call(prefetch, [builder.inttoptr(address, ir.IntType(8).as_pointer()), ir.Constant(i32, 0),
+                                ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return types.void(arr, row, offset), codegen
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _prefetch_row(arr: np.ndarray, row: int) -> None:
+    """Ask for every cache line of arr[row] ahead of use: graph searches jump between rows far apart."""
+    for byte in range(0, arr.shape[1] * arr.itemsize, 64):
+        _prefetch_at(arr, row, byte)
+
+
 def _widen(x):  # compiled per element type by the overload below
     return x
 
@@ -97,13 +124,13 @@ def _pop(hd: np.ndarray, hi: np.ndarray, size: int) -> int:
 
 @njit(cache=True, nogil=True, fastmath=True)
 def beam_search(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, q: np.ndarray, ef: int, limit: int,
-                visited: np.ndarray, tag: int) -> tuple[np.ndarray, np.ndarray, int]:
+                visited: np.ndarray, tag: int, prefetch: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
     """Best-first search with a result queue of size ef, maximizing q.k (hnswlib's searchBaseLayer, with
     several entry points), over nodes 0..limit-1 (links to higher ids are ignored).
 
     visited: uint32 scratch of at least `limit` entries; a node counts as visited when visited[node] == tag
-    (callers use a new tag per search). Returns (ids, scores) of the best ef found by decreasing score, and
-    how many keys were scored."""
+    (callers use a new tag per search). prefetch: request key rows before scoring them (same results).
+    Returns (ids, scores) of the best ef found by decreasing score, and how many keys were scored."""
     width = adj.shape[1]
     cap = 4 * ef + entries.shape[0] + width
     cd = np.empty(cap, np.float32)
@@ -125,11 +152,14 @@ def beam_search(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, q: np.nd
         rs = _push(rd, ri, rs, s, e)
         if rs > ef:
             rs = _pop(rd, ri, rs)
+    fresh = np.empty(width, np.int64)
     while cs > 0:
         if rs >= ef and -cd[0] < rd[0]:
             break
         node = ci[0]
         cs = _pop(cd, ci, cs)
+        # the unvisited neighbours first, their key rows requested at once, then scored in the same order
+        count = 0
         for j in range(width):
             nb = adj[node, j]
             if nb < 0:
@@ -137,6 +167,12 @@ def beam_search(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, q: np.nd
             if nb >= limit or visited[nb] == tag:
                 continue
             visited[nb] = tag
+            fresh[count] = nb
+            count += 1
+            if prefetch:
+                _prefetch_row(keys, nb)
+        for j in range(count):
+            nb = fresh[j]
             s = _dot(keys[nb], q)
             touched += 1
             if rs < ef or s > rd[0]:
@@ -146,6 +182,8 @@ def beam_search(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, q: np.nd
                 rs = _push(rd, ri, rs, s, nb)
                 if rs > ef:
                     rs = _pop(rd, ri, rs)
+        if prefetch and cs > 0:
+            _prefetch_row(adj, ci[0])  # the next node to expand
     order = np.argsort(-rd[:rs])
     return ri[:rs][order], rd[:rs][order], touched
 
@@ -163,7 +201,8 @@ def _grow(hd: np.ndarray, hi: np.ndarray, size: int) -> tuple[np.ndarray, np.nda
 @njit(cache=True, nogil=True)
 def search_rows(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, queries: np.ndarray,
                 key_of: np.ndarray, graph_of: np.ndarray, count: int, ef: int, lo: int, hi: int,
-                ids: np.ndarray, scores: np.ndarray, touched: np.ndarray, visited: np.ndarray, tag: int) -> int:
+                ids: np.ndarray, scores: np.ndarray, touched: np.ndarray, visited: np.ndarray, tag: int,
+                prefetch: bool) -> int:
     """Search query rows lo..hi-1. keys [G_k, cap, d], adj [G_a, cap, W], entries [G_a, E] (-1 padded),
     queries [m, d]; row i searches keys[key_of[i]] over adj[graph_of[i]] among the first `count` keys.
     Writes ids [m, k] (-1 padded), their scores [m, k] (-inf padded) and touched [m]. visited: uint32 scratch
@@ -171,7 +210,8 @@ def search_rows(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, queries:
     k = ids.shape[1]
     for i in range(lo, hi):
         g = graph_of[i]
-        r, rs, t = beam_search(keys[key_of[i]], adj[g], entries[g], queries[i], max(ef, k), count, visited, tag)
+        r, rs, t = beam_search(keys[key_of[i]], adj[g], entries[g], queries[i], max(ef, k), count, visited, tag,
+                               prefetch)
         tag += 1
         kk = min(k, r.shape[0])
         ids[i, :kk] = r[:kk]
