@@ -302,20 +302,23 @@ def attend_rows_past(keys: torch.Tensor, values: torch.Tensor, ids: torch.Tensor
 
 WORK_PER_THREAD = 1024  # (head, row, query) triples per thread at least: a hand-off costs ~10-30 us
 HEADS_PER_CHUNK = 4     # heads per claimed range (a kernel call costs ~2 us)
+MAX_THREADS = 4         # H100 host (16 cores), 32 heads x 100 cold rows, P=1: 1.10 / 0.88 / 0.75 / 0.93 / 0.94 ms
+#                         on 1 / 2 / 4 / 6 / 8 threads (bench/retro_call_bench.py --kernel)
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
 
 def max_threads() -> int:
-    """Threads a fused call may use: $KVD_RETRO_THREADS, else half the cores (the other half serve the gRPC
-    threads, the searches of other calls and, on the same host, the client): 1 on a 2-core machine."""
+    """Threads a fused call may use: $KVD_RETRO_THREADS, else MAX_THREADS and at most half the cores (the other
+    half serve the gRPC threads, the searches of other calls and, on the same host, the client): 1 on a
+    2-core machine."""
     env = os.environ.get("KVD_RETRO_THREADS", "")
-    return max(1, int(env) if env.isdigit() else (os.cpu_count() or 1) // 2)
+    return max(1, int(env) if env.isdigit() else min(MAX_THREADS, (os.cpu_count() or 1) // 2))
 
 
 def threads_for(heads: int, rows: int, count: int) -> int:
     """Threads for the fused kernel: one per WORK_PER_THREAD (head, row, query) triples, at most `max_threads`
-    (the 8B decode shape, 32 heads x 100 rows x 2 queries on 16 cores: 6)."""
+    (the 8B decode shape, 32 heads x 100 rows x 2 queries on 16 cores: 4)."""
     return max(1, min(_MAX_THREADS, heads, heads * rows * (count + 1) // WORK_PER_THREAD))
 
 
