@@ -64,9 +64,10 @@ def _warm_up_kernels(index_kernels: bool) -> None:
     """Compile (or load from cache) the retrieval kernels, and the graph index's when graphs are the default,
     in the background: off the first Retrieve and the first build."""
     try:
-        from kvd import gather_kernels, ingest_kernels, retro
+        from kvd import gather_kernels, ingest_kernels, retro, scan_kernels
 
         gather_kernels.warmup()
+        scan_kernels.warmup()
         ingest_kernels.warmup()
         retro.warmup()
         if index_kernels:

@@ -1,5 +1,6 @@
-"""The fast exact scan (16-bit coarse scores, float32 rescoring, proven bound) equals brute force, including
-on near-tied scores that force its float32 fallback."""
+"""The exact scan equals brute force: the compiled single pass (bf16/fp32 stores, split over threads) and the
+16-bit coarse scan with float32 rescoring and a proven bound (fp16 stores), including on near-tied scores
+(which force the coarse scan's float32 fallback)."""
 
 from __future__ import annotations
 
@@ -44,3 +45,20 @@ def test_k_larger_than_range_returns_everything_in_order():
     ids, _ = exact_topk(queries, keys, 100, 5, 25)
     assert ids.shape == (2, 20)
     assert ids.tolist() == brute_topk(queries, keys, 20, 5, 25)
+
+
+def test_k_larger_than_a_scan_task_keeps_every_key():
+    """A layer large enough to be split into tasks, with k larger than a task's share of the keys."""
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(2, 40000, 16, generator=g).to(torch.bfloat16)
+    queries = torch.randn(4, 16, generator=g)
+    ids, scores = exact_topk(queries, keys, 30000, 1000, 40000)
+    assert ids.shape == (4, 30000) and bool((ids >= 1000).all())
+    assert all(len(set(row.tolist())) == 30000 for row in ids)
+    assert bool((scores[:, :-1] >= scores[:, 1:]).all())
+    # the chosen keys' float64 scores are the 30000 best (rankings may differ only among float32 near-ties)
+    truth = torch.einsum("hd,hnd->hn", queries.double(), keys.double().repeat_interleave(2, 0)[:, 1000:])
+    for h in range(4):
+        best = torch.sort(truth[h], descending=True).values[:30000]
+        chosen = torch.sort(truth[h, ids[h] - 1000], descending=True).values
+        torch.testing.assert_close(chosen, best, rtol=0, atol=1e-5)

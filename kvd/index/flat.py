@@ -6,7 +6,7 @@ from concurrent.futures import Executor
 
 import torch
 
-from kvd import gather_kernels
+from kvd import gather_kernels, scan_kernels
 from kvd.index.base import BuildHints, IndexShape, KeyIndex, SearchResult
 
 # Keys are converted to float32 chunk by chunk so that a scan never holds a float32 copy of the whole layer.
@@ -48,9 +48,10 @@ def exact_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, begin: int = 0
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k positions (absolute, ordered by decreasing exact float32 score) and their scores in [begin, end).
 
-    Fast and still exact: coarse scores in 16-bit pick candidates chunk by chunk (in parallel on `pool`),
-    candidates are rescored in float32, and a bound on the coarse error proves that no key outside the
-    candidates can be in the top-k; a head for which the proof fails is rescanned in float32.
+    bf16 and float32 stores: one compiled pass (kvd.scan_kernels) on the search threads. Other stores (fp16):
+    coarse scores in 16-bit pick candidates chunk by chunk (in parallel on `pool`), candidates are rescored in
+    float32, and a bound on the coarse error proves that no key outside the candidates can be in the top-k; a
+    head for which the proof fails is rescanned in float32.
     key_norms: max |k| per KV head over the scanned keys (computed here when not given)."""
     end = keys.shape[1] if end is None else end
     n = max(0, end - begin)
@@ -58,6 +59,8 @@ def exact_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, begin: int = 0
     if count == 0:
         empty = torch.empty((queries.shape[0], 0))
         return empty.long(), empty
+    if gather_kernels.supported(keys):
+        return scan_kernels.scan_topk(queries, keys, count, begin, end)
     num_kv_heads, _, head_dim = keys.shape
     num_query_heads = queries.shape[0]
     group = num_query_heads // num_kv_heads

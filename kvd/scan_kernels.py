@@ -1,0 +1,95 @@
+"""The exact scan as one compiled pass (numba, nogil): float32 q.k of every key straight from the bf16/fp32
+session store, a top-k heap per query head, no float32 copy of the keys and no candidate rescoring.
+
+A task is one KV head over one range of keys: the key row is widened once and scored against the group's
+query heads while it is in cache, so each key is read from memory once per call. Tasks are claimed by the
+search threads; their per-task top-k lists are merged at the end. Memory-bound: one pass over the layer's
+keys (at 128K tokens, 8 KV heads and head dim 128: 256 MiB of bf16).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from numba import njit
+
+from kvd.gather_kernels import _raw, _widen_row
+from kvd.index.graph_kernels import _pop, _push
+from kvd.workers import run_claimed
+
+_NEG_INF = np.float32(-np.inf)
+# A task scans at least this many keys (smaller scans are not worth a thread hand-off)...
+_MIN_TASK_KEYS = 8192
+# ...and the whole call runs on the caller below this many key rows (all KV heads together).
+_MIN_PARALLEL_ROWS = 32768
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _scan_range(store: np.ndarray, queries: np.ndarray, kv: int, lo: int, hi: int, heap_scores: np.ndarray,
+                heap_ids: np.ndarray) -> None:
+    """Top-k of keys lo..hi-1 of KV head kv for each query head of its group: heap_scores/heap_ids [group, k]
+    (filled with -inf / -1 where fewer than k keys exist; in heap order, not sorted)."""
+    group, k = heap_scores.shape
+    d = queries.shape[1]
+    row = np.empty(d, np.float32)
+    sizes = np.zeros(group, np.int64)
+    for key in range(lo, hi):
+        _widen_row(store[kv, key], row)
+        for g in range(group):
+            h = kv * group + g
+            acc = np.float32(0.0)
+            for c in range(d):
+                acc += row[c] * queries[h, c]
+            size = sizes[g]
+            if size < k:
+                sizes[g] = _push(heap_scores[g], heap_ids[g], size, acc, key)
+            elif acc > heap_scores[g, 0]:
+                _pop(heap_scores[g], heap_ids[g], k)
+                _push(heap_scores[g], heap_ids[g], k - 1, acc, key)
+    for g in range(group):
+        for j in range(sizes[g], k):
+            heap_scores[g, j] = _NEG_INF
+            heap_ids[g, j] = -1
+
+
+def scan_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, begin: int, end: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k by float32 q.k over keys [begin, end) of a bf16/fp32 store [Hkv, n, d] (stride(-1) == 1):
+    queries [Hq, d] -> (ids int64 [Hq, k'] absolute, scores float32 [Hq, k']) by decreasing score,
+    k' = min(k, end - begin)."""
+    num_kv_heads = keys.shape[0]
+    num_query_heads = queries.shape[0]
+    group = num_query_heads // num_kv_heads
+    n = end - begin
+    count = min(k, n)
+    workers = os.cpu_count() or 1
+    rows = n * num_kv_heads
+    chunks = 1 if rows < _MIN_PARALLEL_ROWS else max(1, min(n // _MIN_TASK_KEYS,
+                                                          -(-2 * workers // num_kv_heads)))
+    bounds = [begin + n * c // chunks for c in range(chunks + 1)]
+    heap_scores = np.empty((num_kv_heads, chunks, group, count), np.float32)
+    heap_ids = np.empty((num_kv_heads, chunks, group, count), np.int64)
+    store = _raw(keys)
+    q = np.ascontiguousarray(queries.float().numpy())
+
+    def tasks(t0: int, t1: int) -> None:
+        for task in range(t0, t1):
+            kv, c = divmod(task, chunks)
+            _scan_range(store, q, kv, bounds[c], bounds[c + 1], heap_scores[kv, c], heap_ids[kv, c])
+
+    total = num_kv_heads * chunks
+    run_claimed(tasks, total, 1 if rows < _MIN_PARALLEL_ROWS else min(total, workers), "search")
+    # [Hkv, chunks, group, count] -> [Hq, chunks * count], then the k best of every query head
+    scores = torch.from_numpy(heap_scores).permute(0, 2, 1, 3).reshape(num_query_heads, chunks * count)
+    ids = torch.from_numpy(heap_ids).permute(0, 2, 1, 3).reshape(num_query_heads, chunks * count)
+    top, order = torch.topk(scores, count, dim=1)
+    return torch.gather(ids, 1, order), top
+
+
+def warmup() -> None:
+    """Compile (or load from the numba cache) the scan for bf16 and float32 stores."""
+    queries = torch.ones(2, 4)
+    for dtype in (torch.bfloat16, torch.float32):
+        scan_topk(queries, torch.ones(1, 8, 4, dtype=dtype), 3, 0, 8)
