@@ -12,6 +12,7 @@ server time (RetrieveResponse.server_ms), and the paired extra of each past coun
     python bench/retro_call_bench.py --layers 1 --past 1,3,7
     KVD_RETRO_THREADS=1 python bench/retro_call_bench.py   # the daemon's fused kernel on one thread (default:
                                                            # up to half the cores, kvd.retro.max_threads)
+    python bench/retro_call_bench.py --compare-target unix:///tmp/before.sock   # A/B against another tree
     python bench/retro_call_bench.py --kernel 1,2,4,6       # in-process: the fused kernel alone on 1, 2, 4, 6
                                                            # threads vs gather_kernels.attend_rows (no daemon)
 """
@@ -50,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=15.0,
                    help="seconds of untimed calls first (a fresh daemon compiles its kernels in the background)")
     p.add_argument("--target", default=None, help="an existing daemon; default: start one")
+    p.add_argument("--compare-target", default=None,
+                   help="a second daemon (e.g. `python -m kvd serve --socket ...` from another checkout) given the "
+                        "same calls, interleaved: an A/B of two trees on one loaded machine")
     p.add_argument("--kernel", default=None,
                    help="comma-separated thread counts: time kvd.retro.attend_rows_past in-process instead")
     p.add_argument("--out", default=None, help="JSON path (default: $OUT/retro_call_bench.json if OUT is set)")
@@ -68,30 +72,35 @@ def fill(client: Any, args: argparse.Namespace, sid: str) -> None:
         client.append(sid, a, keys, values)
 
 
-def measure(client: Any, args: argparse.Namespace, sid: str, counts: list[int]) -> dict[int, dict[str, list[float]]]:
+def measure(clients: dict[str, Any], args: argparse.Namespace, sid: str, counts: list[int]
+            ) -> dict[str, dict[int, dict[str, list[float]]]]:
+    """Timed calls per daemon (label) and past count, all daemons and counts interleaved with the same inputs."""
     gen = torch.Generator().manual_seed(1)
     ranges = [(SINK, args.tokens - WINDOW)]
-    got: dict[int, dict[str, list[float]]] = {p: {"call_ms": [], "server_ms": []} for p in counts}
-    prev = client.retrieve([sid], 0, torch.randn(1, HEADS, DIM, generator=gen), k=K, ranges=ranges)
+    got = {name: {p: {"call_ms": [], "server_ms": []} for p in counts} for name in clients}
+    first = next(iter(clients.values()))
+    prev = first.retrieve([sid], 0, torch.randn(1, HEADS, DIM, generator=gen), k=K, ranges=ranges)
     slot, i, timed_from, started_all = 0, 0, None, time.perf_counter()
+    order = [(name, p) for name in clients for p in counts]
     while timed_from is None or i < timed_from + args.calls:
         if timed_from is None and time.perf_counter() - started_all >= args.warmup:
             timed_from = i
         query = torch.randn(1, HEADS, DIM, generator=gen)
-        for p in (counts if i % 2 else counts[::-1]):
-            past: dict[str, torch.Tensor] = {}
-            if p:
-                past = {"past_queries": torch.randn(1, p, HEADS, DIM, generator=gen),
+        pasts: dict[int, dict[str, torch.Tensor]] = {0: {}}
+        for p in counts[1:]:
+            pasts[p] = {"past_queries": torch.randn(1, p, HEADS, DIM, generator=gen),
                         "past_seen_ids": prev.ids.unsqueeze(1).expand(1, p, HEADS, K),
                         "past_seen_from": torch.full((1, p), args.tokens - WINDOW, dtype=torch.int64)}
-            slot += 1
+        for name, p in (order if i % 2 else order[::-1]):
+            slot += 1  # every call to another layer: its rows are cold
             started = time.perf_counter()
-            res = client.retrieve([sid], slot % args.layers, query, k=K, ranges=ranges, **past)
+            res = clients[name].retrieve([sid], slot % args.layers, query, k=K, ranges=ranges, **pasts[p])
             took = 1000 * (time.perf_counter() - started)
             if timed_from is not None:
-                got[p]["call_ms"].append(took)
-                got[p]["server_ms"].append(res.server_ms)
-            prev = res
+                got[name][p]["call_ms"].append(took)
+                got[name][p]["server_ms"].append(res.server_ms)
+            if p == 0 and name == next(iter(clients)):
+                prev = res
         i += 1
     return got
 
@@ -154,13 +163,21 @@ def main(argv: list[str] | None = None) -> int:
                                                  indent=1))
         return 0
     daemon = None if args.target else Daemon()
+    clients: dict[str, Any] = {}
     try:
-        client = KvdClient(args.target or daemon.target)  # type: ignore[union-attr]
+        clients["this"] = KvdClient(args.target or daemon.target)  # type: ignore[union-attr]
+        if args.compare_target:
+            clients["compared"] = KvdClient(args.compare_target)
         sid = "retro-call-bench"
-        fill(client, args, sid)
-        rows = summary(measure(client, args, sid, counts))
-        client.delete_session(sid)
-        client.close()
+        for client in clients.values():
+            fill(client, args, sid)
+        got = measure(clients, args, sid, counts)
+        rows = [{"daemon": name, **row} for name, times in got.items() for row in summary(times)]
+        if not args.compare_target:
+            rows = [{k: v for k, v in row.items() if k != "daemon"} for row in rows]
+        for client in clients.values():
+            client.delete_session(sid)
+            client.close()
     finally:
         if daemon is not None:
             daemon.stop()
@@ -172,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(out).write_text(json.dumps(result, indent=1))
     for row in rows:
         extra = f", extra {row['extra_call_ms']} ms (server {row['extra_server_ms']} ms)" if row["past"] else ""
-        print(f"P={row['past']}: call {row['call_ms']} ms (server {row['server_ms']} ms){extra}")
+        label = f"{row['daemon']} " if "daemon" in row else ""
+        print(f"{label}P={row['past']}: call {row['call_ms']} ms (server {row['server_ms']} ms){extra}")
     return 0
 
 
