@@ -271,3 +271,32 @@ def test_config_and_misuse() -> None:
     cache = KVDCache(LocalKvdClient(), retro=True, **SMALL)
     with torch.no_grad(), pytest.raises(RuntimeError, match="enable"):
         model.model(torch.randint(1, 97, (1, 8)), past_key_values=cache)
+
+
+def test_request_leaves_out_bounds_that_exclude_nothing() -> None:
+    """The past-query arguments: seen_from only when some entry's bound is below this call's range end (a flush
+    since its step), one memoized tensor for all layers; views of the cached tensors at w = 2."""
+    from kvd_transformers.retro import RetroLayer
+
+    bounds: dict[tuple[int, ...], torch.Tensor] = {}
+    layers = [RetroLayer(), RetroLayer()]
+    for layer in layers:
+        layer.commit(torch.zeros(2, 1, 4, 8), torch.zeros(2, 1, 4), torch.randn(2, 4, 8),
+                     torch.randint(0, 100, (2, 4, 5)), 100, capacity=1)
+    got = layers[0].request(bounds, end=100)
+    assert set(got) == {"past_queries", "past_seen_ids"}
+    assert got["past_queries"].shape == (2, 1, 4, 8)
+    assert got["past_queries"].data_ptr() == layers[0].queries[0].data_ptr()
+    flushed = [layer.request(bounds, end=132) for layer in layers]
+    assert torch.equal(flushed[0]["past_seen_from"], torch.tensor([[100], [100]]))
+    assert flushed[0]["past_seen_from"] is flushed[1]["past_seen_from"]  # shared by the layers
+    assert "past_seen_from" in layers[0].request()  # no end given: always sent
+    three = RetroLayer()
+    for i in range(3):
+        three.commit(torch.zeros(1, i + 1, 4, 8), torch.zeros(1, min(i + 1, 2), 4), torch.randn(1, 4, 8),
+                     torch.randint(0, 100, (1, 4, 3 + i)), 100 + 8 * i, capacity=2)
+    assert len(three) == 2 and three.seen_from == [108, 116]
+    assert three.out is not None and three.out.shape[1] == 2 and three.lse is not None and three.lse.shape[1] == 2
+    got = three.request(bounds, end=116)
+    assert torch.equal(got["past_seen_from"], torch.tensor([[108, 116]]))
+    assert got["past_seen_ids"].shape == (1, 2, 4, 5) and (got["past_seen_ids"][:, 0, :, 4:] == -1).all()

@@ -883,7 +883,7 @@ class KVDCache(Cache):
             q_host, event = layer.stage_query(q_new)
             ranges = self._ranges(end, mask)
             sids = self.session_ids or []
-            past = cache.request(retro.bounds) if count else {}
+            past = cache.request(retro.bounds, end) if count else {}
             if self._retriever is not None:
                 wait = self._start_retrieve(layer_idx, q_host, event, ranges, sids, scale, **past)
                 out_w, lse_w = ops.window_attention(q_new, key, value, scale, mask=valid)

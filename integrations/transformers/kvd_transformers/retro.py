@@ -57,27 +57,33 @@ class RetroLayer:
             assert self.out is not None and self.lse is not None
             self.out, self.lse = self.out[:, drop:], self.lse[:, drop:]
 
-    def request(self, bounds: dict[tuple[int, ...], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def request(self, bounds: dict[tuple[int, ...], torch.Tensor] | None = None, end: int | None = None
+                ) -> dict[str, torch.Tensor]:
         """The past-query arguments of client.retrieve for the cached entries (views where one entry is cached,
         the usual w = 2). `bounds`: a memo of seen_from tensors shared by the layers (they hold the same
-        bounds)."""
+        bounds). `end`: where this call's ranges end; when no entry's bound is below it (no flush since their
+        steps, the usual case) the bounds exclude nothing and are left out (one tensor less each way)."""
         b = self.queries[0].shape[0]
-        key = (b, *self.seen_from)
-        seen_from = None if bounds is None else bounds.get(key)
-        if seen_from is None:
-            seen_from = torch.tensor([self.seen_from] * b, dtype=torch.int64)
-            if bounds is not None:
-                if len(bounds) > 64:
-                    bounds.clear()
-                bounds[key] = seen_from
+        got: dict[str, torch.Tensor] = {}
+        if end is None or min(self.seen_from) < end:
+            key = (b, *self.seen_from)
+            seen_from = None if bounds is None else bounds.get(key)
+            if seen_from is None:
+                seen_from = torch.tensor([self.seen_from] * b, dtype=torch.int64)
+                if bounds is not None:
+                    if len(bounds) > 64:
+                        bounds.clear()
+                    bounds[key] = seen_from
+            got["past_seen_from"] = seen_from
         if len(self) == 1:
-            return {"past_queries": self.queries[0].unsqueeze(1), "past_seen_ids": self.seen[0].unsqueeze(1),
-                    "past_seen_from": seen_from}
+            got.update(past_queries=self.queries[0].unsqueeze(1), past_seen_ids=self.seen[0].unsqueeze(1))
+            return got
         seen = torch.full((b, len(self), self.seen[0].shape[1], max(s.shape[-1] for s in self.seen)), -1,
                           dtype=torch.int64)
         for p, ids in enumerate(self.seen):
             seen[:, p, :, :ids.shape[-1]] = ids
-        return {"past_queries": torch.stack(self.queries, dim=1), "past_seen_ids": seen, "past_seen_from": seen_from}
+        got.update(past_queries=torch.stack(self.queries, dim=1), past_seen_ids=seen)
+        return got
 
     def note_retrieved(self, ids: torch.Tensor, capacity: int) -> None:
         """The positions retrieved this step ([B, Hq, k], host) count as seen by the cached queries that the
