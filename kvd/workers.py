@@ -36,7 +36,7 @@ def run_claimed(fn: Callable[[int, int], object], total: int, workers: int, purp
     """fn(i, i + 1) for every i of 0..total-1, claimed one at a time by `workers` threads of the `purpose` pool
     (the caller is one of them): a worker that the OS delays does fewer items instead of holding up a fixed
     share, as a static split does when another process keeps a core busy."""
-    workers = max(1, min(workers, total))
+    workers = max(1, min(workers, total, os.cpu_count() or 1))
     if workers == 1:
         fn(0, total)
         return
@@ -49,4 +49,6 @@ def run_claimed(fn: Callable[[int, int], object], total: int, workers: int, purp
     futures = [pool(purpose).submit(work) for _ in range(workers - 1)]
     work()
     for future in futures:
-        future.result()
+        # a helper that has not started yet would find nothing left: withdraw it instead of waiting for it
+        if not future.cancel():
+            future.result()
