@@ -1,9 +1,11 @@
-"""The trained accuracy model (bench/accuracy/model/, committed weights) on short contexts, on the CPU: full
-attention answers the synthetic tasks, and kvd through a real daemon (sink 16 + window 64 on the device, top-8
-of the offloaded keys, i.e. <= 2% of them) gives the same answers on >= 95% of the questions.
+"""The trained accuracy models (committed weights: bench/accuracy/model/ and, where present, model_run3/) on short
+contexts, on the CPU: full attention answers the synthetic tasks, and kvd through a real daemon (sink 16 + window
+64 on the device, top-8 of the offloaded keys, i.e. <= 2% of them) gives the same answers on >= 95% of the
+questions.
 
-Only the tasks the committed model solves (its training log's final accuracy >= 99%) are checked; the others
-are skipped with the log's figure (the current weights solve passkey only: BENCHMARKS.md, issue 8)."""
+Only the tasks a model solves (its training log's final accuracy >= 99%) are checked; the others are skipped
+with the log's figure (BENCHMARKS.md, issue 8): model/ (H100 run 1) solves passkey; model_run3/ (H100 run 3)
+solves MQAR and passkey; neither learned two-hop."""
 
 from __future__ import annotations
 
@@ -32,26 +34,29 @@ LENGTH = 512
 ITEMS = {"mqar": 6, "passkey": 12, "twohop": 6}
 SINK, WINDOW, TOP_K = 16, 64, 8
 
-pytestmark = pytest.mark.skipif(not (MODEL_DIR / "model.safetensors").exists(), reason="no committed weights")
+MODELS = [d for d in (MODEL_DIR, MODEL_DIR.parent / "model_run3") if (d / "model.safetensors").exists()]
+pytestmark = pytest.mark.skipif(not MODELS, reason="no committed weights")
 
 
-def final_accuracy() -> dict[str, float]:
+def final_accuracy(path: Path) -> dict[str, float]:
     """The training log's final accuracy per task (at the training length, full attention)."""
-    log = MODEL_DIR / "training_log.json"
+    log = path / "training_log.json"
     return json.loads(log.read_text())["final"] if log.exists() else {}
 
 
-SOLVED = [t for t in tasks.TASKS if final_accuracy().get(t, 0.0) >= 0.99]
+SOLVED = {d.name: [t for t in tasks.TASKS if final_accuracy(d).get(t, 0.0) >= 0.99] for d in MODELS}
 
 
-def need_solved(task: str) -> None:
-    if task not in SOLVED:
-        pytest.skip(f"the committed model does not solve {task} (training log: {final_accuracy().get(task)})")
+def need_solved(name: str, task: str) -> None:
+    if task not in SOLVED[name]:
+        pytest.skip(f"{name} does not solve {task} (training log: {final_accuracy(MODEL_DIR.parent / name).get(task)})")
 
 
-@pytest.fixture(scope="module")
-def model() -> Any:
-    return load_model(MODEL_DIR)
+@pytest.fixture(scope="module", params=[d.name for d in MODELS])
+def model(request: pytest.FixtureRequest) -> Any:
+    m = load_model(MODEL_DIR.parent / request.param)
+    m.name_ = request.param
+    return m
 
 
 def batch_of(task: str) -> tasks.Batch:
@@ -61,14 +66,14 @@ def batch_of(task: str) -> tasks.Batch:
 @pytest.fixture(scope="module")
 def full(model: Any) -> dict[str, Any]:
     """Full attention's predictions (plain transformers SDPA: the independent reference) per solved task."""
-    return {task: full_predictions(model, batch_of(task)) for task in SOLVED}
+    return {task: full_predictions(model, batch_of(task)) for task in SOLVED[model.name_]}
 
 
 @pytest.mark.parametrize("task", tasks.TASKS)
 def test_full_attention_answers(model: Any, full: dict[str, Any], task: str) -> None:
     """The model really solves the task (else kvd agreeing with it would mean nothing); a model with shuffled
     attention weights does not."""
-    need_solved(task)
+    need_solved(model.name_, task)
     batch = batch_of(task)
     ok = tasks.answers_correct(full[task].pred, batch)
     assert ok.float().mean() >= 0.9, ok
@@ -92,7 +97,7 @@ def control(model: Any, full: dict[str, Any], shared_daemon: Any) -> dict[str, f
     """Per solved task: how far the window-only control (no retrieval) is from full attention (|dlogp|)."""
     client = shared_daemon.client()
     out = {}
-    for task in SOLVED:
+    for task in SOLVED[model.name_]:
         batch = batch_of(task)
         got, _ = kvd_predictions(model, client, batch, kind=WINDOW_ONLY, sink=SINK, window=WINDOW, top_ks=[TOP_K])
         out[task] = logp_error(got[TOP_K].logp, full[task].logp, batch)
@@ -107,11 +112,11 @@ def test_kvd_gives_full_attention_answers(model: Any, full: dict[str, Any], shar
     offloaded keys, exact or from the graph index): the answers match full attention's on >= 95% of the
     questions, at <= 2% retrieved, and the answers' log-probabilities are much closer to full attention's than
     without retrieval (the window alone answers passkey too, from what the prefill copied into later tokens)."""
-    if not SOLVED:
-        pytest.skip("the committed model solves no task")
+    if not SOLVED[model.name_]:
+        pytest.skip(f"{model.name_} solves no task")
     client = shared_daemon.client()
     same = total = 0
-    for task in SOLVED:
+    for task in SOLVED[model.name_]:
         batch = batch_of(task)
         ref = full[task]
         got, waited = kvd_predictions(model, client, batch, kind=kind, sink=SINK, window=WINDOW, top_ks=[TOP_K])

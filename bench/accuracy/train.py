@@ -1,25 +1,30 @@
 """Train the accuracy model (bench/accuracy/model/) on the synthetic tasks of tasks.py.
 
-    python bench/accuracy/train.py                       # GPU: the committed weights' recipe (~4.5 min, H100)
-    python bench/accuracy/train.py --copy-offset variable  # the next recipe to try (not run yet: BENCHMARKS.md)
+    python bench/accuracy/train.py                       # GPU: the committed weights' recipe (~5 min, H100)
     python bench/accuracy/train.py --cpu-smoke           # a tiny run on the CPU (checks the script)
 
-Status (BENCHMARKS.md, issue 8): the committed weights come from the first line on the H100 (243 s of training):
-passkey 100% up to 8x the training length, but MQAR and two-hop were not learned (6% / 11%): the auxiliary copy
-sequences had a fixed offset and were learned positionally, so the induction heads those tasks need never
-formed. --copy-offset variable removes that shortcut; it has not been run on the GPU yet.
+Status (BENCHMARKS.md, issue 8): the committed weights come from the first line on the H100 (run 3, 299 s of
+training): MQAR and passkey 100% at the training length and up to 8x it; two-hop is not learned (~11%, chance).
+Runs 1-2 (the older recipe) learned passkey only: MQAR stayed on its plateau because (a) the curriculum asked
+every fact, so the last questions could be answered by elimination (the value not asked yet), a shortcut the
+models took instead of the lookup, and (b) the copy sequences had a fixed offset (a positional shortcut).
+Probes (bench/accuracy/probe.py) showed the lookup circuit forming after ~1000-3000 steps of short sequences
+once both shortcuts were gone, and not at all without the variable-offset copy sequences.
 
-Recipe: a 6-layer Llama (hidden 256, 4 query heads over 2 KV heads of dim 64, RoPE theta 1e5), AdamW,
+Recipe: a 6-layer Llama (hidden 256, 4 query heads over 2 KV heads of dim 64, RoPE theta 1e5), AdamW (lr 1e-3),
 bf16 autocast, loss on answer tokens only (the mean of the tasks' means). Each step mixes the tasks equally at
-one sequence length and a fixed token budget, in one forward (the committed run made one forward per task: the
-same loss, slower). Curriculum (--ramp-steps): 128-token sequences with few facts, all of them asked, plus
-auxiliary copy sequences (meant to form the induction heads the tasks build on), then lengths up to the
-training length with more facts. Learning rate: warmup, constant, then a linear decay that starts when the periodic
-evaluation reaches --target on every task (or at the step / wall-clock budget) and ends the run.
+one sequence length and a fixed token budget, in one forward. Curriculum: the ramp (at least --ramp-steps, and
+on while the mqar loss is above --ramp-until-loss, at most --ramp-max-steps) is 128-token sequences with few
+facts plus auxiliary copy sequences at a random offset (they form the induction heads the lookup builds on);
+then --grow-steps of medium lengths while the facts grow, then lengths up to the training length with up to
+64 mqar pairs / 24 twohop chains. A quarter to half of the facts are asked. Learning rate: warmup, constant,
+then a linear decay that starts when the periodic evaluation reaches --target on every task (or at the step /
+wall-clock budget) and ends the run.
 Length generalization: after the ramp, most sequences get PoSE-style position ids (two random cut points with
 random skips, so that relative distances span up to --max-position): evaluating up to 8x the training length
 needs no RoPE scaling. Seeded: same seed, same data and initialization (GPU kernels are not bitwise
-deterministic, and the wall-clock budget can move the decay).
+deterministic, and the wall-clock budget and the loss-driven ramp end can move; training_log.json's
+"reproduce" pins both).
 Writes config.json + model.safetensors (float16) + training_log.json to --out.
 """
 
@@ -52,18 +57,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--length", type=int, default=2048, help="training sequence length")
     p.add_argument("--max-position", type=int, default=16384, help="largest position id seen in training")
     p.add_argument("--steps", type=int, default=6000, help="most steps (the decay phase included)")
-    p.add_argument("--ramp-steps", type=int, default=1200, help="curriculum length (steps)")
+    p.add_argument("--ramp-steps", type=int, default=600, help="short-sequence phase (steps, at least)")
+    p.add_argument("--ramp-until-loss", type=float, default=0.3,
+                   help="the ramp goes on (up to --ramp-max-steps) until the mqar answer loss (mean of the last "
+                        "50 steps) is below this: the retrieval circuit has formed (0 = exactly --ramp-steps)")
+    p.add_argument("--ramp-max-steps", type=int, default=3000)
+    p.add_argument("--grow-steps", type=int, default=600, help="medium lengths while the facts grow (steps)")
     p.add_argument("--decay-steps", type=int, default=400)
     p.add_argument("--target", type=float, default=2.0, help="periodic accuracy (training length, every task) "
                                                              "that starts the final decay (default: never)")
-    p.add_argument("--decay-at-minutes", type=float, default=3.5, help="wall clock that starts the decay")
+    p.add_argument("--decay-at-minutes", type=float, default=4.5, help="wall clock that starts the decay")
     p.add_argument("--tokens-per-step", type=int, default=98304)
-    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--min-lr-ratio", type=float, default=0.05)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--copy-offset", choices=["fixed", "variable"], default="fixed",
-                   help="auxiliary copy sequences (tasks.make_copy_batch); 'fixed' is the committed model's recipe")
+    p.add_argument("--copy-offset", choices=["fixed", "variable"], default="variable",
+                   help="auxiliary copy sequences of the ramp (tasks.make_copy_batch); 'fixed' is runs 1-2's")
     p.add_argument("--pose", type=float, default=0.75, help="fraction of sequences with skipped positions")
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--hidden", type=int, default=256)
@@ -85,25 +95,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def curriculum(step: int, args: argparse.Namespace, gen: torch.Generator
                ) -> tuple[int, dict[str, tuple[int, int]]]:
-    """Sequence length and (facts, questions) per task of a step. Over the first --ramp-steps: short sequences
-    with few facts, every fact asked (many answers per token, few distractors: where the retrieval circuits
-    form), then mostly the full training length with up to 64 mqar pairs / 24 twohop chains and 8+ questions."""
+    """Sequence length and (facts, questions) per task of a step. During the ramp (the first --ramp-steps, longer
+    while the circuits have not formed: main()): 128-token sequences with few facts (mqar 8-16 pairs, twohop
+    4-6 chains), where the retrieval circuits form; then --grow-steps of 256 to length/2 tokens while the facts
+    grow; then mostly the full training length with up to 64 mqar pairs / 24 twohop chains. A quarter to half of
+    the facts are asked: asking every fact let the last questions be answered by elimination (the value not
+    asked yet), a shortcut that held the models on their plateau (issue 8)."""
     length, ramp = args.length, max(1, args.ramp_steps)
-    if step < ramp // 3:
+    if step < ramp:
         choices = [128]
-    elif step < ramp:
-        choices = [128, 256, 512]
+    elif step < ramp + args.grow_steps:
+        choices = [256, 512, length // 4, length // 2]
     else:
         choices = [length // 4, length // 2, length, length]
     t = min(length, max(128, choices[int(torch.randint(len(choices), (1,), generator=gen))]))
-    grow = min(1.0, step / ramp)
+    grow = min(1.0, max(0, step - ramp) / max(1, args.grow_steps))
     counts = {}
     for task, lo, start, top, tokens_per_fact in (("mqar", 8, 16, 64, 2), ("twohop", 4, 6, 24, 4)):
         hi = round(start + (top - start) * grow)
-        hi = min(hi, (t - tasks.HEAD - 1) // (tokens_per_fact + 2))  # room for every fact and its question
+        hi = min(hi, (t - tasks.HEAD - 1) // (tokens_per_fact + 1))  # room for every fact and the questions
         n = int(torch.randint(min(lo, hi), hi + 1, (1,), generator=gen))
-        m = n if step < ramp else int(torch.randint(min(n, tasks.DEFAULT_QUERIES[task]), n + 1, (1,),
-                                                          generator=gen))
+        m = int(torch.randint(max(1, n // 4), max(1, n // 2) + 1, (1,), generator=gen))
         counts[task] = (n, m)
     return t, counts
 
@@ -220,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         args.length, args.max_position, args.steps, args.ramp_steps = 256, 2048, min(args.steps, 60), 30
         args.tokens_per_step, args.eval_every, args.eval_items, args.final_items = 6144, 30, 16, 32
         args.layers, args.hidden, args.intermediate, args.decay_steps, args.warmup = 2, 64, 128, 20, 10
-        args.eval_long = 2
+        args.eval_long, args.ramp_until_loss, args.grow_steps = 2, 0.0, 10
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu")
     out = Path(args.out or (Path(os.environ["OUT"]) / "model" if os.environ.get("OUT") else MODEL_DIR))
@@ -239,11 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     env = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
            "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "params": params}
     print(json.dumps(env), flush=True)
-    log: dict[str, Any] = {"recipe": vars(args), "env": env, "config": cfg.to_dict(), "evals": [], "losses": []}
+    log: dict[str, Any] = {"recipe": dict(vars(args)), "env": env, "config": cfg.to_dict(), "evals": [], "losses": []}
     sched = Schedule(args)
     t0 = time.perf_counter()
     task_loss: dict[str, Any] = {}
     task_n: dict[str, int] = {}
+    recent: list[float] = []
     step = 0
     for step in range(args.steps):
         if step >= args.steps - args.decay_steps:
@@ -263,6 +276,15 @@ def main(argv: list[str] | None = None) -> int:
         for (batch, _), part in zip(parts, losses.detach(), strict=True):
             task_loss[batch.task] = task_loss.get(batch.task, 0.0) + part
             task_n[batch.task] = task_n.get(batch.task, 0) + 1
+        if step < args.ramp_steps and args.ramp_until_loss > 0:
+            recent.append(float(losses[tasks.TASKS.index("mqar")]))
+            # the ramp ends once the lookup circuit has formed (mqar loss drops sharply) or at --ramp-max-steps
+            if (step + 1 == args.ramp_steps and step + 1 < args.ramp_max_steps
+                    and sum(recent[-50:]) / len(recent[-50:]) >= args.ramp_until_loss):
+                args.ramp_steps += 50
+        if step + 1 == args.ramp_steps:
+            log["ramp_end"] = step + 1
+            print(f"ramp ends at step {step + 1}", file=sys.stderr, flush=True)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if (step + 1) % 50 == 0:
@@ -290,8 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     saved = load_model(out, device)
     log["final"] = {t: accuracy(saved, t, args.final_items, args.length, device, seed=1) for t in tasks.TASKS}
     log["final_items_per_task"] = args.final_items
-    log["reproduce"] = (f"--steps {log['steps_done']} --decay-steps {args.decay_steps} --decay-at-minutes 1e9 "
-                        "(the decay then starts at the same step whatever the machine's speed)")
+    log["reproduce"] = (f"--ramp-steps {log.get('ramp_end', args.ramp_steps)} --ramp-until-loss 0 --steps "
+                        f"{log['steps_done']} --decay-steps {args.decay_steps} --decay-at-minutes 1e9 (the ramp "
+                        "ends and the decay starts at the same steps whatever the machine's speed)")
     log["total_s"] = round(time.perf_counter() - t0, 1)
     (out / "training_log.json").write_text(json.dumps(log, indent=1))
     print(json.dumps({"final": log["final"], "steps": log["steps_done"], "train_s": log["train_s"],
