@@ -11,12 +11,9 @@ zone is not included.
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,6 +25,7 @@ from kvd import gather_kernels
 from kvd.errors import InvalidArgument
 from kvd.gather_kernels import _raw, _widen_row
 from kvd.validate import QUERY_DTYPES, check_dtype, check_finite, check_shape
+from kvd.workers import run_claimed
 
 if TYPE_CHECKING:
     from kvd.convert import TensorCodec
@@ -304,10 +302,6 @@ WORK_PER_THREAD = 1024  # (head, row, query) triples per thread at least: a hand
 HEADS_PER_CHUNK = 4     # heads per claimed range (a kernel call costs ~2 us)
 MAX_THREADS = 4         # H100 host (16 cores), 32 heads x 100 cold rows, P=1: 1.10 / 0.88 / 0.75 / 0.93 / 0.94 ms
 #                         on 1 / 2 / 4 / 6 / 8 threads (bench/retro_call_bench.py --kernel)
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-
-
 def max_threads() -> int:
     """Threads a fused call may use: $KVD_RETRO_THREADS, else MAX_THREADS and at most half the cores (the other
     half serve the gRPC threads, the searches of other calls and, on the same host, the client): 1 on a
@@ -325,56 +319,16 @@ def threads_for(heads: int, rows: int, count: int) -> int:
 _MAX_THREADS = max_threads()
 
 
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 1) - 1), thread_name_prefix="kvd-retro")
-        return _POOL
-
-
-class _Shared:
-    """Ranges of 0..total-1 claimed one at a time by whichever thread asks first; the caller works too and waits
-    only for ranges already under way, never for a helper that has not started (a busy machine then costs the
-    hand-offs, not a wait behind other work)."""
-
-    def __init__(self, fn: Callable[[int, int], None], total: int, chunks: int) -> None:
-        self.fn, self.chunks = fn, chunks
-        self.bounds = [total * i // chunks for i in range(chunks + 1)]
-        self.claims = itertools.count()  # next() is atomic under the GIL
-        self.lock = threading.Lock()
-        self.done = 0
-        self.finished = threading.Event()
-        self.error: BaseException | None = None
-
-    def work(self) -> None:
-        while (i := next(self.claims)) < self.chunks:
-            try:
-                if self.error is None:
-                    self.fn(self.bounds[i], self.bounds[i + 1])
-            except BaseException as exc:  # re-raised by the caller
-                self.error = self.error or exc
-            with self.lock:
-                self.done += 1
-                if self.done == self.chunks:
-                    self.finished.set()
-
-
 def share_ranges(fn: Callable[[int, int], None], total: int, threads: int) -> None:
-    """fn(lo, hi) over contiguous ranges of 0..total-1 (HEADS_PER_CHUNK long), on the calling thread and up to
-    threads - 1 helpers of the module's pool."""
+    """fn(lo, hi) over contiguous ranges of 0..total-1 (HEADS_PER_CHUNK long), claimed one at a time by the
+    calling thread and up to threads - 1 helpers (kvd.workers.run_claimed: a helper that has not started when
+    the work is done is not waited for)."""
     chunks = min(total, max(threads, -(-total // HEADS_PER_CHUNK)))
     if threads <= 1 or chunks <= 1:
         fn(0, total)
         return
-    shared = _Shared(fn, total, chunks)
-    pool = _pool()
-    for _ in range(min(threads, chunks) - 1):
-        pool.submit(shared.work)
-    shared.work()
-    shared.finished.wait()
-    if shared.error is not None:
-        raise shared.error
+    bounds = [total * i // chunks for i in range(chunks + 1)]
+    run_claimed(lambda c0, c1: fn(bounds[c0], bounds[c1]), chunks, min(threads, chunks), "retro")
 
 
 def warmup() -> None:
