@@ -21,7 +21,7 @@ from tests.test_transformers_kvd import (
 transformers = pytest.importorskip("transformers")
 import kvd_transformers  # noqa: E402
 from kvd_transformers import KVDCache, KVDConfig  # noqa: E402
-from kvd_transformers.cache import _resident_positions  # noqa: E402
+from kvd_transformers.layer import resident_positions  # noqa: E402
 from kvd_transformers.local import LocalKvdClient  # noqa: E402
 
 
@@ -107,7 +107,7 @@ class RetroProbe(KVDCache):
         before = len(self.retrieve_log)
         out = super().attend(module, layer_idx, query, key, value, mask, scale)
         layer = self.layers[layer_idx]
-        pos = _resident_positions(layer)
+        pos = resident_positions(layer)
         replies = self.retrieve_log[before:]
         self.calls.append({
             "layer": layer_idx, "query": query.detach().clone(), "out": out.detach().clone(), "total": layer.total,

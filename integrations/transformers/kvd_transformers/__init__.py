@@ -14,7 +14,9 @@ part; the two are merged exactly by log-sum-exp.
 """
 
 from kvd_transformers.attention import NAME, KVDMask, enable, kvd_attention_forward, kvd_mask, register
-from kvd_transformers.cache import KVDCache, KVDConfig, KVDLayer
+from kvd_transformers.cache import KVDCache
+from kvd_transformers.config import KVDConfig
+from kvd_transformers.layer import KVDLayer
 
 register()
 

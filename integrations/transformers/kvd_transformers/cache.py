@@ -19,85 +19,18 @@ import threading
 import time
 import uuid
 import weakref
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
 from kvd_transformers import ops
-from kvd_transformers.retro import MAX_WINDOW, RetroState
-
-
-@dataclass
-class KVDConfig:
-    """Knobs of the integration. Defaults follow RetrievalAttention's static pattern (128 sink + 512 recent
-    tokens on the device, top-100 retrieved per query head)."""
-
-    sink_tokens: int = 128
-    window_tokens: int = 512
-    top_k: int = 100
-    flush_tokens: int = 32           # decode: append to kvd every this many tokens (<= window_tokens)
-    hold_tokens: int = 0             # decode: the newest tokens kept out of kvd (may still be rewritten, e.g.
-    #                                  by a retrospective correction); hold_tokens + flush_tokens <= window
-    index: str | None = None         # index kind of new sessions: "flat", "hnsw", "graph", "wave"; None = daemon's
-    index_params: dict[str, str] | None = None
-    exact: bool = False              # force kvd's exact (flat) retrieval path
-    exact_prefill: bool = True       # keep all K/V on the device across a multi-forward prefill (exact chunks)
-    hint_samples: int = 256          # prefill queries per layer sent to kvd as index hints (0 = none)
-    hint_topn: int = 100             # their exact top-N keys computed on the device (0 = send queries only)
-    append_chunk_tokens: int = 8192  # largest single append (tokens)
-    q_chunk: int = 4096              # prefill attention: queries per SDPA call
-    retrieve_chunk: int = 256        # multi-token forwards with an offloaded part: queries per Retrieve call
-    overlap: bool = False            # run the Retrieve RPC in a worker thread while the window attention runs
-    async_append: bool = True        # appends from a background thread (False: inline, for debugging)
-    kv_dtype: torch.dtype | None = None  # session dtype (default: the model's K/V dtype)
-    pinned: bool = False
-    ttl_seconds: int = 0
-    retro: bool = False              # RetroAttention: correct the last retro_window - 1 decode steps' attention
-    #                                  outputs with keys retrieved later (kvd_transformers.retro); needs enable()
-    retro_window: int = 2            # w: the step itself plus w - 1 corrected past steps (2 .. 8)
-
-    def validate(self) -> None:
-        if self.sink_tokens < 0 or self.window_tokens < 1:
-            raise ValueError("sink_tokens must be >= 0 and window_tokens >= 1")
-        if not 1 <= self.flush_tokens <= self.window_tokens:
-            raise ValueError("flush_tokens must be in [1, window_tokens]")
-        if self.hold_tokens < 0 or self.hold_tokens + self.flush_tokens > self.window_tokens:
-            raise ValueError("hold_tokens + flush_tokens must be <= window_tokens")
-        if self.top_k < 1:
-            raise ValueError("top_k must be >= 1")
-        if self.retro:
-            if not 2 <= self.retro_window <= MAX_WINDOW:
-                raise ValueError(f"retro_window must be in [2, {MAX_WINDOW}]")
-            if self.hold_tokens < self.retro_window - 1:
-                raise ValueError("retro needs hold_tokens >= retro_window - 1 (the re-run positions stay out of kvd)")
-            if self.index == "wave":
-                raise ValueError("retro does not support the wave index (its estimation zone would be counted twice)")
-
-
-@dataclass
-class CacheStats:
-    """Counters of one cache (per-token overhead measurements in the benchmark)."""
-
-    retrieve_calls: int = 0
-    decode_calls: int = 0          # decode attention calls (one per layer per step)
-    decode_s: float = 0.0          # wall time inside decode attention, RPC wait included
-    retrieve_wait_s: float = 0.0   # of which: blocked waiting for kvd's answer
-    appends: int = 0
-
-    def reset(self) -> None:
-        self.retrieve_calls = self.decode_calls = self.appends = 0
-        self.decode_s = self.retrieve_wait_s = 0.0
-
-
-@dataclass
-class _Job:
-    end: int            # the layer holds tokens [0, end) in kvd once the job is done
-    future: Future[None]
+from kvd_transformers.config import CacheStats, KVDConfig
+from kvd_transformers.layer import Job, KVDLayer, resident_padding, resident_valid
+from kvd_transformers.retro import RetroState
 
 
 class _UpdateToken:
@@ -125,135 +58,6 @@ def take_update(key: torch.Tensor) -> tuple[KVDCache, int] | None:
         return None
     _last_update.token = None
     return token.cache, token.layer_idx
-
-
-class KVDLayer(CacheLayerMixin):
-    """Device-resident part of one layer: `[sink | window]` buffers plus kvd bookkeeping."""
-
-    is_sliding = False
-    is_compileable = False
-    is_croppable = True
-
-    def __init__(self, sink: int, window: int, flush: int) -> None:
-        super().__init__()
-        self.sink, self.window, self.flush = sink, window, flush
-        self.buf_k: torch.Tensor | None = None  # [B, Hkv, cap, D]
-        self.buf_v: torch.Tensor | None = None
-        self.used = 0         # occupied slots
-        self.total = 0        # tokens seen (sequence length)
-        self.submitted = 0    # tokens handed to the appender
-        self.confirmed = 0    # tokens known to be in kvd
-        self.jobs: deque[_Job] = deque()
-        self.keep_all = False  # all tokens resident (exact multi-forward prefill)
-        self.consumed = True   # the last update was read by the kvd attention function
-        self.pending_new = 0   # tokens written by the last multi-token update, not yet trimmed
-        self.host_init: tuple[torch.Tensor, torch.Tensor] | None = None  # rehydrated [B, Hkv, used, D] on CPU
-        self.q_host: torch.Tensor | None = None
-        self.copy_event: Any = None        # last device-to-host copy of this layer's slots
-        self.hint_q: torch.Tensor | None = None  # prefill query sample awaiting its final top-N
-        self.q_event: Any = None
-        self.r_host: torch.Tensor | None = None
-
-    # --- CacheLayerMixin API -------------------------------------------------------------------------------
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        b, h, _, d = key_states.shape
-        cap = self.sink + self.window + self.flush
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.buf_k = key_states.new_empty(b, h, cap, d)
-        self.buf_v = value_states.new_empty(b, h, cap, d)
-        if self.host_init is not None:
-            hk, hv = self.host_init
-            n = hk.shape[2]
-            self.buf_k[:, :, :n].copy_(hk)
-            self.buf_v[:, :, :n].copy_(hv)
-            self.host_init = None
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        raise RuntimeError("KVDLayer.update is driven by KVDCache.update")
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.total + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.total
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        self.buf_k = self.buf_v = None
-        self.keys = self.values = None
-        self.used = self.total = self.submitted = self.confirmed = 0
-        self.jobs.clear()
-        self.is_initialized = False
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("KVDCache does not support beam search (sessions are per sequence)")
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.total:
-            raise NotImplementedError("KVDCache cannot repeat a non-empty batch")
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise NotImplementedError("KVDCache does not support selecting batch rows")
-
-    # --- host staging for the decode round trip (reused every step; pinned on CUDA) ------------------------
-    def stage_query(self, query: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """query [B, Hq, 1, D] -> float32 host copy [B, Hq, D] (+ a CUDA event marking its arrival)."""
-        q = query[:, :, 0]
-        if q.device.type != "cuda":
-            return q.float().contiguous(), None
-        host = self.q_host
-        if host is None or host.shape != q.shape:
-            host = self.q_host = torch.empty(q.shape, dtype=torch.float32, pin_memory=True)
-            self.q_event = torch.cuda.Event()
-        host.copy_(q, non_blocking=True)
-        assert self.q_event is not None
-        self.q_event.record()
-        return host, self.q_event
-
-    def stage_result(self, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-        """(out [B, Hq, D], lse [B, Hq]) -> one host tensor [B, Hq, D + 1] ready for a single copy."""
-        shape = (*out.shape[:-1], out.shape[-1] + 1)
-        host = self.r_host
-        if host is None or host.shape != shape:
-            host = self.r_host = torch.empty(shape, dtype=torch.float32, pin_memory=torch.cuda.is_available())
-        host[..., :-1].copy_(out)
-        host[..., -1].copy_(lse)
-        return host
-
-    # --- layout helpers -----------------------------------------------------------------------------------
-    @property
-    def sink_len(self) -> int:
-        return min(self.total, self.sink)
-
-    @property
-    def win_len(self) -> int:
-        return self.used - self.sink_len
-
-    def offloaded_end(self) -> int:
-        """Offloaded range is [sink, offloaded_end) (empty when offloaded_end <= sink)."""
-        return self.total - self.win_len
-
-    def ensure_capacity(self, slots: int) -> None:
-        assert self.buf_k is not None and self.buf_v is not None
-        cap = self.buf_k.shape[2]
-        if slots <= cap:
-            return
-        new_cap = max(slots, int(cap * 1.5))
-        b, h, _, d = self.buf_k.shape
-        nk = self.buf_k.new_empty(b, h, new_cap, d)
-        nv = self.buf_v.new_empty(b, h, new_cap, d)
-        nk[:, :, :self.used].copy_(self.buf_k[:, :, :self.used])
-        nv[:, :, :self.used].copy_(self.buf_v[:, :, :self.used])
-        self.buf_k, self.buf_v = nk, nv
-
-    def pending_slots(self) -> tuple[int, int]:
-        """Slots holding the tokens not yet handed to the appender ([submitted, total) positions)."""
-        n = self.total - self.submitted
-        return self.used - n, self.used
 
 
 class KVDCache(Cache):
@@ -647,7 +451,7 @@ class KVDCache(Cache):
         for i in layer_ids:
             lay = self.layers[i]
             lay.submitted = end
-            lay.jobs.append(_Job(end, future))
+            lay.jobs.append(Job(end, future))
 
     def _copy_stream(self, device: torch.device) -> Any:
         if device.type != "cuda":
@@ -775,7 +579,7 @@ class KVDCache(Cache):
         stats = self.stats
         stats.decode_calls += 1
         end = layer.offloaded_end()
-        valid = _resident_valid(mask, layer) if mask is not None else None
+        valid = resident_valid(mask, layer) if mask is not None else None
         if end <= self.config.sink_tokens:  # nothing offloaded yet: the device holds the whole sequence
             out_w, _ = ops.window_attention(query, key, value, scale, mask=valid)
             stats.decode_s += time.perf_counter() - t0
@@ -871,7 +675,7 @@ class KVDCache(Cache):
             raise RuntimeError(f"layer {layer_idx}: the retro output cache holds {len(cache)} steps, {count} re-run")
         q_new = query[:, :, -1:]
         end = layer.offloaded_end()
-        valid = _resident_valid(mask, layer) if mask is not None else None
+        valid = resident_valid(mask, layer) if mask is not None else None
         if end <= self.config.sink_tokens:  # nothing offloaded: the device holds the whole sequence
             out_w, lse_w = ops.window_attention(q_new, key, value, scale, mask=valid)
             out, lse = cache.rows(out_w[:, :, 0], lse_w[:, :, 0])
@@ -911,7 +715,7 @@ class KVDCache(Cache):
         total_before = layer.total - n
         all_resident = layer.used == layer.total  # nothing was ever dropped from the device
         end = total_before - (layer.win_len - n) if not all_resident else 0
-        padding = _resident_padding(mask, layer)  # [B, used] bool or None
+        padding = resident_padding(mask, layer)  # [B, used] bool or None
         if end <= cfg.sink_tokens:
             out = ops.causal_attention(query, key, value, scale, padding=padding, q_chunk=cfg.q_chunk)
         else:
@@ -1024,39 +828,6 @@ def _to_host(ks: list[torch.Tensor], vs: list[torch.Tensor], dtype: torch.dtype,
         event = torch.cuda.Event()
         event.record(stream)
     return hk, hv, event
-
-
-def _resident_positions(layer: KVDLayer) -> torch.Tensor | None:
-    """Token positions of the resident slots, or None when slots == positions."""
-    if layer.used == layer.total:
-        return None
-    s = layer.sink_len
-    w = layer.win_len
-    return torch.cat([torch.arange(s), torch.arange(layer.total - w, layer.total)])
-
-
-def _resident_padding(mask: Any, layer: KVDLayer) -> torch.Tensor | None:
-    padding = getattr(mask, "padding", None)
-    if padding is None:
-        return None
-    pos = _resident_positions(layer)
-    if pos is None:
-        return padding[:, :layer.total]
-    return padding[:, pos.to(padding.device)]
-
-
-def _resident_valid(mask: Any, layer: KVDLayer) -> torch.Tensor | None:
-    """Decode: which resident slots each row may attend ([B, 1, 1, used] bool), None when all."""
-    padding = getattr(mask, "padding", None)
-    if padding is None:
-        return None
-    key = (layer.sink_len, layer.win_len, layer.total)
-    memo: dict[tuple[int, int, int], torch.Tensor] = mask.memo
-    got = memo.get(key)
-    if got is None:
-        got = _resident_padding(mask, layer)[:, None, None, :]  # type: ignore[index]
-        memo[key] = got
-    return got
 
 
 def _chunked_attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
