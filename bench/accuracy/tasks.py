@@ -145,7 +145,7 @@ def make_copy_batch(batch: int, length: int, gen: torch.Generator, variable: boo
 
     fixed (H100 runs 1-2): `[BOS, COPY, s, SEP, s, filler]`, |s| = (length - 3) // 2, so the two copies are
     always |s| + 1 apart: run 1 learned it by that fixed offset (a positional head), not by content matching.
-    variable (run 3's recipe, weights in model_run3/): |s| random in [4, 32] at a random place in filler, then
+    variable (run 3's recipe, the committed weights in model/): |s| random in [4, 32] at a random place in filler, then
     `SEP s` at the end: the offset varies, so only content matching (induction) solves it; the MQAR lookup formed
     only with these in the mix (bench/accuracy/probe.py). Needs length >= 70. Every token of the second copy but
     its first is an answer."""

@@ -4,8 +4,8 @@
     python bench/accuracy/train.py --cpu-smoke           # a tiny run on the CPU (checks the script)
 
 Status (BENCHMARKS.md, issue 8): the first line on the H100 (run 3, 299 s of training) gave the weights committed
-as bench/accuracy/model_run3/: MQAR and passkey 100% at the training length and up to 8x it; two-hop is not
-learned (~11%, chance), so bench/accuracy/model/ keeps run 1's weights (passkey only; not better on every task).
+as bench/accuracy/model/: MQAR and passkey 100% at the training length and up to 8x it; two-hop is not learned
+(~11%, chance; run 1's weights, which it replaced, were at chance there too and solved passkey only).
 Runs 1-2 (the older recipe) learned passkey only: MQAR stayed on its plateau because (a) the curriculum asked
 every fact, so the last questions could be answered by elimination (the value not asked yet), a shortcut the
 models took instead of the lookup, and (b) the copy sequences had a fixed offset (a positional shortcut).
