@@ -137,9 +137,12 @@ def _progress(text: str) -> None:
 @torch.no_grad()
 def kvd_predictions(model: Any, client: Any, batch: Batch, *, kind: str, sink: int, window: int,
                     top_ks: Sequence[int], flush: int = 16, index_params: dict[str, str] | None = None,
-                    index_timeout: float = 600.0, label: str = "kvd") -> tuple[dict[int, KvdOutcome], float]:
+                    index_timeout: float = 600.0, label: str = "kvd", retro_window: int = 1
+                    ) -> tuple[dict[int, KvdOutcome], float]:
     """Answers through kvd for each top-k (same sessions). Returns ({k: outcome}, seconds waited for the
-    indexes; -1 when they were not ready in time). kind WINDOW_ONLY: the control (flat sessions, no retrieval)."""
+    indexes; -1 when they were not ready in time). kind WINDOW_ONLY: the control (flat sessions, no retrieval).
+    retro_window > 1: RetroAttention corrects the last retro_window - 1 question steps (kvd_transformers.retro;
+    the re-run positions are held back from kvd, hold_tokens = retro_window - 1)."""
     import kvd_transformers
     from kvd_transformers import KVDCache, KVDConfig
 
@@ -149,8 +152,11 @@ def kvd_predictions(model: Any, client: Any, batch: Batch, *, kind: str, sink: i
     sids = [f"acc-{uuid.uuid4().hex[:10]}-{i}" for i in range(tokens.shape[0])]
     if kind == WINDOW_ONLY:
         client, kind = NoRetrieval(client), "flat"
-    cfg = KVDConfig(sink_tokens=sink, window_tokens=window, top_k=top_ks[0], flush_tokens=min(flush, window),
-                    index=kind, index_params=index_params)
+    retro = retro_window > 1
+    cfg = KVDConfig(sink_tokens=sink, window_tokens=window, top_k=top_ks[0],
+                    flush_tokens=min(flush, window - (retro_window - 1 if retro else 0)), index=kind,
+                    index_params=index_params, retro=retro, retro_window=max(2, retro_window),
+                    hold_tokens=retro_window - 1 if retro else 0)
     out: dict[int, KvdOutcome] = {}
     cache = KVDCache(client, session=sids, config=cfg)
     try:
