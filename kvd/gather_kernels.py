@@ -138,12 +138,8 @@ def attend_rows(values: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor, s
     store, id_rows = _raw(values), np.ascontiguousarray(ids.numpy())
     score_rows = np.ascontiguousarray(scores.float().numpy())
     chunks = min(_ATTEND_CHUNKS, max(1, ids.numel() // _ROWS_PER_CHUNK))
-
-    def heads(c0: int, c1: int) -> None:
-        _attend_rows(store, id_rows, score_rows, float(scale), group, out, lse,
-                     num_query_heads * c0 // chunks, num_query_heads * c1 // chunks)
-
-    run_claimed(heads, chunks, chunks, "search")
+    run_claimed(lambda h0, h1: _attend_rows(store, id_rows, score_rows, float(scale), group, out, lse, h0, h1),
+                num_query_heads, chunks, "search", chunks=chunks)
     return torch.from_numpy(out), torch.from_numpy(lse)
 
 

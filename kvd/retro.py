@@ -302,6 +302,8 @@ WORK_PER_THREAD = 1024  # (head, row, query) triples per thread at least: a hand
 HEADS_PER_CHUNK = 4     # heads per claimed range (a kernel call costs ~2 us)
 MAX_THREADS = 4         # H100 host (16 cores), 32 heads x 100 cold rows, P=1: 1.10 / 0.88 / 0.75 / 0.93 / 0.94 ms
 #                         on 1 / 2 / 4 / 6 / 8 threads (bench/retro_call_bench.py --kernel)
+
+
 def max_threads() -> int:
     """Threads a fused call may use: $KVD_RETRO_THREADS, else MAX_THREADS and at most half the cores (the other
     half serve the gRPC threads, the searches of other calls and, on the same host, the client): 1 on a
@@ -321,14 +323,9 @@ _MAX_THREADS = max_threads()
 
 def share_ranges(fn: Callable[[int, int], None], total: int, threads: int) -> None:
     """fn(lo, hi) over contiguous ranges of 0..total-1 (HEADS_PER_CHUNK long), claimed one at a time by the
-    calling thread and up to threads - 1 helpers (kvd.workers.run_claimed: a helper that has not started when
-    the work is done is not waited for)."""
+    calling thread and up to threads - 1 helpers (kvd.workers.run_claimed)."""
     chunks = min(total, max(threads, -(-total // HEADS_PER_CHUNK)))
-    if threads <= 1 or chunks <= 1:
-        fn(0, total)
-        return
-    bounds = [total * i // chunks for i in range(chunks + 1)]
-    run_claimed(lambda c0, c1: fn(bounds[c0], bounds[c1]), chunks, min(threads, chunks), "retro")
+    run_claimed(fn, total, threads, "retro", chunks=chunks)
 
 
 def warmup() -> None:

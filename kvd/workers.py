@@ -32,19 +32,23 @@ def run_ranges(fn: Callable[[int, int], object], total: int, parts: int, purpose
     return [first] + [f.result() for f in futures]
 
 
-def run_claimed(fn: Callable[[int, int], object], total: int, workers: int, purpose: str = "search") -> None:
-    """fn(i, i + 1) for every i of 0..total-1, claimed one at a time by `workers` threads of the `purpose` pool
-    (the caller is one of them): a worker that the OS delays does fewer items instead of holding up a fixed
-    share, as a static split does when another process keeps a core busy."""
-    workers = max(1, min(workers, total, os.cpu_count() or 1))
+def run_claimed(fn: Callable[[int, int], object], total: int, workers: int, purpose: str = "search",
+                chunks: int | None = None) -> None:
+    """fn(lo, hi) over `chunks` contiguous ranges of 0..total-1 (default: one item each), claimed one at a time
+    by `workers` threads of the `purpose` pool (the caller is one of them): a worker that the OS delays does
+    fewer ranges instead of holding up a fixed share, as a static split does when another process keeps a core
+    busy. With one worker, fn(0, total) runs on the caller."""
+    chunks = max(1, min(total if chunks is None else chunks, total))
+    workers = max(1, min(workers, chunks, os.cpu_count() or 1))
     if workers == 1:
         fn(0, total)
         return
+    bounds = [total * i // chunks for i in range(chunks + 1)]
     claim = itertools.count()  # next() on it is atomic under the GIL
 
     def work() -> None:
-        while (i := next(claim)) < total:
-            fn(i, i + 1)
+        while (i := next(claim)) < chunks:
+            fn(bounds[i], bounds[i + 1])
 
     futures = [pool(purpose).submit(work) for _ in range(workers - 1)]
     work()

@@ -82,7 +82,7 @@ class FastLane:
             self.sock.settimeout(timeout if timeout is not None else 10.0)
             self.sock.connect(path)
             send_frame(self.sock, HELLO, (token or "").encode())
-            self._reply(pb.RegisterSharedMemoryResponse)  # the daemon's answer to the hello: OK or an error
+            self._reply(None)  # the daemon's answer to the hello: OK or an error
             self.sock.settimeout(timeout)
         except BaseException:
             self.sock.close()
@@ -103,7 +103,7 @@ class FastLane:
             self.broken = True
             raise UnavailableError(grpc.StatusCode.UNAVAILABLE, f"fast-lane connection lost: {exc}") from None
 
-    def _reply(self, reply_type: type) -> Any:
+    def _reply(self, reply_type: type | None) -> Any:
         frame = recv_frame(self.sock, self.max_bytes)
         if frame is None:
             raise ConnectionError("the daemon closed the fast-lane connection")
@@ -111,7 +111,7 @@ class FastLane:
         if status != 0:
             code = STATUS_BY_VALUE.get(status, grpc.StatusCode.UNKNOWN)
             raise from_status(code, payload.decode(errors="replace"))
-        return reply_type.FromString(bytes(payload))
+        return None if reply_type is None else reply_type.FromString(bytes(payload))
 
     def close(self) -> None:
         self.sock.close()

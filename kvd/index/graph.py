@@ -215,14 +215,14 @@ class GraphIndex(KeyIndex):
         key_of = np.arange(hq) // self.shape.group_size
         graph_of = self._graph_of_query_head()
         touched = np.zeros(hq, dtype=np.int64)
+        threads = int(self._param("threads", params)) or min(hq, os.cpu_count() or 1)
+        prefetch = self._param("prefetch", params) != "0"
 
         def rows(lo: int, hi: int) -> None:
             visited, tag = _scratch(self._count, hi - lo)
             _SCRATCH.tag = gk.search_rows(self._keys, self._adj, self._entries, q, key_of, graph_of, self._count,
                                           ef, lo, hi, ids, scores, touched, visited, tag, prefetch)
 
-        threads = int(self._param("threads", params)) or min(hq, os.cpu_count() or 1)
-        prefetch = self._param("prefetch", params) != "0"
         if self._param("schedule", params) == "ranges":
             run_ranges(rows, hq, threads, "search")
         else:
