@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import os
 import socket
-import urllib.request
 
 import pytest
 import torch
-from conftest import free_port
 from kvd_client import FailedPreconditionError, InvalidArgumentError, KvdClient, NotFoundError, UnauthenticatedError
 from kvd_client.fastlane import HELLO, METHODS, FastLane, recv_frame, send_frame
 
 from kvd.v1 import kvd_pb2 as pb
+from tests.conftest import free_port, scrape_metrics
 
 HEADS, KV_HEADS, DIM, TOKENS = 8, 2, 16, 300
 
@@ -163,7 +162,7 @@ def test_metrics_count_fast_lane_calls(daemon_factory):
         client.retrieve("m", 9, torch.ones(HEADS, DIM), k=3)
     assert client.uses_fast_lane
     client.close()
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    body = scrape_metrics(port)
     assert 'kvd_rpc_requests_total{method="kvd.v1.Kvd/Retrieve"} 4' in body
     assert 'kvd_rpc_requests_total{method="kvd.v1.Kvd/Append"} 2' in body
     assert 'kvd_rpc_errors_total{method="kvd.v1.Kvd/Retrieve",code="INVALID_ARGUMENT"} 1' in body

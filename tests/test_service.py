@@ -10,13 +10,12 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 import torch
 from kvd_client import KvdClient, NotFoundError, UnauthenticatedError
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, scrape_metrics
 
 
 def kvd_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -84,7 +83,7 @@ def test_prometheus_metrics_endpoint(daemon_factory):
     with contextlib.suppress(NotFoundError):
         client.get_session("missing")
     client.close()
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    body = scrape_metrics(port)
     assert 'kvd_sessions{tier="memory"} 1' in body
     assert 'kvd_retrieve_duration_seconds_count{mode="attention",index_kind="flat"} 1' in body
     assert 'kvd_retrieve_duration_seconds_count{mode="ids",index_kind="flat"} 1' in body
