@@ -14,6 +14,7 @@ from tests.test_transformers_kvd import (
     full_attention_steps,
     generate,
     kvd_steps,
+    left_padded_batch,
     sid,
     tiny_llama,
 )
@@ -77,10 +78,7 @@ def test_generate_padded_batch_exact(shared_daemon: Any) -> None:
     """generate() with a left-padded batch of 2 and retro (w=3), k covering the offloaded part: the same tokens
     and scores as full attention; every step's scores are for the new token only."""
     model = tiny_llama(seed=5)
-    ids = torch.randint(1, 97, (2, 64))
-    ids[0, :9] = 0
-    mask = torch.ones_like(ids)
-    mask[0, :9] = 0
+    ids, mask = left_padded_batch()
     model.set_attn_implementation("sdpa")
     ref = generate(model, ids, transformers.DynamicCache(config=model.config), 40, attention_mask=mask)
     kvd_transformers.enable(model)

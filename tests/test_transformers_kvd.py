@@ -64,6 +64,15 @@ def kvd_steps(model: Any, cache: KVDCache, ids: torch.Tensor, prompt: int) -> to
     return torch.stack(out, dim=1)
 
 
+def left_padded_batch(length: int = 64, pad: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two rows of random token ids, the first left-padded by `pad` tokens, and their attention mask."""
+    ids = torch.randint(1, 97, (2, length))
+    ids[0, :pad] = 0
+    mask = torch.ones_like(ids)
+    mask[0, :pad] = 0
+    return ids, mask
+
+
 def generate(model: Any, ids: torch.Tensor, cache: Any, new: int, **kwargs: Any) -> Any:
     with torch.no_grad():
         return model.generate(ids, past_key_values=cache, max_new_tokens=new, do_sample=False,
@@ -241,10 +250,7 @@ def test_generate_padded_batch_and_sampling(shared_daemon: Any) -> None:
     the offloaded part."""
     model = tiny_llama(seed=5)
     client = shared_daemon.client()
-    ids = torch.randint(1, 97, (2, 64))
-    ids[0, :9] = 0
-    mask = torch.ones_like(ids)
-    mask[0, :9] = 0
+    ids, mask = left_padded_batch()
     model.set_attn_implementation("sdpa")
     ref = generate(model, ids, transformers.DynamicCache(config=model.config), 24, attention_mask=mask)
     torch.manual_seed(7)
