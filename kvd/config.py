@@ -87,6 +87,7 @@ class StorageConfig:
 class IndexConfig:
     default_kind: str = "flat"
     build_threads: int = 0        # 0 = CPU count
+    concurrent_builds: int = 4    # index builds running at once (each uses every core); the rest queue
 
 
 @dataclass
@@ -113,6 +114,8 @@ class Config:
             raise ConfigError(f"log.format must be 'json' or 'text', not {self.log.format!r}")
         if self.index.default_kind not in ("flat", "hnsw", "graph", "wave"):
             raise ConfigError(f"index.default_kind {self.index.default_kind!r} is not flat, hnsw, graph or wave")
+        if self.index.concurrent_builds < 1:
+            raise ConfigError("index.concurrent_builds must be at least 1")
         if self.server.tcp and not re.fullmatch(r".+:[0-9]{1,5}", self.server.tcp):
             raise ConfigError(f"server.tcp must be host:port, not {self.server.tcp!r}")
         if bool(self.server.tls_cert) != bool(self.server.tls_key):

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("numba")
 
-from kvd.index.base import BuildHints, IndexShape
+from kvd.index.base import BuildHints, IndexShape, StoredKeys
 from kvd.index.graph import GraphIndex
 from kvd.index.hnsw import HnswIndex
 from tests.reference import mean_recall, topk_ids
@@ -288,3 +288,85 @@ def test_prefetching_changes_no_result(data: tuple, built: GraphIndex) -> None:
         off = built.search(q, 10, 1.0, {"prefetch": "0"})
         assert torch.equal(on.ids, off.ids) and torch.equal(on.scores, off.scores)
         assert on.keys_touched == off.keys_touched
+
+
+def layer_store(keys: torch.Tensor, base: int, dtype: torch.dtype, spare_rows: int = 700) -> StoredKeys:
+    """keys laid out as a daemon layer store holds them: rows base.. of a [Hkv, rows, d] buffer with spare
+    capacity (the store is a view of the first `length` rows), the first `base` rows sink keys."""
+    hkv, n, d = keys.shape
+    buffer = torch.full((hkv, base + n + spare_rows, d), float("nan"), dtype=dtype)  # unwritten rows: never read
+    buffer[:, :base] = 0.5
+    buffer[:, base:base + n] = keys.to(dtype)
+    return StoredKeys(buffer[:, : base + n], base)
+
+
+@pytest.mark.parametrize(("dtype", "copy"), [(torch.bfloat16, "bf16"), (torch.float32, "fp32")])
+def test_reading_the_session_store_equals_a_key_copy(data: tuple, dtype: torch.dtype, copy: str) -> None:
+    """store=auto with the session's keys: no copy of the keys, the same graph, ids, scores and work as an
+    index holding an exact copy; adding keys that are already in the store works alike."""
+    keys, prefill, dec = data
+    keys = keys.to(dtype).float()
+    hints = hints_subset(brute_hints(keys, prefill, 50), 2500)
+    stored = layer_store(keys, 5, dtype)
+    reading = GraphIndex(SHAPE, PARAMS)
+    reading.build(stored.keys[:, 5:2505], None, hints, stored=stored)
+    reading.add(stored.keys[:, 2505:], None, stored=stored)
+    copying = GraphIndex(SHAPE, {**PARAMS, "store": copy})
+    copying.build(keys[:, :2500], None, hints)
+    copying.add(keys[:, 2500:], None)
+    assert reading.reads_session and not copying.reads_session
+    assert np.array_equal(reading._adj, copying._adj)
+    key_bytes = SHAPE.num_kv_heads * copying._keys.shape[1] * D * copying._keys.itemsize
+    assert reading.nbytes() == copying.nbytes() - key_bytes
+    for q in dec[:6]:
+        a, b = reading.search(q, 20, 1.0, stored=stored), copying.search(q, 20, 1.0)
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.scores, b.scores)
+        assert a.keys_touched == b.keys_touched and a.scores_from == b.scores_from == dtype
+
+
+def test_session_store_index_follows_a_reallocated_store_and_round_trips(data: tuple) -> None:
+    """The index keeps no reference to the store: after the store moves (grown, or promoted from disk) the
+    keys passed with the call are read; its blob holds no keys and needs the session's keys to search."""
+    keys, prefill, dec = data
+    stored = layer_store(keys, 3, torch.bfloat16)
+    index = GraphIndex(SHAPE, PARAMS)
+    index.build(stored.keys[:, 3:], None, brute_hints(keys, prefill, 50), stored=stored)
+    moved = layer_store(keys, 3, torch.bfloat16, spare_rows=0)
+    blob = index.to_bytes()
+    assert len(blob) < index.nbytes() + 4096   # the rows and entry points, no keys
+    again = GraphIndex.from_bytes(SHAPE, {}, blob)
+    assert again.reads_session
+    for q in dec[:4]:
+        expected = index.search(q, 10, 1.0, stored=stored)
+        assert torch.equal(index.search(q, 10, 1.0, stored=moved).ids, expected.ids)
+        assert torch.equal(again.search(q, 10, 1.0, stored=moved).ids, expected.ids)
+    with pytest.raises(ValueError, match="session's keys"):
+        again.search(dec[0], 10, 1.0)
+    with pytest.raises(ValueError, match="rows"):
+        again.search(dec[0], 10, 1.0, stored=StoredKeys(moved.keys[:, :100], 3))
+
+
+def test_fp16_sessions_get_a_bf16_copy_and_session_store_refuses_them(data: tuple) -> None:
+    keys, prefill, dec = data
+    stored = layer_store(keys[:, :800], 0, torch.float16)
+    auto = GraphIndex(SHAPE, PARAMS)
+    auto.build(stored.keys, None, BuildHints(queries=prefill), stored=stored)
+    assert not auto.reads_session and auto.search(dec[0], 5, 1.0, stored=stored).scores_from == torch.bfloat16
+    with pytest.raises(ValueError, match="float16"):
+        GraphIndex(SHAPE, {**PARAMS, "store": "session"}).build(stored.keys, None, None, stored=stored)
+    with pytest.raises(ValueError, match="session's keys"):
+        GraphIndex(SHAPE, {**PARAMS, "store": "session"}).build(stored.keys, None, None)
+
+
+def test_fast_build_rows_hold_m_plus_one_and_stay_searchable(data: tuple) -> None:
+    """Without the enhancement step a row holds the projection's m edges and one orphan link: half the memory
+    of 2m-wide rows; decode-time inserts re-prune within that width."""
+    keys, prefill, dec = data
+    m = int(PARAMS["m"])
+    index = GraphIndex(SHAPE, {**PARAMS, "enhance_ef": "0", "window": "2"})
+    index.build(keys[:, :2500], None, hints_subset(brute_hints(keys, prefill, 50), 2500))
+    index.add(keys[:, 2500:], None)
+    assert index._adj.shape[2] == m + 1
+    recall, frac = search_recall(index, keys, dec, 10, 64)
+    assert recall >= 0.85, recall
+    assert frac < 0.5

@@ -78,13 +78,15 @@ def test_index_lifecycle(shared_daemon, kind):
     client.close()
 
 
-def test_index_survives_spill_and_promote(daemon_factory):
-    pytest.importorskip("kvd.index.hnsw")
+@pytest.mark.parametrize("kind", ["hnsw", "graph"])
+def test_index_survives_spill_and_promote(daemon_factory, kind):
+    """Also the graph, whose blob holds no keys: after the promotion it reads the reloaded store."""
+    pytest.importorskip(f"kvd.index.{kind}")
     daemon = daemon_factory(["--memory-budget", "2MiB"], tcp=False)
     client = daemon.client()
     keys, values = clustered_kv(5, 2000)
     client.create_session("ix", num_layers=1, num_kv_heads=2, num_query_heads=4, head_dim=32, dtype="fp32",
-                          index="hnsw")
+                          index=kind)
     client.append("ix", 0, keys.unsqueeze(0), values.unsqueeze(0), hint_queries=torch.randn(1, 4, 8, 32))
     wait_ready(client, "ix", 1)
     q = torch.randn(4, 32)
@@ -94,16 +96,16 @@ def test_index_survives_spill_and_promote(daemon_factory):
     assert client.get_session("ix").tier == "disk"
     after = client.retrieve("ix", 0, q, k=10, mode="ids")
     assert after.promoted == [True]
-    assert after.index_kinds == ["hnsw"], "the index came back from disk without a rebuild"
+    assert after.index_kinds == [kind], "the index came back from disk without a rebuild"
     assert after.ids.tolist() == before.ids.tolist()
     client.close()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_graph_attention_is_exact_over_its_ids_for_every_session_dtype(shared_daemon, dtype):
-    """The graph's bf16 key copy is exact for bf16 sessions (its scores are reused) but not for fp16/fp32 ones
-    (the chosen keys are rescored from the session): either way the partial attention equals a float64
-    reference over the returned ids."""
+    """The graph reads bf16 and float32 sessions' own keys (its scores are exact and reused) and keeps a bf16
+    copy of an fp16 session's (the chosen keys are rescored from the session): either way the partial
+    attention equals a float64 reference over the returned ids."""
     client = shared_daemon.client()
     sid = f"graph-scores-{str(dtype).removeprefix('torch.')}"
     n, sink, window, d, hq = 2500, 4, 64, 32, 4
@@ -113,7 +115,13 @@ def test_graph_attention_is_exact_over_its_ids_for_every_session_dtype(shared_da
     keys, values = keys.to(dtype), values.to(dtype)
     hint_queries = torch.randn(1, hq, 64, d, generator=torch.Generator().manual_seed(6))
     client.append(sid, 0, keys.unsqueeze(0), values.unsqueeze(0), hint_queries=hint_queries)
-    wait_ready(client, sid, 1)
+    info = wait_ready(client, sid, 1).indexes[0]
+    # bf16 and float32 sessions' graphs read the session's keys; fp16 ones keep a bf16 copy of them
+    indexed = info["indexed_tokens"]
+    rows_bytes, copy_bytes = 2 * indexed * 64 * 4, 2 * indexed * d * 2
+    assert rows_bytes < info["bytes"] < rows_bytes + (copy_bytes if dtype != torch.float16 else 2 * copy_bytes)
+    if dtype == torch.float16:
+        assert info["bytes"] > rows_bytes + copy_bytes
     q = torch.randn(hq, d, generator=torch.Generator().manual_seed(7)) * 2
     scale = d ** -0.5
     res = client.retrieve(sid, 0, q, k=50, mode="attention", scale=scale)

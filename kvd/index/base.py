@@ -66,24 +66,38 @@ class SearchResult:
     scores_from: torch.dtype | None = None
 
 
+@dataclass(frozen=True)
+class StoredKeys:
+    """The session's own keys of the layer, for kinds that read them instead of keeping a copy: keys
+    [num_kv_heads, length, head_dim] in the session's dtype (a view of the layer's store), local id i at row
+    base + i. Passed with every build, add and search (the store may be reallocated in between)."""
+
+    keys: torch.Tensor
+    base: int
+
+
 class KeyIndex(ABC):
     kind: str = "abstract"
+    # build() accepts keys in the session's dtype (not only float32) and converts what it needs itself
+    takes_session_dtype: bool = False
 
     def __init__(self, shape: IndexShape, params: dict[str, str] | None = None) -> None:
         self.shape = shape
         self.params = dict(params or {})
 
     @abstractmethod
-    def build(self, keys: torch.Tensor, values: torch.Tensor | None, hints: BuildHints | None) -> None:
-        """keys/values: float32 [num_kv_heads, n, head_dim]. values are needed only by kinds that estimate."""
+    def build(self, keys: torch.Tensor, values: torch.Tensor | None, hints: BuildHints | None,
+              stored: StoredKeys | None = None) -> None:
+        """keys/values: float32 [num_kv_heads, n, head_dim] (keys in the session's dtype for kinds that
+        takes_session_dtype). values are needed only by kinds that estimate. stored: see StoredKeys."""
 
     @abstractmethod
-    def add(self, keys: torch.Tensor, values: torch.Tensor | None) -> None:
+    def add(self, keys: torch.Tensor, values: torch.Tensor | None, stored: StoredKeys | None = None) -> None:
         """Append keys (float32 [num_kv_heads, n_new, head_dim]) with the next local ids."""
 
     @abstractmethod
-    def search(self, queries: torch.Tensor, k: int, scale: float, params: dict[str, str] | None = None
-               ) -> SearchResult:
+    def search(self, queries: torch.Tensor, k: int, scale: float, params: dict[str, str] | None = None,
+               stored: StoredKeys | None = None) -> SearchResult:
         """queries: float32 [num_query_heads, head_dim]."""
 
     @property

@@ -7,7 +7,7 @@ from concurrent.futures import Executor
 import torch
 
 from kvd import gather_kernels, scan_kernels
-from kvd.index.base import BuildHints, IndexShape, KeyIndex, SearchResult
+from kvd.index.base import BuildHints, IndexShape, KeyIndex, SearchResult, StoredKeys
 
 # Keys are converted to float32 chunk by chunk so that a scan never holds a float32 copy of the whole layer.
 _SCAN_CHUNK_TOKENS = 16384
@@ -133,14 +133,15 @@ class FlatIndex(KeyIndex):
         super().__init__(shape, params)
         self._keys = torch.empty((shape.num_kv_heads, 0, shape.head_dim))
 
-    def build(self, keys: torch.Tensor, values: torch.Tensor | None, hints: BuildHints | None) -> None:
+    def build(self, keys: torch.Tensor, values: torch.Tensor | None, hints: BuildHints | None,
+              stored: StoredKeys | None = None) -> None:
         self._keys = keys.float().contiguous()
 
-    def add(self, keys: torch.Tensor, values: torch.Tensor | None) -> None:
+    def add(self, keys: torch.Tensor, values: torch.Tensor | None, stored: StoredKeys | None = None) -> None:
         self._keys = torch.cat([self._keys, keys.float()], dim=1)
 
-    def search(self, queries: torch.Tensor, k: int, scale: float, params: dict[str, str] | None = None
-               ) -> SearchResult:
+    def search(self, queries: torch.Tensor, k: int, scale: float, params: dict[str, str] | None = None,
+               stored: StoredKeys | None = None) -> SearchResult:
         ids, _ = exact_topk(queries, self._keys, k)
         return SearchResult(ids=pad_ids(ids, k), keys_touched=self.count)
 

@@ -15,8 +15,11 @@ Params (strings): m (32: projection/supply degree, rows hold 2m), ef (search bea
 "query": one per query head, as RoarGraph), sample (prefill queries used per query head, 4096), topn (N when
 the lists are computed here, 100), pivots (list members that pivot, all), window (>0: cheap rank-window
 projection instead of the per-list RNG), insert_ef (64), threads (worker threads; default one per core),
-store (bf16 | fp32: how the index keeps its copy of the keys), schedule (claim: a search's query heads are
-claimed one at a time by the threads | ranges: one fixed range per thread), prefetch (1: key rows are
+store (auto | session | bf16 | fp32: session = no copy of the keys, the searches read the session's own
+store, given with every call as StoredKeys (bf16 and float32 sessions); bf16/fp32 = a copy in that precision;
+auto = session when the caller passes the session's keys and their dtype allows, else bf16), schedule
+(claim: a search's query heads are claimed one at a time by the threads | ranges: one fixed range per
+thread), prefetch (1: key rows are
 requested from memory before they are scored | 0; same results); threads, schedule and prefetch can also be
 given per call.
 Presets: default = quality; pivots=32 = balanced; window=2,enhance_ef=0 = fast build.
@@ -33,6 +36,9 @@ Why (recall@100 vs fraction of keys scored; realistic = bench.qkdata.realistic, 
   store=bf16, the default; exact for bf16 sessions, and returned keys are rescored from the session anyway)
   + int32 rows: 256 + 8m bytes per key per graph at head_dim 128 (store=fp32: 512 + 8m). The bf16 store
   found the same ids at the same speed or better (32K keys, 2 cores: 265-337 vs 350-426 ns per key scored).
+  In the daemon the index reads the session's store instead (store=auto): only the rows are the index's,
+  8m bytes per key per graph, or 4(m + 1) without the enhancement step (the fast-build preset), which is
+  what lets a 512K-token session's graphs fit beside its 64 GiB of KV on a 128 GiB host.
 - every list member pivots: with sinks, the top-1 key of 4096 queries was only 62 distinct keys, so
   RoarGraph's top-1 pivot degenerates (0.34 recall at ef=100 vs 0.70, 32K, S=1024).
 - L2 construction distance: RoarGraph's -q.k metric pruned heavy-tailed keys to degree < 2 (0.59 at ef=100);
@@ -56,35 +62,38 @@ import numpy as np
 import torch
 
 from kvd.index import graph_kernels as gk
-from kvd.index.base import BuildHints, IndexShape, KeyIndex, SearchResult
+from kvd.index.base import BuildHints, IndexShape, KeyIndex, SearchResult, StoredKeys
 from kvd.index.graph_build import GraphParams, build_graph, exact_topn
 from kvd.index.wave_io import pack, unpack
 from kvd.workers import run_claimed, run_ranges
 
 _CONCURRENT_GRAPHS = 4
 DEFAULTS = {"m": "32", "ef": "512", "enhance_ef": "32", "entries": "128", "per": "kv", "sample": "4096",
-            "topn": "100", "insert_ef": "64", "pivots": "100000", "window": "0", "store": "bf16",
+            "topn": "100", "insert_ef": "64", "pivots": "100000", "window": "0", "store": "auto",
             "threads": "0", "schedule": "claim", "prefetch": "1"}
 _STORE_DTYPES = {"bf16": np.uint16, "fp32": np.float32}  # bf16 keys are kept as their bit patterns
+_STORES = ("auto", "session", *_STORE_DTYPES)
+_SESSION_DTYPES = (torch.bfloat16, torch.float32)  # session stores the kernels read as they are
 # how a search's query heads are spread over threads: claimed one at a time, or one fixed range per thread
 _SCHEDULES = ("claim", "ranges")
 
 
 class GraphIndex(KeyIndex):
     kind = "graph"
+    takes_session_dtype = True
 
     def __init__(self, shape: IndexShape, params: dict[str, str] | None = None) -> None:
         super().__init__(shape, params)
         if self._param("per") not in ("kv", "query"):
             raise ValueError("graph param 'per' must be 'kv' or 'query'")
-        if self._param("store") not in _STORE_DTYPES:
-            raise ValueError(f"graph param 'store' must be one of {sorted(_STORE_DTYPES)}")
+        if self._param("store") not in _STORES:
+            raise ValueError(f"graph param 'store' must be one of {list(_STORES)}")
         if self._param("schedule") not in _SCHEDULES:
             raise ValueError(f"graph param 'schedule' must be one of {sorted(_SCHEDULES)}")
-        d = shape.head_dim
-        self._keys = np.zeros((shape.num_kv_heads, 0, d), dtype=_STORE_DTYPES[self._param("store")])  # [Hkv, cap, d]
-        self._adj = np.zeros((self.num_graphs, 0, 2 * self._m), dtype=np.int32)   # [G, cap, W]
-        self._entries = np.full((self.num_graphs, 1), -1, dtype=np.int64)          # [G, E]
+        self._mode = ""  # where the keys are read: "session" or a copy ("bf16" | "fp32"); set by the first build/add
+        self._keys = np.zeros((shape.num_kv_heads, 0, shape.head_dim), dtype=np.uint16)  # the copy: [Hkv, cap, d]
+        self._adj = np.zeros((self.num_graphs, 0, self._graph_params().width), dtype=np.int32)   # [G, cap, W]
+        self._entries = np.full((self.num_graphs, 1), -1, dtype=np.int64)                       # [G, E]
         self._count = 0
 
     # --------------------------------------------------------------------------------------- params
@@ -108,21 +117,48 @@ class GraphIndex(KeyIndex):
         heads = np.arange(self.shape.num_query_heads)
         return heads if self._param("per") == "query" else heads // self.shape.group_size
 
+    # ------------------------------------------------------------------------------------ key access
+    def _choose_store(self, stored: StoredKeys | None) -> None:
+        want = self._param("store")
+        if want == "auto":
+            want = "session" if stored is not None and stored.keys.dtype in _SESSION_DTYPES else "bf16"
+        if want == "session":
+            if stored is None:
+                raise ValueError("graph param store=session needs the session's keys with every call")
+            if stored.keys.dtype not in _SESSION_DTYPES:
+                raise ValueError(f"graph store=session reads bfloat16 or float32 sessions, not {stored.keys.dtype}")
+        self._mode = want
+        self._keys = np.zeros((self.shape.num_kv_heads, 0, self.shape.head_dim),
+                              dtype=_STORE_DTYPES.get(want, np.uint16))
+
+    def _key_rows(self, stored: StoredKeys | None, count: int) -> tuple[np.ndarray, int]:
+        """(keys [Hkv, rows, d] as the kernels read them, row of local id 0), covering `count` local ids."""
+        if self._mode != "session":
+            return self._keys, 0
+        if stored is None:
+            raise ValueError("this graph index reads the session's keys: pass them (StoredKeys) with every call")
+        if stored.keys.shape[1] < stored.base + count or stored.keys.shape[0] != self.shape.num_kv_heads:
+            raise ValueError(f"the session's keys hold {stored.keys.shape[1]} rows, the index needs "
+                             f"{stored.base + count}")
+        return _store_array(stored.keys), stored.base
+
     # ---------------------------------------------------------------------------------------- build
-    def build(self, keys: torch.Tensor, values: torch.Tensor | None, hints: BuildHints | None) -> None:
+    def build(self, keys: torch.Tensor, values: torch.Tensor | None, hints: BuildHints | None,
+              stored: StoredKeys | None = None) -> None:
         self._check_keys(keys)
         n = keys.shape[1]
-        exact = np.ascontiguousarray(keys.float().numpy())  # construction measures in float32
-        self._keys = np.zeros((0, 0, 0), dtype=_STORE_DTYPES[self._param("store")])
-        self._keys = self._to_store(keys)
+        self._choose_store(stored)
+        if self._mode != "session":
+            self._keys = self._to_store(keys)
         self._count = n
         if n == 0:
-            self._adj = np.zeros((self.num_graphs, 0, 2 * self._m), dtype=np.int32)
+            self._adj = np.zeros((self.num_graphs, 0, self._graph_params().width), dtype=np.int32)
             self._entries = np.full((self.num_graphs, 1), -1, dtype=np.int64)
             return
-        # graphs are built concurrently (their serial steps overlap), each step's ranges in the build pool
+        # graphs are built concurrently (their serial steps overlap), each step's ranges in the build pool;
+        # construction measures in float32, one graph's key head converted at a time (not the whole layer)
         with ThreadPoolExecutor(max_workers=min(self.num_graphs, _CONCURRENT_GRAPHS)) as graphs:
-            results = list(graphs.map(lambda g: build_graph(exact[self._key_head(g)],
+            results = list(graphs.map(lambda g: build_graph(keys[self._key_head(g)].float().numpy(),
                                                             self._lists(g, keys, hints), self._graph_params()),
                                       range(self.num_graphs)))
         width = max(e.shape[0] for _, e in results)
@@ -143,17 +179,18 @@ class GraphIndex(KeyIndex):
     def _lists(self, graph: int, keys: torch.Tensor, hints: BuildHints | None) -> np.ndarray:
         """The top-N key lists of the sampled queries of this graph's query heads (int32 [S, N])."""
         sample = int(self._param("sample"))
-        kv = keys[self._key_head(graph)].float()
+        n = keys.shape[1]
         parts = []
         for h in self._query_heads(graph):
             if hints is not None and hints.topn_ids is not None:
                 ids = hints.topn_ids[h]
                 parts.append(ids[_subsample(ids.shape[0], sample)])
             else:
+                kv = keys[self._key_head(graph)].float()
                 queries = self._sample_queries(h, kv, hints, sample)
                 parts.append(exact_topn(kv, queries, int(self._param("topn"))))
         lists = torch.cat(parts).numpy()
-        return np.where((lists >= 0) & (lists < kv.shape[0]), lists, -1).astype(np.int32)
+        return np.where((lists >= 0) & (lists < n), lists, -1).astype(np.int32)
 
     def _sample_queries(self, head: int, kv: torch.Tensor, hints: BuildHints | None, sample: int
                         ) -> torch.Tensor:
@@ -175,40 +212,48 @@ class GraphIndex(KeyIndex):
             raise ValueError(f"keys must be [{self.shape.num_kv_heads}, n, {self.shape.head_dim}]")
 
     # ------------------------------------------------------------------------------------------ add
-    def add(self, keys: torch.Tensor, values: torch.Tensor | None) -> None:
+    def add(self, keys: torch.Tensor, values: torch.Tensor | None, stored: StoredKeys | None = None) -> None:
         self._check_keys(keys)
         n_new = keys.shape[1]
         if n_new == 0:
             return
+        if not self._mode:
+            self._choose_store(stored)
         lo, hi = self._count, self._count + n_new
+        key_rows, base = self._key_rows(stored, hi)
         self._reserve(hi)
         if lo == 0:  # never built: start from key 0
             self._entries = np.zeros((self.num_graphs, 1), dtype=np.int64)
-        self._keys[:, lo:hi] = self._to_store(keys)
+        if self._mode != "session":
+            self._keys[:, lo:hi] = self._to_store(keys)
+            key_rows = self._keys
         ef, m = int(self._param("insert_ef")), self._m
-        run_ranges(lambda a, b: [gk.insert_nodes(self._keys[self._key_head(g)], self._adj[g], self._entries[g],
+        run_ranges(lambda a, b: [gk.insert_nodes(key_rows[self._key_head(g), base:], self._adj[g], self._entries[g],
                                                  lo, hi, ef, m) for g in range(a, b)],
                    self.num_graphs, self.num_graphs, "search")
         self._count = hi
 
     def _reserve(self, needed: int) -> None:
-        cap = self._keys.shape[1]
+        cap = self._adj.shape[1]
         if needed <= cap:
             return
         new_cap = max(needed, cap + cap // 2, 1024)
-        keys = np.zeros((self._keys.shape[0], new_cap, self._keys.shape[2]), dtype=self._keys.dtype)
-        keys[:, : self._count] = self._keys[:, : self._count]
+        if self._mode != "session":
+            keys = np.zeros((self._keys.shape[0], new_cap, self._keys.shape[2]), dtype=self._keys.dtype)
+            keys[:, : self._count] = self._keys[:, : self._count]
+            self._keys = keys
         adj = np.full((self._adj.shape[0], new_cap, self._adj.shape[2]), -1, dtype=np.int32)
         adj[:, : self._count] = self._adj[:, : self._count]
-        self._keys, self._adj = keys, adj
+        self._adj = adj
 
     # --------------------------------------------------------------------------------------- search
-    def search(self, queries: torch.Tensor, k: int, scale: float, params: dict[str, str] | None = None
-               ) -> SearchResult:
+    def search(self, queries: torch.Tensor, k: int, scale: float, params: dict[str, str] | None = None,
+               stored: StoredKeys | None = None) -> SearchResult:
         hq = self.shape.num_query_heads
         ids = np.full((hq, k), -1, dtype=np.int64)
         if self._count == 0 or k == 0:
             return SearchResult(ids=torch.from_numpy(ids))
+        key_rows, base = self._key_rows(stored, self._count)
         scores = np.empty((hq, k), dtype=np.float32)
         ef = max(int(self._param("ef", params)), k)
         q = np.ascontiguousarray(queries.float().numpy())
@@ -220,7 +265,7 @@ class GraphIndex(KeyIndex):
 
         def rows(lo: int, hi: int) -> None:
             visited, tag = _scratch(self._count, hi - lo)
-            _SCRATCH.tag = gk.search_rows(self._keys, self._adj, self._entries, q, key_of, graph_of, self._count,
+            _SCRATCH.tag = gk.search_rows(key_rows, base, self._adj, self._entries, q, key_of, graph_of, self._count,
                                           ef, lo, hi, ids, scores, touched, visited, tag, prefetch)
 
         if self._param("schedule", params) == "ranges":
@@ -229,7 +274,7 @@ class GraphIndex(KeyIndex):
             run_claimed(rows, hq, threads, "search")
         return SearchResult(ids=torch.from_numpy(ids), keys_touched=round(float(touched.mean())),
                             scores=torch.from_numpy(scores),
-                            scores_from=torch.bfloat16 if self._keys.dtype == np.uint16 else torch.float32)
+                            scores_from=torch.bfloat16 if key_rows.dtype == np.uint16 else torch.float32)
 
     # ---------------------------------------------------------------------------------- bookkeeping
     @property
@@ -237,15 +282,21 @@ class GraphIndex(KeyIndex):
         return self._count
 
     def nbytes(self) -> int:
-        """The float32 key copy the compiled search reads, the adjacency rows and the entry points."""
+        """The key copy, if the index keeps one, the adjacency rows and the entry points."""
         return int(self._keys.nbytes + self._adj.nbytes + self._entries.nbytes)
+
+    @property
+    def reads_session(self) -> bool:
+        """Whether searches read the session's own keys (no copy)."""
+        return self._mode == "session"
 
     def to_bytes(self) -> bytes:
         n = self._count
         meta = {"kind": self.kind, "count": n, "params": self.params}
         arrays = {"adj": torch.from_numpy(np.ascontiguousarray(self._adj[:, :n])),
-                  "entries": torch.from_numpy(self._entries),
-                  "keys": _keys_tensor(np.ascontiguousarray(self._keys[:, :n]))}
+                  "entries": torch.from_numpy(self._entries)}
+        if self._mode != "session":
+            arrays["keys"] = _keys_tensor(np.ascontiguousarray(self._keys[:, :n]))
         return pack(meta, arrays)
 
     @classmethod
@@ -254,7 +305,13 @@ class GraphIndex(KeyIndex):
         if meta.get("kind") != cls.kind:
             raise ValueError(f"not a {cls.kind} index blob")
         index = cls(shape, {**meta.get("params", {}), **params})
-        adj, keys = arrays["adj"].numpy(), _keys_array(arrays["keys"])
+        adj = arrays["adj"].numpy()
+        if "keys" in arrays:
+            keys = _keys_array(arrays["keys"])
+            index._mode = "bf16" if keys.dtype == np.uint16 else "fp32"
+        else:  # the blob of an index that reads the session's keys
+            keys = np.zeros((shape.num_kv_heads, 0, shape.head_dim), dtype=np.uint16)
+            index._mode = "session"
         if adj.shape[0] != index.num_graphs or keys.shape[0] != shape.num_kv_heads:
             raise ValueError("index blob does not match the shape")
         index._adj = np.ascontiguousarray(adj, dtype=np.int32)
@@ -275,6 +332,19 @@ def _keys_array(keys: torch.Tensor) -> np.ndarray:
     if keys.dtype == torch.bfloat16:
         return np.ascontiguousarray(keys.view(torch.int16).numpy().view(np.uint16))
     return np.ascontiguousarray(keys.numpy(), dtype=np.float32)
+
+
+def _store_array(keys: torch.Tensor) -> np.ndarray:
+    """The kernels' view of a layer store's keys [Hkv, length, d]: the whole buffer [Hkv, rows, d] it is a
+    slice of (C-contiguous, no copy; rows past length are never read), bf16 as uint16 bit patterns."""
+    hkv, _, d = keys.shape
+    if keys.stride(2) != 1 or keys.stride(1) != d or keys.stride(0) % d:
+        raise ValueError("the session's keys must be rows of a [kv_heads, rows, head_dim] buffer")
+    rows = keys.stride(0) // d
+    full = keys.as_strided((hkv, rows, d), (rows * d, d, 1))
+    if full.dtype == torch.bfloat16:
+        return full.view(torch.int16).numpy().view(np.uint16)
+    return full.numpy()
 
 
 _SCRATCH = threading.local()
@@ -302,8 +372,11 @@ def warmup() -> None:
     """Compile (or load from the numba cache) every kernel on a tiny graph, e.g. once at daemon start."""
     shape = IndexShape(num_kv_heads=1, num_query_heads=1, head_dim=4)
     gen = torch.Generator().manual_seed(0)
-    index = GraphIndex(shape, {"threads": "1"})
-    keys = torch.randn(1, 300, 4, generator=gen)
-    index.build(keys, None, BuildHints(queries=torch.randn(1, 8, 4, generator=gen)))
-    index.add(torch.randn(1, 2, 4, generator=gen), None)
-    index.search(torch.randn(1, 4, generator=gen), 5, 1.0)
+    keys = torch.randn(1, 302, 4, generator=gen)
+    queries = torch.randn(1, 8, 4, generator=gen)
+    for dtype in _SESSION_DTYPES:  # reading a bf16 / float32 session store (the daemon's case)
+        stored = StoredKeys(keys.to(dtype), 1)
+        index = GraphIndex(shape, {"threads": "1"})
+        index.build(stored.keys[:, 1:300], None, BuildHints(queries=queries), stored=stored)
+        index.add(stored.keys[:, 300:], None, stored=stored)
+        index.search(queries[0], 5, 1.0, stored=stored)

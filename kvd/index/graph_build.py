@@ -40,7 +40,9 @@ class GraphParams:
 
     @property
     def width(self) -> int:
-        return 2 * self.m
+        """Adjacency row width: 2m with the enhancement step (projection + supply edges); without it the
+        projection's m plus the slot that links an orphan (half the memory of the fast-build preset's rows)."""
+        return 2 * self.m if self.enhance_ef > 0 else self.m + 1
 
     def parts(self, total: int) -> int:
         t = self.threads or os.cpu_count() or 1
@@ -96,7 +98,7 @@ def popular_keys(lists: np.ndarray, n: int, count: int, keys: np.ndarray) -> np.
 
 
 def enhance(keys: np.ndarray, proj: np.ndarray, entries: np.ndarray, p: GraphParams) -> np.ndarray:
-    """Step 4: supply neighbours from self-searches, merged with the projection into rows of width 2m."""
+    """Step 4: supply neighbours from self-searches, merged with the projection into rows of p.width."""
     n = keys.shape[0]
     if p.enhance_ef <= 0:
         adj = np.full((n, p.width), -1, dtype=np.int32)

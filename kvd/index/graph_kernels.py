@@ -199,19 +199,20 @@ def _grow(hd: np.ndarray, hi: np.ndarray, size: int) -> tuple[np.ndarray, np.nda
 
 
 @njit(cache=True, nogil=True)
-def search_rows(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, queries: np.ndarray,
+def search_rows(keys: np.ndarray, key_base: int, adj: np.ndarray, entries: np.ndarray, queries: np.ndarray,
                 key_of: np.ndarray, graph_of: np.ndarray, count: int, ef: int, lo: int, hi: int,
                 ids: np.ndarray, scores: np.ndarray, touched: np.ndarray, visited: np.ndarray, tag: int,
                 prefetch: bool) -> int:
-    """Search query rows lo..hi-1. keys [G_k, cap, d], adj [G_a, cap, W], entries [G_a, E] (-1 padded),
-    queries [m, d]; row i searches keys[key_of[i]] over adj[graph_of[i]] among the first `count` keys.
+    """Search query rows lo..hi-1. keys [G_k, rows, d] with node i at row key_base + i, adj [G_a, cap, W],
+    entries [G_a, E] (-1 padded), queries [m, d]; row i searches keys[key_of[i]] over adj[graph_of[i]] among
+    the first `count` nodes.
     Writes ids [m, k] (-1 padded), their scores [m, k] (-inf padded) and touched [m]. visited: uint32 scratch
     (>= count) whose entries are all below `tag`; returns the next unused tag."""
     k = ids.shape[1]
     for i in range(lo, hi):
         g = graph_of[i]
-        r, rs, t = beam_search(keys[key_of[i]], adj[g], entries[g], queries[i], max(ef, k), count, visited, tag,
-                               prefetch)
+        r, rs, t = beam_search(keys[key_of[i], key_base:], adj[g], entries[g], queries[i], max(ef, k), count,
+                               visited, tag, prefetch)
         tag += 1
         kk = min(k, r.shape[0])
         ids[i, :kk] = r[:kk]

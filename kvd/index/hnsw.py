@@ -24,7 +24,7 @@ import hnswlib
 import numpy as np
 import torch
 
-from kvd.index.base import BuildHints, IndexShape, KeyIndex, SearchResult
+from kvd.index.base import BuildHints, IndexShape, KeyIndex, SearchResult, StoredKeys
 from kvd.index.wave_io import pack, unpack
 
 DEFAULTS = {"M": "16", "ef_construction": "200", "ef": "200", "touched": "exact"}
@@ -122,7 +122,8 @@ class HnswIndex(KeyIndex):
                          ef_construction=int(_param(self.params, "ef_construction")))
         return index
 
-    def build(self, keys: torch.Tensor, values: torch.Tensor | None, hints: BuildHints | None) -> None:
+    def build(self, keys: torch.Tensor, values: torch.Tensor | None, hints: BuildHints | None,
+              stored: StoredKeys | None = None) -> None:
         self._check_keys(keys)
         n = keys.shape[1]
         self._heads = [self._new_head(n) for _ in range(self.shape.num_kv_heads)]
@@ -130,7 +131,7 @@ class HnswIndex(KeyIndex):
         self._count = 0
         self._append(keys)
 
-    def add(self, keys: torch.Tensor, values: torch.Tensor | None) -> None:
+    def add(self, keys: torch.Tensor, values: torch.Tensor | None, stored: StoredKeys | None = None) -> None:
         self._check_keys(keys)
         if not self._heads:
             self.build(keys, values, None)
@@ -157,8 +158,8 @@ class HnswIndex(KeyIndex):
             raise ValueError(f"keys must be [{self.shape.num_kv_heads}, n, {self.shape.head_dim}]")
 
     # ----------------------------------------------------------------------------------------- search
-    def search(self, queries: torch.Tensor, k: int, scale: float, params: dict[str, str] | None = None
-               ) -> SearchResult:
+    def search(self, queries: torch.Tensor, k: int, scale: float, params: dict[str, str] | None = None,
+               stored: StoredKeys | None = None) -> SearchResult:
         p = {**self.params, **(params or {})}
         hq, g = self.shape.num_query_heads, self.shape.group_size
         ids = torch.full((hq, k), -1, dtype=torch.int64)

@@ -23,7 +23,7 @@ import torch
 from kvd import metrics
 from kvd.config import IndexConfig
 from kvd.errors import InvalidArgument
-from kvd.index.base import BuildHints, IndexShape, KeyIndex
+from kvd.index.base import BuildHints, IndexShape, KeyIndex, StoredKeys
 from kvd.index.flat import exact_scores, scores_at
 from kvd.store.session import Session, Tier
 
@@ -79,7 +79,7 @@ class LayerIndex:
         if begin > self.base or end < covered_end or covered_end <= self.base:
             return None
         # hnsw's exact work counter replays every search: a benchmark's tool, off when serving.
-        found = index.search(queries, k, scale, {"touched": "off", **params})
+        found = index.search(queries, k, scale, {"touched": "off", **params}, stored=StoredKeys(keys, self.base))
         local = found.ids
         valid = local >= 0
         ids = torch.where(valid, local + self.base, local)
@@ -110,6 +110,9 @@ class IndexManager:
         self.config = config
         threads = config.build_threads or os.cpu_count() or 4
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kvd-index")
+        # Each build already uses every core; running more at once only adds their transient memory (a
+        # 512K-token layer's graphs need ~1 GiB of float32 keys while they are built), so few run together.
+        self._build_slots = threading.BoundedSemaphore(max(1, min(threads, config.concurrent_builds)))
         self._queued = 0
         self._queue_lock = threading.Lock()
 
@@ -201,13 +204,16 @@ class IndexManager:
                     return
                 keys, values = session.layers[layer].view()
                 begin, end = session.offloaded_range(keys.shape[1])
-                local_keys = keys[:, begin:end].float()
-                local_values = values[:, begin:end].float() if slot.kind == "wave" else None
             if end - begin < 1:
                 return
+            kind = index_class(slot.kind)
+            # a float32 copy of a long layer is GiBs: kinds that convert what they need get the stored keys
+            local_keys = keys[:, begin:end] if kind.takes_session_dtype else keys[:, begin:end].float()
+            local_values = values[:, begin:end].float() if slot.kind == "wave" else None
             hints = self._hints(slot, begin, end)
-            index = index_class(slot.kind)(slot.shape, slot.params)
-            index.build(local_keys, local_values, hints)
+            index = kind(slot.shape, slot.params)
+            with self._build_slots:
+                index.build(local_keys, local_values, hints, stored=StoredKeys(keys, slot.base))
             with slot.lock:
                 if session.indexes[layer] is slot:
                     slot.index, slot.ready = index, True
@@ -263,7 +269,7 @@ class IndexManager:
             # Searches keep using the index while keys are added: add into it under the slot lock only
             # for kinds whose add() is not safe to run beside search().
             with slot.lock:
-                slot.index.add(new_keys, new_values)
+                slot.index.add(new_keys, new_values, stored=StoredKeys(keys, slot.base))
         except Exception:
             log.exception("index add failed for session %s layer %d", session.session_id, layer)
         finally:

@@ -56,7 +56,7 @@ from typing import Any
 import torch
 
 from kvd.index import wave_search as ws
-from kvd.index.base import BuildHints, IndexShape, KeyIndex, SearchResult
+from kvd.index.base import BuildHints, IndexShape, KeyIndex, SearchResult, StoredKeys
 from kvd.index.wave_build import (
     METRICS,
     Clusters,
@@ -153,7 +153,8 @@ class WaveIndex(KeyIndex):
         self._blocks = 0
 
     # ----------------------------------------------------------------------------------------- build/add
-    def build(self, keys: torch.Tensor, values: torch.Tensor | None, hints: BuildHints | None) -> None:
+    def build(self, keys: torch.Tensor, values: torch.Tensor | None, hints: BuildHints | None,
+              stored: StoredKeys | None = None) -> None:
         keys, values = self._check_kv(keys, values)
         d = self.shape.head_dim
         queries = hints.queries if hints is not None else None
@@ -183,7 +184,7 @@ class WaveIndex(KeyIndex):
             self._st = _State.of(cl, self._st.pend_k, self._st.pend_v)
             self._blocks = 1
 
-    def add(self, keys: torch.Tensor, values: torch.Tensor | None) -> None:
+    def add(self, keys: torch.Tensor, values: torch.Tensor | None, stored: StoredKeys | None = None) -> None:
         keys, values = self._check_kv(keys, values)
         st = self._st
         pend_k, pend_v = torch.cat([st.pend_k, keys], 1), torch.cat([st.pend_v, values], 1)
@@ -235,8 +236,8 @@ class WaveIndex(KeyIndex):
         r = min(c, max(math.ceil(p.retrieval_fraction * c), math.ceil(k / st.prep.avg_size)))
         return r, min(c - r, math.ceil(p.estimation_fraction * c))
 
-    def search(self, queries: torch.Tensor, k: int, scale: float, params: dict[str, str] | None = None
-               ) -> SearchResult:
+    def search(self, queries: torch.Tensor, k: int, scale: float, params: dict[str, str] | None = None,
+               stored: StoredKeys | None = None) -> SearchResult:
         p = WaveParams.parse(params, self._p, strict=False) if params else self._p
         hkv, g, d = self.shape.num_kv_heads, self.shape.group_size, self.shape.head_dim
         if queries.shape != (self.shape.num_query_heads, d):
