@@ -274,11 +274,27 @@ def run_kvd(model: Any, cfg: LlamaConfig, client: Any, ctx: int, synthetic: bool
         times, token = decode_loop(model, cache, token, args.steps, 1, device, on_warm=cache.stats.reset)
         res["grpc_decode_ms_median"] = round(1000 * statistics.median(times), 2)
         res["grpc_kvd_wait_ms_per_token"] = round(1000 * cache.stats.retrieve_wait_s / steps, 2)
+    if not isinstance(client, StubRetrieval):
+        info = client.get_session(sid)
+        res["kvd_session_gib"] = round(info.memory_bytes / 2**30, 2)
+        res["kvd_index_gib"] = round(sum(i["bytes"] for i in info.indexes) / 2**30, 2)
     cache.close()
     if not keep:
         with contextlib.suppress(Exception):
             client.delete_session(sid)
     return res
+
+
+def process_memory_gib(pid: int) -> dict[str, float]:
+    """Resident and peak resident memory of a local process (Linux /proc), GiB."""
+    fields = {"VmRSS": "kvd_daemon_rss_gib", "VmHWM": "kvd_daemon_peak_rss_gib"}
+    out = {}
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name in fields:
+                out[fields[name]] = round(int(value.split()[0]) / 2**20, 2)
+    return out
 
 
 def run_full(model: Any, cfg: LlamaConfig, ctx: int, device: torch.device, args: argparse.Namespace
@@ -336,7 +352,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             ("vs_full", "x full"), ("kvd_wait_ms_per_token", "kvd wait ms"),
             ("attention_other_ms_per_token", "attn other ms"), ("prefill_s", "prefill s"),
             ("fill_s", "synth fill s"), ("index_ready_s", "index wait s"), ("gpu_peak_gib", "GPU peak GiB"),
-            ("gpu_kv_fraction_pct", "KV on GPU %"), ("grpc_decode_ms_median", "over gRPC ms/tok")]
+            ("gpu_kv_fraction_pct", "KV on GPU %"), ("grpc_decode_ms_median", "over gRPC ms/tok"),
+            ("kvd_index_gib", "index GiB"), ("kvd_daemon_peak_rss_gib", "kvd peak RSS GiB")]
     return markdown_table(rows, cols, lambda row, key: "OOM" if row.get("oom") and key == "decode_ms_median" else "")
 
 
@@ -404,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
                                   index=kind, compare_client=grpc_client)
                 except torch.OutOfMemoryError:
                     res = {"ctx": ctx, "mode": label, "oom": True}
+                if daemon is not None:
+                    res.update(process_memory_gib(daemon.proc.pid))
                 runs.append(res)
                 if synthetic and "session" in res and not (args.stub_retrieval and kind == kinds[-1]):
                     with contextlib.suppress(Exception):

@@ -237,7 +237,8 @@ class GraphIndex(KeyIndex):
         cap = self._adj.shape[1]
         if needed <= cap:
             return
-        new_cap = max(needed, cap + cap // 2, 1024)
+        # rows are written -1 in full (resident at once): a long session's decode adds grow them by an eighth
+        new_cap = max(needed, cap + max(cap // 8, 1024))
         if self._mode != "session":
             keys = np.zeros((self._keys.shape[0], new_cap, self._keys.shape[2]), dtype=self._keys.dtype)
             keys[:, : self._count] = self._keys[:, : self._count]
