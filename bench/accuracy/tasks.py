@@ -8,8 +8,11 @@ is predicted from the token just before it (teacher forcing: the questions regio
   them in random order: at each question key the model must produce its value.
 - passkey: the block `MARK d1 d2 d3 d4 d5` (5 distinct digits) once in the haystack; question `MARK d1..d5`:
   after MARK the model must copy the 5 digits (one answer = all 5 right).
-- twohop: N chains `a -> b -> c` stored as two separate pairs `a b` and `b c` (a, b distinct keys, c a value);
-  questions `a c`: the model must follow both hops in one step.
+- twohop: N chains `a -> b -> c` stored as two separate pairs `a b` and `b c` (a, b distinct keys, c a value)
+  at unrelated places of the haystack; questions `a b c`: after `a` the model must produce b (first hop), after
+  `b` the value c, found by a second lookup whose key is the first hop's answer (one answer = both right).
+  Until 2026-11-22 the questions were `a c` (both hops inside one position's forward pass): no recipe got that
+  off chance (BENCHMARKS.md, issue 8), so the first hop's answer is now written out (a chain of thought).
 
 The depth of the passkey block can be fixed (needle-in-a-haystack grid). Vocabulary (384 ids): specials,
 10 digits, 128 keys, 128 values, 96 filler tokens.
@@ -36,6 +39,7 @@ HEAD = 2  # BOS, TASK
 # the facts and questions an item holds by default (training samples around these)
 DEFAULT_PAIRS = {"mqar": 32, "twohop": 12}
 DEFAULT_QUERIES = {"mqar": 8, "twohop": 4}
+QUESTION_WIDTH = {"mqar": 2, "twohop": 3}  # tokens per question: `key value` / `a b c`
 
 
 @dataclass
@@ -60,7 +64,7 @@ def question_len(task: str, queries: int | None = None) -> int:
     """Tokens of the questions region, SEP included."""
     if task == "passkey":
         return 2 + PASSKEY_DIGITS
-    return 1 + 2 * (queries or DEFAULT_QUERIES[task])
+    return 1 + QUESTION_WIDTH[task] * (queries or DEFAULT_QUERIES[task])
 
 
 def _randint(lo: int, hi: int, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
@@ -121,22 +125,24 @@ def make_batch(task: str, batch: int, length: int, gen: torch.Generator, *, pair
     if task == "mqar":
         first = _distinct(*KEYS, batch, n, gen)
         second = _randint(*VALUES, (batch, n), gen)
-        ask, answer = first, second
-    else:  # twohop: pairs (a, b) and (b, c)
+        question = [first, second]
+    else:  # twohop: pairs (a, b) and (b, c); questions `a b c`
         keys = _distinct(*KEYS, batch, 2 * n, gen)
         a, b = keys[:, :n], keys[:, n:]
         c = _randint(*VALUES, (batch, n), gen)
         first, second = torch.cat([a, b], dim=1), torch.cat([b, c], dim=1)
-        ask, answer = a, c
+        question = [a, b, c]
     starts = _block_starts(batch, hay, first.shape[1], 2, gen)
     tokens[rows, starts] = first
     tokens[rows, starts + 1] = second
     pick = _distinct(0, n, batch, m, gen)
-    q_pos = sep + 1 + 2 * torch.arange(m, device=dev)
-    tokens[:, q_pos] = torch.gather(ask, 1, pick)
-    tokens[:, q_pos + 1] = torch.gather(answer, 1, pick)
-    answer_mask[:, q_pos + 1] = True
-    answer_id[:, q_pos + 1] = torch.arange(m, device=dev)
+    width = len(question)
+    q_pos = sep + 1 + width * torch.arange(m, device=dev)
+    for j, part in enumerate(question):
+        tokens[:, q_pos + j] = torch.gather(part, 1, pick)
+        if j:  # every token after the asked key is an answer token
+            answer_mask[:, q_pos + j] = True
+            answer_id[:, q_pos + j] = torch.arange(m, device=dev)
     return Batch(task, tokens, answer_mask, answer_id, sep, m)
 
 
