@@ -6,7 +6,9 @@ yet: below its `seen_from` bound (it attended everything from there on through i
 its `seen_ids`. The reply carries that partial attention (float32 output + log-sum-exp, -inf when nothing is
 new); the client merges it into p's cached output by log-sum-exp, so the cached output stays equal to attention
 over the union of every key set p has been shown. Only the retrieved keys count: the wave index's estimation
-zone is not included.
+zone is not included. The past queries may travel stacked in RetrieveRequest.queries (past.stacked), and the
+reply may hold all outputs and log-sum-exps in one tensor (past.packed -> RetrieveResponse.packed, `write_packed`):
+fewer tensors to encode and decode per call, the integration's usual form.
 """
 
 from __future__ import annotations
@@ -43,19 +45,35 @@ class PastQueries:
     queries: torch.Tensor             # float32 [n, P, Hq, d] once checked
     seen_ids: torch.Tensor | None     # int64 [n, P, Hq, S]
     seen_from: torch.Tensor | None    # int64 [n, P]
+    packed: bool = False              # reply RetrieveResponse.packed (`write_packed`)
 
     def row(self, i: int) -> PastQueries:
         """Sequence i's past queries ([P, Hq, d], [P, Hq, S], [P])."""
         return PastQueries(self.queries[i], None if self.seen_ids is None else self.seen_ids[i],
-                           None if self.seen_from is None else self.seen_from[i])
+                           None if self.seen_from is None else self.seen_from[i], self.packed)
 
 
-def past_from_wire(codec: TensorCodec, message: pb.PastQueries) -> PastQueries:
-    """The tensors of RetrieveRequest.past, as sent (checked later by `check_past`)."""
-    queries = codec.read(message.queries, "past.queries")
-    assert queries is not None
-    return PastQueries(queries, codec.read(message.seen_ids, "past.seen_ids", required=False),
-                       codec.read(message.seen_from, "past.seen_from", required=False))
+def past_from_wire(codec: TensorCodec, message: pb.PastQueries, queries: torch.Tensor | None
+                   ) -> tuple[torch.Tensor | None, PastQueries]:
+    """The tensors of RetrieveRequest.past, as sent (checked later by `check_past`), and the current queries:
+    `queries` (RetrieveRequest.queries) itself, or its last row when the past queries are stacked in it."""
+    if message.stacked:
+        if message.HasField("queries"):
+            raise InvalidArgument("past.queries and past.stacked are exclusive")
+        count = message.stacked
+        if queries is None or queries.dim() != 4 or queries.shape[1] != count + 1:
+            shape = None if queries is None else list(queries.shape)
+            raise InvalidArgument(f"queries has shape {shape}, expected [n, {count + 1}, num_query_heads, head_dim] "
+                                  f"with past.stacked = {count}")
+        past_queries: torch.Tensor | None = queries[:, :count]
+        queries = queries[:, count]
+    else:
+        past_queries = codec.read(message.queries, "past.queries")
+    assert past_queries is not None
+    seen_ids = codec.read(message.seen_ids, "past.seen_ids", required=False) if message.HasField("seen_ids") else None
+    seen_from = (codec.read(message.seen_from, "past.seen_from", required=False) if message.HasField("seen_from")
+                 else None)
+    return queries, PastQueries(past_queries, seen_ids, seen_from, message.packed)
 
 
 def check_past(past: PastQueries, sequences: int, heads: int, head_dim: int) -> PastQueries:
@@ -81,7 +99,7 @@ def check_past(past: PastQueries, sequences: int, heads: int, head_dim: int) -> 
         check_dtype("past.seen_from", seen_from, ID_DTYPES)
         check_shape("past.seen_from", seen_from, (sequences, count))
         seen_from = seen_from.to(torch.int64)
-    return PastQueries(queries.float(), seen_ids, seen_from)
+    return PastQueries(queries.float(), seen_ids, seen_from, past.packed)
 
 
 def newly_seen(ids: torch.Tensor, count: int, seen_ids: torch.Tensor | None, seen_from: torch.Tensor | None
@@ -280,22 +298,22 @@ def attend_rows_past(keys: torch.Tensor, values: torch.Tensor, ids: torch.Tensor
     depend on it."""
     count, heads, dim = past.queries.shape
     seen, bound = _seen_arrays(count, heads, past.seen_ids, past.seen_from)
-    out = np.empty((heads, dim), np.float32)
-    lse = np.empty(heads, np.float32)
-    past_out = np.empty((count, heads, dim), np.float32)
-    past_lse = np.empty((count, heads), np.float32)
-    kstore, vstore = _raw(keys), _raw(values)
-    id_rows = np.ascontiguousarray(ids.numpy())
-    score_rows = np.ascontiguousarray(scores.float().numpy())
-    queries = np.ascontiguousarray(past.queries.numpy())
-    group = heads // values.shape[0]
-
-    def run(h0: int, h1: int) -> None:
-        _attend_rows_past(kstore, vstore, id_rows, score_rows, float(scale), group, queries, seen, bound, out, lse,
-                          past_out, past_lse, h0, h1)
-
-    share_ranges(run, heads, threads_for(heads, ids.shape[1], count) if threads is None else threads)
-    return torch.from_numpy(out), torch.from_numpy(lse), torch.from_numpy(past_out), torch.from_numpy(past_lse)
+    # one buffer in the layout of RetrieveResponse.packed ([P + 1, Hq, d + 1]: past rows, then the current query's;
+    # lse in the last column): the results are views of it, and `write_packed` sends it without copies
+    packed = torch.empty(count + 1, heads, dim + 1)
+    block = packed.numpy()
+    out, lse, past_out, past_lse = block[count, :, :dim], block[count, :, dim], block[:count, :, :dim], \
+        block[:count, :, dim]
+    args = (_raw(keys), _raw(values), np.ascontiguousarray(ids.numpy()), np.ascontiguousarray(scores.float().numpy()),
+            float(scale), heads // values.shape[0], np.ascontiguousarray(past.queries.numpy()), seen, bound, out, lse,
+            past_out, past_lse)
+    if threads is None:
+        threads = threads_for(heads, ids.shape[1], count)
+    if threads <= 1:
+        _attend_rows_past(*args, 0, heads)
+    else:
+        share_ranges(lambda h0, h1: _attend_rows_past(*args, h0, h1), heads, threads)
+    return packed[count, :, :dim], packed[count, :, dim], packed[:count, :, :dim], packed[:count, :, dim]
 
 
 WORK_PER_THREAD = 1024  # (head, row, query) triples per thread at least: a hand-off costs ~10-30 us
@@ -331,11 +349,13 @@ def share_ranges(fn: Callable[[int, int], None], total: int, threads: int) -> No
 def warmup() -> None:
     """Compile (or load from the numba cache) the kernels of past queries: ~1 s on the first one otherwise."""
     newly_seen(torch.tensor([[0, 1]]), 1, torch.tensor([[[0]]]), torch.tensor([2]))
-    ids = torch.tensor([[0, 1, -1]])
-    past = PastQueries(torch.ones(2, 1, 4), torch.tensor([[[0]], [[-1]]]), torch.tensor([2, 1]))
+    ids = torch.tensor([[0, 1, -1], [1, -1, -1]])
+    past = PastQueries(torch.ones(2, 2, 4), torch.tensor([[[0], [1]], [[-1], [-1]]]), torch.tensor([2, 1]))
     for dtype in (torch.bfloat16, torch.float32):
-        store = torch.ones(1, 2, 4, dtype=dtype)
-        attend_rows_past(store, store, ids, torch.ones(1, 3), 1.0, past)
+        # a session's store is a prefix view of a larger buffer (not contiguous to numba): both kinds, else the
+        # first call of a decode compiles for seconds
+        for store in (torch.ones(2, 2, 4, dtype=dtype), torch.ones(2, 3, 4, dtype=dtype)[:, :2]):
+            attend_rows_past(store, store, ids, torch.ones(2, 3), 1.0, past, threads=1)
 
 
 def attend_past(keys: torch.Tensor, values: torch.Tensor, ids: torch.Tensor, past: PastQueries, scale: float
@@ -361,6 +381,36 @@ def attend_past(keys: torch.Tensor, values: torch.Tensor, ids: torch.Tensor, pas
     probs = torch.where(new, probs, torch.zeros_like(probs))
     out = torch.einsum("phm,hmd->phd", probs, values[kv_head, rows].float())
     return out, lse
+
+
+def _packed_of(result: SequenceResult) -> torch.Tensor:
+    """A sequence's [P + 1, Hq, d + 1] block of RetrieveResponse.packed: the buffer that `attend_rows_past` wrote
+    when the results still view it, else assembled."""
+    out, lse, past_out, past_lse = result.output, result.lse, result.past_output, result.past_lse
+    assert out is not None and lse is not None and past_out is not None and past_lse is not None
+    base = out._base
+    count, dim = past_out.shape[0], out.shape[-1]
+    if (base is not None and base is past_out._base and base is lse._base and base is past_lse._base
+            and base.shape == (count + 1, out.shape[0], dim + 1) and base.is_contiguous()):
+        at = base.data_ptr()
+        row, item = base.stride(0) * 4, base.stride(2) * 4  # float32
+        if (out.data_ptr(), lse.data_ptr(), past_out.data_ptr(), past_lse.data_ptr()) == (
+                at + count * row, at + count * row + dim * item, at, at + dim * item):
+            return base
+    block = torch.empty(count + 1, out.shape[0], dim + 1)
+    block[count, :, :dim] = out
+    block[count, :, dim] = lse
+    block[:count, :, :dim] = past_out
+    block[:count, :, dim] = past_lse
+    return block
+
+
+def write_packed(codec: TensorCodec, writer: OutputWriter | None, results: list[SequenceResult],
+                 reply: pb.RetrieveResponse) -> None:
+    """RetrieveResponse.packed (past.packed): the outputs and log-sum-exps of the past and current queries in one
+    tensor, which the client copies to its device at once."""
+    blocks = [_packed_of(r) for r in results]
+    codec.write(writer, blocks[0].unsqueeze(0) if len(blocks) == 1 else torch.stack(blocks), reply.packed)
 
 
 def write_past(codec: TensorCodec, writer: OutputWriter | None, results: list[SequenceResult],

@@ -167,7 +167,9 @@ class KvdServicer(pb_grpc.KvdServicer):
         labels["mode"] = mode.value
         ranges = [(r.begin, r.end) for r in request.ranges] if request.ranges else None
         writer = codec.writer(request.output, request.HasField("output"))
-        past = retro.past_from_wire(codec, request.past) if request.HasField("past") else None
+        past = None
+        if request.HasField("past"):
+            queries, past = retro.past_from_wire(codec, request.past, queries)
         results, _sessions, promoted = self.engine.retrieve(
             tenant, list(request.session_ids), request.layer, queries, request.k, mode, ranges, request.scale,
             request.exact, dict(request.search_params), past=past)
@@ -180,6 +182,8 @@ class KvdServicer(pb_grpc.KvdServicer):
         if mode is Mode.IDS_KV:
             codec.write(writer, torch.stack([r.keys for r in results]), reply.keys)
             codec.write(writer, torch.stack([r.values for r in results]), reply.values)
+        elif mode is Mode.ATTENTION and past is not None and past.packed:
+            retro.write_packed(codec, writer, results, reply)
         elif mode is Mode.ATTENTION:
             codec.write(writer, torch.stack([r.output for r in results]), reply.output)
             codec.write(writer, torch.stack([r.lse for r in results]), reply.lse)

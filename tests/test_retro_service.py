@@ -72,6 +72,15 @@ def random_past(count: int, k_seen: int, gen: torch.Generator) -> tuple[torch.Te
     return past_q, seen, seen_from
 
 
+def assert_packed_equals(packed, got) -> None:
+    """A packed reply holds exactly the four tensors of the unpacked one, and only itself."""
+    assert packed.output is None and packed.lse is None and packed.past_output is None and packed.past_lse is None
+    assert torch.equal(packed.ids, got.ids)
+    rows = torch.cat([got.past_output, got.output.unsqueeze(-3)], dim=-3)
+    lses = torch.cat([got.past_lse, got.lse.unsqueeze(-2)], dim=-2)
+    assert torch.equal(packed.packed, torch.cat([rows, lses.unsqueeze(-1)], dim=-1))
+
+
 @pytest.mark.parametrize("shm", [False, True])
 def test_past_queries_match_brute_force(shared_daemon, sessions, shm):
     client = shared_daemon.client(shm=shm)
@@ -91,6 +100,13 @@ def test_past_queries_match_brute_force(shared_daemon, sessions, shm):
         assert torch.equal(got.output, plain.output) and torch.equal(got.lse, plain.lse)
         assert got.past_output.shape == (2, count, HQ, D) and got.past_lse.shape == (2, count, HQ)
         assert plain.past_output is None and plain.past_lse is None
+        assert_packed_equals(client.retrieve(sids, layer, q, k=k, past_queries=past_q, past_seen_ids=seen.int(),
+                                             past_seen_from=seen_from, packed=True), got)
+        # the past queries stacked in the queries tensor, current last: the same answer
+        stacked = client.retrieve(sids, layer, torch.cat([past_q, q.unsqueeze(1)], dim=1), k=k,
+                                  past_in_queries=count, past_seen_ids=seen.int(), past_seen_from=seen_from)
+        for name in ("ids", "output", "lse", "past_output", "past_lse"):
+            assert torch.equal(getattr(stacked, name), getattr(got, name)), name
         for i, sid in enumerate(sids):
             keys, values = sessions[sid]
             ref_out, ref_lse = reference_past(keys[layer], values[layer], got.ids[i], past_q[i], seen[i],
@@ -128,6 +144,21 @@ def test_single_session_and_optional_fields(shared_daemon, sessions):
     again = client.retrieve(sid, 0, q, k=30, past_queries=q.unsqueeze(0))
     assert torch.allclose(again.past_output[0], again.output, atol=1e-6)
     assert torch.allclose(again.past_lse[0], again.lse, atol=1e-6)
+    # packed replies of one session, from the daemon's torch path (fp16) and its fused kernel (bf16)
+    for one in sessions:
+        args = dict(past_queries=past_q, past_seen_ids=seen[:, :, :7], past_seen_from=bound)
+        assert_packed_equals(client.retrieve(one, 1, q, k=30, packed=True, **args),
+                             client.retrieve(one, 1, q, k=30, **args))
+    with pytest.raises(ValueError, match="packed needs past queries"):
+        client.retrieve(sid, 0, q, k=30, packed=True)
+    # one session, past queries stacked before the current one, packed reply: as the integration calls it
+    for one in sessions:
+        args = dict(past_seen_ids=seen[:, :, :7], past_seen_from=bound)
+        assert_packed_equals(client.retrieve(one, 1, torch.cat([past_q, q.unsqueeze(0)]), k=30, past_in_queries=2,
+                                             packed=True, **args),
+                             client.retrieve(one, 1, q, k=30, past_queries=past_q, **args))
+    with pytest.raises(ValueError, match="exclusive"):
+        client.retrieve(sid, 0, torch.cat([past_q, q.unsqueeze(0)]), k=30, past_in_queries=2, past_queries=past_q)
     client.close()
 
 
@@ -170,12 +201,20 @@ def test_bad_past_queries(shared_daemon, sessions):
     truncated.inline = truncated.inline[:-4]
     expect(pb.RetrieveRequest(session_ids=sids, layer=0, queries=encode_inline(q), k=8,
                               past=pb.PastQueries(queries=truncated)), "past.queries", "bytes")
+    stacked = pb.PastQueries(stacked=1)
+    expect(pb.RetrieveRequest(session_ids=sids, layer=0, queries=encode_inline(q), k=8, past=stacked),
+           "queries has shape [2, 4, 16], expected [n, 2, num_query_heads, head_dim] with past.stacked = 1")
+    both = pb.PastQueries(stacked=1, queries=encode_inline(good))
+    expect(pb.RetrieveRequest(session_ids=sids, layer=0, queries=encode_inline(torch.randn(2, 2, HQ, D)), k=8,
+                              past=both), "exclusive")
+    expect(pb.RetrieveRequest(session_ids=sids, layer=0, queries=encode_inline(torch.randn(2, 3, HQ, D)), k=8,
+                              past=stacked), "past.stacked = 1")
     channel.close()
     # the client raises the typed error; the daemon keeps serving
     client = shared_daemon.client()
     with pytest.raises(InvalidArgumentError, match=r"past\.queries has shape"):
         client.retrieve(sids, 0, q, k=8, past_queries=torch.randn(2, 1, HQ, D - 1))
-    with pytest.raises(ValueError, match="need past_queries"):
+    with pytest.raises(ValueError, match="need past queries"):
         client.retrieve(sids, 0, q, k=8, past_seen_from=torch.zeros(2, 1, dtype=torch.int64))
     assert client.retrieve(sids, 0, q, k=8, past_queries=good).past_lse.shape == (2, 1, HQ)
     client.close()

@@ -70,11 +70,13 @@ def append_request(placer: Placer, session_id: str, start: int, keys: torch.Tens
     return request
 
 
-def normalize_queries(session_ids: str | Sequence[str], queries: Any) -> tuple[list[str], torch.Tensor, bool]:
+def normalize_queries(session_ids: str | Sequence[str], queries: Any, stacked: int = 0
+                      ) -> tuple[list[str], torch.Tensor, bool]:
+    """`stacked` P: queries hold P past queries before the current one ([n, P + 1, Hq, d])."""
     single = isinstance(session_ids, str)
     ids = [session_ids] if single else list(session_ids)
     tensor = wire.as_torch(queries)
-    if single and tensor.dim() == 2:
+    if single and tensor.dim() == (3 if stacked else 2):
         tensor = tensor.unsqueeze(0)
     return ids, tensor.contiguous(), single
 
@@ -89,27 +91,29 @@ def retrieve_output_bytes(n: int, heads: int, k: int, head_dim: int, mode: str, 
     return size
 
 
-def normalize_past(single: bool, past_queries: Any, past_seen_ids: Any, past_seen_from: Any
-                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
-    """Past-query tensors as CPU tensors with the batch axis (added for a single session id)."""
-    if past_queries is None:
+def normalize_past(single: bool, past_queries: Any, past_seen_ids: Any, past_seen_from: Any, stacked: int = 0
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None:
+    """Past-query tensors as CPU tensors with the batch axis (added for a single session id); with `stacked`
+    the past queries are in the queries tensor (past_queries must be None)."""
+    if stacked and past_queries is not None:
+        raise ValueError("past_queries and past_in_queries are exclusive")
+    if past_queries is None and not stacked:
         if past_seen_ids is not None or past_seen_from is not None:
-            raise ValueError("past_seen_ids and past_seen_from need past_queries")
+            raise ValueError("past_seen_ids and past_seen_from need past queries")
         return None
     tensors = [None if t is None else wire.as_torch(t).contiguous() for t in (past_queries, past_seen_ids,
                                                                              past_seen_from)]
     if single:
         tensors = [None if t is None else t.unsqueeze(0) for t in tensors]
     queries, seen_ids, seen_from = tensors
-    assert queries is not None
     return queries, seen_ids, seen_from
 
 
 def retrieve_request(placer: Placer, session_ids: list[str], layer: int, queries: torch.Tensor, k: int, mode: str,
                      ranges: Sequence[tuple[int, int]] | None, scale: float | None, exact: bool,
                      search_params: dict[str, Any] | None,
-                     past: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
-                     ) -> pb.RetrieveRequest:
+                     past: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None = None,
+                     packed: bool = False, stacked: int = 0) -> pb.RetrieveRequest:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, not {mode!r}")
     request = pb.RetrieveRequest(session_ids=session_ids, layer=layer, queries=placer.tensor(queries), k=k,
@@ -119,11 +123,16 @@ def retrieve_request(placer: Placer, session_ids: list[str], layer: int, queries
         request.ranges.extend(pb.TokenRange(begin=b, end=e) for b, e in ranges)
     if past is not None:
         queries_p, seen_ids, seen_from = past
-        request.past.queries.CopyFrom(placer.tensor(queries_p))
+        if queries_p is not None:
+            request.past.queries.CopyFrom(placer.tensor(queries_p))
+        if stacked:
+            request.past.stacked = stacked
         if seen_ids is not None:
             request.past.seen_ids.CopyFrom(placer.tensor(seen_ids))
         if seen_from is not None:
             request.past.seen_from.CopyFrom(placer.tensor(seen_from))
+        if packed:
+            request.past.packed = True
     output = placer.output_ref()
     if output is not None:
         request.output.CopyFrom(output)
@@ -139,7 +148,7 @@ def retrieve_result(reply: pb.RetrieveResponse, placer: Placer, single: bool) ->
         ids=read(reply.ids), counts=list(reply.counts), index_kinds=[INDEX_NAMES.get(k, "") for k in reply.index_kinds],
         server_ms=reply.server_ms, promoted=list(reply.promoted), keys=read(reply.keys), values=read(reply.values),
         output=read(reply.output), lse=read(reply.lse), past_output=read(reply.past_output),
-        past_lse=read(reply.past_lse),
+        past_lse=read(reply.past_lse), packed=read(reply.packed),
     )
 
 

@@ -232,8 +232,8 @@ class KvdClient:
     def retrieve(self, session_ids: str | Sequence[str], layer: int, queries: Any, *, k: int,
                  mode: str = "attention", ranges: Sequence[tuple[int, int]] | None = None,
                  scale: float | None = None, exact: bool = False, search_params: dict[str, Any] | None = None,
-                 past_queries: Any = None, past_seen_ids: Any = None, past_seen_from: Any = None
-                 ) -> RetrieveResult:
+                 past_queries: Any = None, past_seen_ids: Any = None, past_seen_from: Any = None,
+                 packed: bool = False, past_in_queries: int = 0) -> RetrieveResult:
         """Top-k keys per query head of one layer, for one session or a batch of sessions.
 
         queries: [n, num_query_heads, head_dim] for a list of n sessions, or [num_query_heads, head_dim] for one
@@ -247,18 +247,33 @@ class KvdClient:
         of the same layer; each also attends those of the keys retrieved now for its query head that are below
         past_seen_from [n, P] (it saw the rest through its window) and not in past_seen_ids [n, P, Hq, S]
         (-1 = none). result.past_output / past_lse hold that partial attention (lse -inf when nothing is new).
-        With one session id the leading n axis is left out of these too.
+        With one session id the leading n axis is left out of these too. packed (with past queries): the reply
+        holds result.packed, float32 [n, P + 1, Hq, head_dim + 1] (past rows, then the current query's; lse in
+        the last column), instead of output, lse, past_output and past_lse: one tensor to decode and copy.
+        past_in_queries P (instead of past_queries): queries is [n, P + 1, num_query_heads, head_dim] (or
+        [P + 1, num_query_heads, head_dim] for one session id), the P past queries first, the current one last:
+        one tensor to send.
         """
-        ids, tensor, single = calls.normalize_queries(session_ids, queries)
-        past = calls.normalize_past(single, past_queries, past_seen_ids, past_seen_from)
+        stacked = int(past_in_queries)
+        if packed and past_queries is None and not stacked:
+            raise ValueError("packed needs past queries")
+        ids, tensor, single = calls.normalize_queries(session_ids, queries, stacked)
+        past = calls.normalize_past(single, past_queries, past_seen_ids, past_seen_from, stacked)
         info = self._shape(ids[0])
-        count = 0 if past is None else (past[0].shape[1] if past[0].dim() > 1 else 1)
+        if past is None:
+            count = 0
+        elif stacked:
+            count = stacked
+        else:
+            assert past[0] is not None
+            count = past[0].shape[1] if past[0].dim() > 1 else 1
         out = calls.retrieve_output_bytes(len(ids), tensor.shape[-2], k, tensor.shape[-1], mode,
                                           calls.element_size(info.dtype), count)
         needed = calls.nbytes(tensor) + out + (0 if past is None else sum(calls.nbytes(t) for t in past))
         return self._with_tensors(needed, lambda placer: calls.retrieve_result(
             self._invoke("Retrieve", calls.retrieve_request(placer, ids, layer, tensor, k, mode, ranges, scale, exact,
-                                                            search_params, past)), placer, single))
+                                                            search_params, past, packed, stacked)), placer,
+            single))
 
     def fetch(self, session_id: str, begin: int = 0, end: int | None = None, *, layers: Sequence[int] | None = None,
               with_token_ids: bool = False) -> FetchResult:

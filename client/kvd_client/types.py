@@ -73,6 +73,9 @@ class RetrieveResult:
     lse:    float32 [n, Hq], log-sum-exp of the scaled scores of those keys (-inf for an empty set)
     past_output, past_lse: with past queries, float32 [n, P, Hq, head_dim] and [n, P, Hq]: each past query's
             partial attention over the keys it had not seen yet (lse -inf when none)
+    packed: with past queries and packed=True, float32 [n, P + 1, Hq, head_dim + 1] instead of output, lse,
+            past_output and past_lse (None then): row p < P is past query p's, row P the current query's, the
+            log-sum-exp in the last column
     """
 
     ids: torch.Tensor
@@ -86,6 +89,7 @@ class RetrieveResult:
     lse: torch.Tensor | None = None
     past_output: torch.Tensor | None = None
     past_lse: torch.Tensor | None = None
+    packed: torch.Tensor | None = None
 
 
 @dataclass
