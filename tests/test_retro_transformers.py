@@ -282,9 +282,9 @@ def test_request_leaves_out_bounds_that_exclude_nothing() -> None:
         layer.commit(torch.zeros(2, 1, 4, 8), torch.zeros(2, 1, 4), torch.randn(2, 4, 8),
                      torch.randint(0, 100, (2, 4, 5)), 100, capacity=1)
     got = layers[0].request(bounds, end=100)
-    assert set(got) == {"past_queries", "past_seen_ids"}
-    assert got["past_queries"].shape == (2, 1, 4, 8)
-    assert got["past_queries"].data_ptr() == layers[0].queries[0].data_ptr()
+    assert set(got) == {"below", "past_in_queries", "past_seen_ids", "packed"}
+    assert got["below"].shape == (2, 1, 4, 8) and got["past_in_queries"] == 1
+    assert got["below"].data_ptr() == layers[0].queries[0].data_ptr()
     flushed = [layer.request(bounds, end=132) for layer in layers]
     assert torch.equal(flushed[0]["past_seen_from"], torch.tensor([[100], [100]]))
     assert flushed[0]["past_seen_from"] is flushed[1]["past_seen_from"]  # shared by the layers

@@ -550,9 +550,11 @@ class KVDCache(Cache):
         return got
 
     def _start_retrieve(self, layer_idx: int, q_host: torch.Tensor, event: Any, ranges: list[tuple[int, int]],
-                        sids: list[str], scale: float, **past: torch.Tensor) -> Callable[[], Any]:
+                        sids: list[str], scale: float, below: torch.Tensor | None = None, **past: Any
+                        ) -> Callable[[], Any]:
         """Start the Retrieve call (in the worker thread with overlap=True); returns a waiter for its result.
-        `past`: retro's past-query arguments."""
+        `past`: retro's past-query arguments; `below`: its cached queries [B, P, Hq, D], sent stacked before q_host
+        in one queries tensor."""
         cfg = self.config
         client = self.client
         log = self.retrieve_log
@@ -561,7 +563,8 @@ class KVDCache(Cache):
         def call() -> Any:
             if event is not None:
                 event.synchronize()
-            res = client.retrieve(sids, layer_idx, q_host, k=cfg.top_k, mode="attention", ranges=ranges,
+            queries = q_host if below is None else torch.cat([below, q_host.unsqueeze(1)], dim=1)
+            res = client.retrieve(sids, layer_idx, queries, k=cfg.top_k, mode="attention", ranges=ranges,
                                   scale=scale, exact=exact, **past)
             if log is not None:
                 log.append((layer_idx, res))

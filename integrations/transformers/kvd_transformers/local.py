@@ -42,6 +42,7 @@ class LocalRetrieveResult:
     values: torch.Tensor | None = None
     past_output: torch.Tensor | None = None
     past_lse: torch.Tensor | None = None
+    packed: torch.Tensor | None = None
 
 
 @dataclass
@@ -117,13 +118,16 @@ class LocalKvdClient:
     def retrieve(self, session_ids: str | list[str], layer: int, queries: Any, *, k: int,
                  mode: str = "attention", ranges: list[tuple[int, int]] | None = None,
                  scale: float | None = None, exact: bool = False, past_queries: Any = None,
-                 past_seen_ids: Any = None, past_seen_from: Any = None) -> LocalRetrieveResult:
+                 past_seen_ids: Any = None, past_seen_from: Any = None, packed: bool = False,
+                 past_in_queries: int = 0) -> LocalRetrieveResult:
         self.calls["retrieve"] += 1
         if isinstance(session_ids, str):
             session_ids = [session_ids]
         q = torch.as_tensor(queries).float()
-        if q.dim() == 2:
+        if q.dim() == (3 if past_in_queries else 2):
             q = q.unsqueeze(0)
+        if past_in_queries:  # KvdClient's stacked past queries: [n, P + 1, Hq, D], the current query last
+            past_queries, q = q[:, :past_in_queries], q[:, past_in_queries]
         n, hq, d = q.shape
         scale = scale if scale else 1.0 / math.sqrt(d)
         ids = torch.full((n, hq, k), -1, dtype=torch.int64)
@@ -159,6 +163,11 @@ class LocalKvdClient:
         if past_queries is not None:
             result.past_output, result.past_lse = self._past(session_ids, layer, ids, past_queries, past_seen_ids,
                                                              past_seen_from, scale)
+            if packed:  # KvdClient's packed reply: [n, P + 1, Hq, D + 1], lse in the last column
+                rows = torch.cat([result.past_output, out.unsqueeze(1)], dim=1)
+                lses = torch.cat([result.past_lse, lse.unsqueeze(1)], dim=1)
+                result = LocalRetrieveResult(ids=ids, counts=counts,
+                                             packed=torch.cat([rows, lses.unsqueeze(-1)], dim=-1))
         return result
 
     def _past(self, session_ids: list[str], layer: int, ids: torch.Tensor, queries: Any, seen_ids: Any,

@@ -58,13 +58,15 @@ class RetroLayer:
             self.out, self.lse = self.out[:, drop:], self.lse[:, drop:]
 
     def request(self, bounds: dict[tuple[int, ...], torch.Tensor] | None = None, end: int | None = None
-                ) -> dict[str, torch.Tensor]:
+                ) -> dict[str, Any]:
         """The past-query arguments of client.retrieve for the cached entries (views where one entry is cached,
-        the usual w = 2). `bounds`: a memo of seen_from tensors shared by the layers (they hold the same
-        bounds). `end`: where this call's ranges end; when no entry's bound is below it (no flush since their
-        steps, the usual case) the bounds exclude nothing and are left out (one tensor less each way)."""
+        the usual w = 2), plus `below`: the cached queries [B, P, Hq, D], which KVDCache._start_retrieve stacks
+        before the new token's query (client.retrieve's past_in_queries). `bounds`: a memo of seen_from tensors
+        shared by the layers (they hold the same bounds). `end`: where this call's ranges end; when no entry's
+        bound is below it (no flush since their steps, the usual case) the bounds exclude nothing and are left out
+        (one tensor less each way)."""
         b = self.queries[0].shape[0]
-        got: dict[str, torch.Tensor] = {}
+        got: dict[str, Any] = {}
         if end is None or min(self.seen_from) < end:
             key = (b, *self.seen_from)
             seen_from = None if bounds is None else bounds.get(key)
@@ -75,14 +77,17 @@ class RetroLayer:
                         bounds.clear()
                     bounds[key] = seen_from
             got["past_seen_from"] = seen_from
+        # one reply tensor in the layout of `stage` (RetrieveResult.packed); the cached queries travel in the queries
+        # tensor, stacked `below` the new one once its host copy arrived (KVDCache._start_retrieve)
+        got.update(packed=True, past_in_queries=len(self))
         if len(self) == 1:
-            got.update(past_queries=self.queries[0].unsqueeze(1), past_seen_ids=self.seen[0].unsqueeze(1))
+            got.update(below=self.queries[0].unsqueeze(1), past_seen_ids=self.seen[0].unsqueeze(1))
             return got
         seen = torch.full((b, len(self), self.seen[0].shape[1], max(s.shape[-1] for s in self.seen)), -1,
                           dtype=torch.int64)
         for p, ids in enumerate(self.seen):
             seen[:, p, :, :ids.shape[-1]] = ids
-        got.update(past_queries=torch.stack(self.queries, dim=1), past_seen_ids=seen)
+        got.update(below=torch.stack(self.queries, dim=1), past_seen_ids=seen)
         return got
 
     def note_retrieved(self, ids: torch.Tensor, capacity: int) -> None:
@@ -92,23 +97,26 @@ class RetroLayer:
         for p in range(max(0, len(self) - capacity + 1), len(self)):
             self.seen[p] = torch.cat([self.seen[p], ids], dim=-1)
 
-    def stage(self, out: torch.Tensor, lse: torch.Tensor, past_out: torch.Tensor | None,
-              past_lse: torch.Tensor | None) -> torch.Tensor:
-        """kvd's answer as one host tensor [B, P + 1, Hq, D + 1] (the P past queries' partial attention over their
-        newly seen keys, then the new token's over its retrieved keys; lse in the last column), for a single
-        host-to-device copy."""
-        rows = 1 + (0 if past_out is None else past_out.shape[1])
-        shape = (out.shape[0], rows, out.shape[1], out.shape[2] + 1)
+    def stage(self, res: Any, count: int) -> torch.Tensor:
+        """kvd's answer `res` as one host tensor [B, P + 1, Hq, D + 1] (the P past queries' partial attention over
+        their newly seen keys, then the new token's over its retrieved keys; lse in the last column), for a single
+        host-to-device copy: one copy of RetrieveResult.packed (the same layout) when the call asked for it."""
+        packed = getattr(res, "packed", None)
+        out = res.output if packed is None else packed
+        shape = (out.shape[0], count + 1, out.shape[-2], out.shape[-1] + (packed is None))
         host = self.host
         if host is None or host.shape != shape:
             host = self.host = torch.empty(shape, dtype=torch.float32, pin_memory=torch.cuda.is_available())
             self.host_parts = (host[:, -1, :, :-1], host[:, -1, :, -1], host[:, :-1, :, :-1], host[:, :-1, :, -1])
+        if packed is not None:
+            host.copy_(packed)
+            return host
         parts = self.host_parts
-        parts[0].copy_(out)
-        parts[1].copy_(lse)
-        if past_out is not None and past_lse is not None:
-            parts[2].copy_(past_out)
-            parts[3].copy_(past_lse)
+        parts[0].copy_(res.output)
+        parts[1].copy_(res.lse)
+        if count:
+            parts[2].copy_(res.past_output)
+            parts[3].copy_(res.past_lse)
         return host
 
     def rows(self, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,13 +212,13 @@ class RetroState:
         count = len(cache)
         if count:
             cache.note_retrieved(res.ids, self.capacity)
-            self._uncounted.append(res.past_lse)
+            packed = getattr(res, "packed", None)
+            self._uncounted.append(res.past_lse if packed is None else packed[:, :count, :, -1])
             if len(self._uncounted) >= 256:
                 self._count()
         base_out, base_lse = base
         d = base_out.shape[-1]
-        both = cache.stage(res.output, res.lse, res.past_output if count else None,
-                           res.past_lse if count else None).to(device, non_blocking=True)
+        both = cache.stage(res, count).to(device, non_blocking=True)
         lse_r = both[..., d]
         out = torch.lerp(base_out, both[..., :d], torch.sigmoid(lse_r - base_lse).unsqueeze(-1))
         keep = min(self.capacity, count + 1)  # only the rows that stay cached need their log-sum-exp
