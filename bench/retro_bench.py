@@ -71,6 +71,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--flush", type=int, default=32)
     p.add_argument("--index", default=None, help="index kind of the sessions (default: the daemon's); not wave")
+    p.add_argument("--index-params", default=None,
+                   help="index params of the sessions, comma-separated key=value (create_session's index_params), "
+                        "e.g. window=2,enhance_ef=0 with --index graph")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="speed phase: run base and every window this many times, alternately (shows the noise)")
+    p.add_argument("--interleave", action="store_true",
+                   help="speed phase: decode base and every window side by side, one cache each, alternating "
+                        "within every step (paired per-step differences: robust to a machine whose speed drifts)")
     p.add_argument("--exact", action="store_true", help="force kvd's exact scan")
     p.add_argument("--index-wait", type=float, default=240.0,
                    help="seconds to wait for the sessions' indexes after the prefill (non-flat kinds)")
@@ -206,6 +214,8 @@ def _id_sets(ids: torch.Tensor | None, bound: int, count: int) -> list[set[int]]
 def knobs(args: argparse.Namespace, window: int) -> dict[str, Any]:
     got: dict[str, Any] = {"sink_tokens": args.sink, "window_tokens": args.window, "flush_tokens": args.flush,
                            "top_k": args.top_k, "index": args.index, "exact": args.exact, "overlap": args.overlap}
+    if args.index_params:
+        got["index_params"] = dict(item.split("=", 1) for item in args.index_params.split(",") if item)
     if window > 1:
         got.update(retro=True, retro_window=window)
     return got
@@ -273,24 +283,107 @@ def decode_run(model: Any, client: Any, prompt: torch.Tensor, steps: int, window
     return res, tokens, cache
 
 
+def interleaved_runs(model: Any, client: Any, prompt: torch.Tensor, windows: list[int], args: argparse.Namespace,
+                     device: torch.device) -> list[dict[str, Any]]:
+    """Base and every window decoded side by side: one cache (session) each, prefilled one after the other, then
+    every step runs each variant on the same token (the base's greedy choice), in an order that alternates from
+    step to step. Besides each variant's own medians, `paired_overhead_pct` is the median of the per-step
+    differences to the base over the base's median: a drift of the machine's speed hits both alike."""
+    kvd_transformers.enable(model)
+    variants = [1, *windows]
+    caches = {w: KVDCache(client, session=f"retro-bench-{uuid.uuid4().hex[:8]}", **knobs(args, w)) for w in variants}
+    rows = {w: {"variant": "base" if w == 1 else f"retro w={w}", "window": w, "interleaved": True} for w in variants}
+    times: dict[int, list[float]] = {w: [] for w in variants}
+    steps = args.warmup + args.speed_steps
+    with torch.no_grad():
+        for w in variants:
+            sync(device)
+            t = time.perf_counter()
+            for s in range(0, prompt.shape[1], args.prefill_chunk):
+                out = model(prompt[:, s:s + args.prefill_chunk], past_key_values=caches[w], logits_to_keep=1)
+            caches[w].flush()
+            sync(device)
+            rows[w]["prefill_s"] = round(time.perf_counter() - t, 2)
+            if w == 1:
+                token = out.logits[:, -1:].argmax(-1)
+        for w in variants:
+            rows[w]["index_wait_s"] = (None if args.exact
+                                       else wait_indexes(client, caches[w].session_ids[0], args.index_wait))
+        for i in range(steps):
+            following = token
+            for w in (variants if i % 2 == 0 else variants[::-1]):
+                sync(device)
+                t = time.perf_counter()
+                logits = model(token, past_key_values=caches[w]).logits
+                sync(device)
+                times[w].append(time.perf_counter() - t)
+                if w == 1:
+                    following = logits[:, -1:].argmax(-1)
+                if i == args.warmup:
+                    caches[w].stats.reset()
+            token = following
+            if i + 1 == min(steps, args.warmup + 16):
+                print("  " + ", ".join(f"{rows[w]['variant']}: {1000 * statistics.median(times[w][args.warmup:]):.1f}"
+                                       for w in variants) + " ms/token so far", flush=True)
+    base = times[1][args.warmup + 1:]
+    for w in variants:
+        timed = times[w][args.warmup + 1:]  # the stats were reset during step `warmup`
+        st = caches[w].stats
+        rows[w].update({"steps": steps, "ms_per_token_median": round(1000 * statistics.median(timed), 3),
+                        "ms_per_token_mean": round(1000 * statistics.mean(timed), 3),
+                        "kvd_wait_ms_per_token": round(1000 * st.retrieve_wait_s / len(timed), 3),
+                        "attention_ms_per_token": round(1000 * st.decode_s / len(timed), 3)})
+        if w > 1:
+            diffs = [b - a for a, b in zip(base, timed, strict=True)]
+            rows[w]["paired_overhead_pct"] = round(100 * statistics.median(diffs) / statistics.median(base), 2)
+            retro = caches[w].retro
+            heads = model.config.num_attention_heads * prompt.shape[0] * model.config.num_hidden_layers
+            rows[w]["past_heads_with_new_keys_pct"] = round(100 * retro.corrections / max(1, retro.rerun_rows * heads),
+                                                            2)
+        caches[w].close()
+        with contextlib.suppress(Exception):
+            client.delete_session(caches[w].session_ids[0])
+    return [rows[w] for w in variants]
+
+
 def speed_phase(client: Any, args: argparse.Namespace, device: torch.device, windows: list[int],
                 rows: list[dict[str, Any]], save: Any) -> None:
     model, cfg = build_model(args.layers, args, device)
     prompt = torch.randint(0, cfg.vocab_size, (1, args.speed_prompt), generator=torch.Generator().manual_seed(1))
     prompt = prompt.to(device)
+    if args.interleave:
+        for rep in range(args.repeat):
+            got = interleaved_runs(model, client, prompt, windows, args, device)
+            for res in got:
+                res.update(phase="speed", layers=args.layers, prompt=args.speed_prompt,
+                           overhead_pct=overhead(res, got[0]))
+                if args.repeat > 1:
+                    res["round"] = rep + 1
+                rows.append(res)
+                print(json.dumps(res), flush=True)
+            save()
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return
     base: dict[str, Any] = {}
     stream = None
     steps = args.warmup + args.speed_steps
-    for window in [1, *windows]:
-        print(f"speed: {'base' if window == 1 else f'retro w={window}'}", flush=True)
-        res, tokens, _ = decode_run(model, client, prompt, steps, window, args, device, stream)
-        res.update(phase="speed", layers=args.layers, prompt=args.speed_prompt)
-        if stream is None:
-            stream, base = tokens[:-1], res
-        res["overhead_pct"] = overhead(res, base)
-        rows.append(res)
-        print(json.dumps(res), flush=True)
-        save()
+    for rep in range(args.repeat):
+        for window in [1, *windows]:
+            print(f"speed: {'base' if window == 1 else f'retro w={window}'}", flush=True)
+            res, tokens, _ = decode_run(model, client, prompt, steps, window, args, device, stream)
+            res.update(phase="speed", layers=args.layers, prompt=args.speed_prompt)
+            if args.repeat > 1:
+                res["round"] = rep + 1
+            if stream is None:
+                stream = tokens[:-1]
+            if window == 1:
+                base = res  # each round's rows against that round's base
+            res["overhead_pct"] = overhead(res, base)
+            rows.append(res)
+            print(json.dumps(res), flush=True)
+            save()
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -365,8 +458,10 @@ def full_attention_hidden(model: Any, prompt: torch.Tensor, stream: list[torch.T
 
 # --- report ----------------------------------------------------------------------------------------------------
 def table(rows: list[dict[str, Any]]) -> str:
-    cols = [("phase", "phase"), ("layers", "layers"), ("variant", "variant"), ("ms_per_token_median", "ms/token"),
-            ("overhead_pct", "overhead %"), ("kvd_wait_ms_per_token", "kvd wait ms"),
+    cols = [("phase", "phase"), ("layers", "layers"), ("variant", "variant"), ("round", "round"),
+            ("ms_per_token_median", "ms/token"),
+            ("overhead_pct", "overhead %"), ("paired_overhead_pct", "paired overhead %"),
+            ("kvd_wait_ms_per_token", "kvd wait ms"),
             ("attention_ms_per_token", "attention ms"),
             ("attn_err_own_step_pct", "attn err at own step %"), ("attn_err_corrected_pct", "attn err corrected %"),
             ("hidden_err_pct", "hidden err %"), ("past_heads_with_new_keys_pct", "past heads w/ new keys %"),

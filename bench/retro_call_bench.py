@@ -15,6 +15,9 @@ server time (RetrieveResponse.server_ms), and the paired extra of each past coun
     python bench/retro_call_bench.py --compare-target unix:///tmp/before.sock   # A/B against another tree
     python bench/retro_call_bench.py --kernel 1,2,4,6       # in-process: the fused kernel alone on 1, 2, 4, 6
                                                            # threads vs gather_kernels.attend_rows (no daemon)
+    python bench/retro_call_bench.py --transport             # in-process: the Python of encoding, parsing,
+                                                           # replying and decoding one call (P=1), plain vs past
+                                                           # queries in their own fields vs stacked + packed
 """
 
 from __future__ import annotations
@@ -56,6 +59,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "same calls, interleaved: an A/B of two trees on one loaded machine")
     p.add_argument("--kernel", default=None,
                    help="comma-separated thread counts: time kvd.retro.attend_rows_past in-process instead")
+    p.add_argument("--packed", action=argparse.BooleanOptionalAction, default=True,
+                   help="ask for the packed reply (RetrieveResult.packed), as the integration does")
+    p.add_argument("--stacked", action=argparse.BooleanOptionalAction, default=True,
+                   help="send the past queries stacked in the queries tensor (past_in_queries), as the integration "
+                        "does")
+    p.add_argument("--transport", action="store_true",
+                   help="time the transport steps of one call in-process instead (no daemon)")
     p.add_argument("--out", default=None, help="JSON path (default: $OUT/retro_call_bench.json if OUT is set)")
     return p.parse_args(argv)
 
@@ -86,15 +96,20 @@ def measure(clients: dict[str, Any], args: argparse.Namespace, sid: str, counts:
         if timed_from is None and time.perf_counter() - started_all >= args.warmup:
             timed_from = i
         query = torch.randn(1, HEADS, DIM, generator=gen)
-        pasts: dict[int, dict[str, torch.Tensor]] = {0: {}}
+        pasts: dict[int, dict[str, Any]] = {0: {"queries": query}}
         for p in counts[1:]:
-            pasts[p] = {"past_queries": torch.randn(1, p, HEADS, DIM, generator=gen),
-                        "past_seen_ids": prev.ids.unsqueeze(1).expand(1, p, HEADS, K),
-                        "past_seen_from": torch.full((1, p), args.tokens - WINDOW, dtype=torch.int64)}
+            past_q = torch.randn(1, p, HEADS, DIM, generator=gen)
+            pasts[p] = {"past_seen_ids": prev.ids.unsqueeze(1).expand(1, p, HEADS, K),
+                        "past_seen_from": torch.full((1, p), args.tokens - WINDOW, dtype=torch.int64),
+                        "packed": args.packed}
+            if args.stacked:
+                pasts[p].update(queries=torch.cat([past_q, query.unsqueeze(1)], dim=1), past_in_queries=p)
+            else:
+                pasts[p].update(queries=query, past_queries=past_q)
         for name, p in (order if i % 2 else order[::-1]):
             slot += 1  # every call to another layer: its rows are cold
             started = time.perf_counter()
-            res = clients[name].retrieve([sid], slot % args.layers, query, k=K, ranges=ranges, **pasts[p])
+            res = clients[name].retrieve([sid], slot % args.layers, k=K, ranges=ranges, **pasts[p])
             took = 1000 * (time.perf_counter() - started)
             if timed_from is not None:
                 got[name][p]["call_ms"].append(took)
@@ -150,9 +165,120 @@ def kernel(args: argparse.Namespace, counts: list[int]) -> list[dict[str, Any]]:
     return [{"past": p, "threads": t, "kernel_ms": round(statistics.median(v), 3)} for (p, t), v in times.items()]
 
 
+def transport(reps: int = 3000) -> list[dict[str, Any]]:
+    """Median microseconds of each transport step of one decode-shaped call (one sequence, P=1, k=100), in-process
+    on a shared-memory region: the client's request encoding, the daemon's parse and checks of the past queries,
+    the daemon's reply, the client's decoding; for the plain call, past queries in their own fields with four
+    reply tensors, and the integration's form (stacked in the queries tensor, packed reply)."""
+    from kvd_client import calls
+    from kvd_client.shm import ShmRegion
+    from kvd_client.transport import Placer
+
+    from kvd import retro
+    from kvd.convert import TensorCodec
+    from kvd.retrieval import SequenceResult
+    from kvd.v1 import kvd_pb2 as pb
+
+    class Registry:  # the daemon's SharedMemoryRegistry, reduced to the one region
+        def __init__(self, region: ShmRegion) -> None:
+            self.region = region
+
+        def slice(self, tenant: str, name: str, offset: int, size: int) -> memoryview:
+            return self.region.buffer[offset:offset + size]
+
+    region = ShmRegion.create(16 << 20)
+    codec = TensorCodec(Registry(region), "bench")  # type: ignore[arg-type]
+    gen = torch.Generator().manual_seed(0)
+    query, past_q = torch.randn(1, HEADS, DIM, generator=gen), torch.randn(1, 1, HEADS, DIM, generator=gen)
+    seen = torch.randint(0, 8000, (1, 1, HEADS, K), generator=gen)
+    ranges = [(SINK, 8192 - WINDOW)]
+    kinds = ("plain", "fields", "stacked_packed")
+
+    def encode(kind: str) -> bytes:
+        placer = Placer(region, region.key)
+        if kind == "plain":
+            request = calls.retrieve_request(placer, ["s"], 0, query, K, "attention", ranges, 0.088, False, None)
+        elif kind == "fields":
+            request = calls.retrieve_request(placer, ["s"], 0, query, K, "attention", ranges, 0.088, False, None,
+                                             calls.normalize_past(False, past_q, seen, None))
+        else:
+            request = calls.retrieve_request(placer, ["s"], 0, torch.cat([past_q, query.unsqueeze(1)], dim=1), K,
+                                             "attention", ranges, 0.088, False, None,
+                                             calls.normalize_past(False, None, seen, None, stacked=1), True, 1)
+        return request.SerializeToString()
+
+    def parse(raw: bytes) -> None:
+        request = pb.RetrieveRequest.FromString(raw)
+        queries = codec.read(request.queries, "queries")
+        if request.HasField("past"):
+            _, past = retro.past_from_wire(codec, request.past, queries)
+            retro.check_past(past, 1, HEADS, DIM)
+
+    store = torch.randn(KV_HEADS, 1000, DIM, generator=gen).bfloat16()
+    ids = torch.randint(0, 1000, (HEADS, K), generator=gen)
+    result = SequenceResult(ids=ids, count=K, index_kind="flat")
+    result.output, result.lse, result.past_output, result.past_lse = retro.attend_rows_past(
+        store, store, ids, torch.randn(HEADS, K, generator=gen), 0.088, retro.PastQueries(past_q[0], None, None),
+        threads=1)
+
+    def reply(kind: str) -> bytes:
+        message = pb.RetrieveResponse(counts=[K])
+        writer = codec.writer(pb.SharedMemoryRef(region=region.key, offset=1 << 20, byte_size=1 << 20), True)
+        codec.write(writer, torch.stack([result.ids]), message.ids)
+        if kind == "stacked_packed":
+            retro.write_packed(codec, writer, [result], message)
+        else:
+            codec.write(writer, torch.stack([result.output]), message.output)  # type: ignore[misc]
+            codec.write(writer, torch.stack([result.lse]), message.lse)  # type: ignore[misc]
+            if kind == "fields":
+                retro.write_past(codec, writer, [result], message)
+        return message.SerializeToString()
+
+    def decode(raw: bytes) -> None:
+        calls.retrieve_result(pb.RetrieveResponse.FromString(raw), Placer(region, region.key), False)
+
+    def medians_us(fns: list[Any]) -> list[float]:
+        """The steps of the forms timed in turn (a load that changes during the run hits them alike)."""
+        times: list[list[float]] = [[] for _ in fns]
+        for rep in range(reps + reps // 10):
+            for fn, got in zip(fns, times, strict=True):
+                started = time.perf_counter()
+                fn()
+                if rep >= reps // 10:
+                    got.append(time.perf_counter() - started)
+        return [round(1e6 * statistics.median(got), 1) for got in times]
+
+    try:
+        raws = {kind: encode(kind) for kind in kinds}
+        answers = {kind: reply(kind) for kind in kinds}
+        steps = {"client_encode_us": [lambda kind=kind: encode(kind) for kind in kinds],
+                 "daemon_parse_us": [lambda kind=kind: parse(raws[kind]) for kind in kinds],
+                 "daemon_reply_us": [lambda kind=kind: reply(kind) for kind in kinds],
+                 "client_decode_us": [lambda kind=kind: decode(answers[kind]) for kind in kinds]}
+        rows: list[dict[str, Any]] = [{"form": kind} for kind in kinds]
+        for step, fns in steps.items():
+            for row, value in zip(rows, medians_us(fns), strict=True):
+                row[step] = value
+    finally:
+        region.close()
+    for row in rows:
+        row["total_us"] = round(sum(v for k, v in row.items() if k.endswith("_us")), 1)
+    for row in rows[1:]:
+        row["extra_over_plain_us"] = round(row["total_us"] - rows[0]["total_us"], 1)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     counts = [0, *(int(p) for p in args.past.split(",") if p)]
+    if args.transport:
+        rows = transport()
+        for row in rows:
+            print(json.dumps(row))
+        if args.out:
+            Path(args.out).write_text(json.dumps({"args": vars(args), "cpu_count": os.cpu_count(), "rows": rows},
+                                                 indent=1))
+        return 0
     if args.kernel:
         rows = kernel(args, counts)
         for row in rows:
