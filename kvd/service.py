@@ -168,13 +168,14 @@ class KvdServicer(pb_grpc.KvdServicer):
         ranges = [(r.begin, r.end) for r in request.ranges] if request.ranges else None
         writer = codec.writer(request.output, request.HasField("output"))
         past = retro.past_from_wire(codec, request.past) if request.HasField("past") else None
+        candidates = codec.read(request.candidates, "candidates") if request.HasField("candidates") else None
         results, _sessions, promoted = self.engine.retrieve(
             tenant, list(request.session_ids), request.layer, queries, request.k, mode, ranges, request.scale,
-            request.exact, dict(request.search_params), past=past)
+            request.exact, dict(request.search_params), past=past, candidates=candidates)
         labels["index"] = results[0].index_kind if results else "flat"
         labels["sequences"] = str(len(results))
         reply = pb.RetrieveResponse(counts=[r.count for r in results],
-                                    index_kinds=[convert.INDEX_KIND_WIRE.get(r.index_kind, pb.FLAT) for r in results],
+                                    index_kinds=[convert.SERVED_BY_WIRE.get(r.index_kind, pb.FLAT) for r in results],
                                     promoted=promoted)
         codec.write(writer, torch.stack([r.ids for r in results]), reply.ids)
         if mode is Mode.IDS_KV:

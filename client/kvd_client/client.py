@@ -232,8 +232,8 @@ class KvdClient:
     def retrieve(self, session_ids: str | Sequence[str], layer: int, queries: Any, *, k: int,
                  mode: str = "attention", ranges: Sequence[tuple[int, int]] | None = None,
                  scale: float | None = None, exact: bool = False, search_params: dict[str, Any] | None = None,
-                 past_queries: Any = None, past_seen_ids: Any = None, past_seen_from: Any = None
-                 ) -> RetrieveResult:
+                 past_queries: Any = None, past_seen_ids: Any = None, past_seen_from: Any = None,
+                 candidates: Any = None) -> RetrieveResult:
         """Top-k keys per query head of one layer, for one session or a batch of sessions.
 
         queries: [n, num_query_heads, head_dim] for a list of n sessions, or [num_query_heads, head_dim] for one
@@ -248,17 +248,24 @@ class KvdClient:
         past_seen_from [n, P] (it saw the rest through its window) and not in past_seen_ids [n, P, Hq, S]
         (-1 = none). result.past_output / past_lse hold that partial attention (lse -inf when nothing is new).
         With one session id the leading n axis is left out of these too.
+
+        candidates: [n, num_query_heads, C] int positions (-1 = none) to take the top-k from by exact score
+        instead of searching, e.g. what an earlier mode "ids" call with an approximate query found (lookahead);
+        positions outside the range are left out, a repeated one counts once; result.index_kinds says
+        "candidates".
         """
         ids, tensor, single = calls.normalize_queries(session_ids, queries)
         past = calls.normalize_past(single, past_queries, past_seen_ids, past_seen_from)
+        cand = calls.normalize_candidates(single, candidates)
         info = self._shape(ids[0])
         count = 0 if past is None else (past[0].shape[1] if past[0].dim() > 1 else 1)
         out = calls.retrieve_output_bytes(len(ids), tensor.shape[-2], k, tensor.shape[-1], mode,
                                           calls.element_size(info.dtype), count)
         needed = calls.nbytes(tensor) + out + (0 if past is None else sum(calls.nbytes(t) for t in past))
+        needed += calls.nbytes(cand)
         return self._with_tensors(needed, lambda placer: calls.retrieve_result(
             self._invoke("Retrieve", calls.retrieve_request(placer, ids, layer, tensor, k, mode, ranges, scale, exact,
-                                                            search_params, past)), placer, single))
+                                                            search_params, past, cand)), placer, single))
 
     def fetch(self, session_id: str, begin: int = 0, end: int | None = None, *, layers: Sequence[int] | None = None,
               with_token_ids: bool = False) -> FetchResult:
