@@ -75,6 +75,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--daemon-arg", action="append", default=[], help="extra `kvd serve` argument (repeatable)")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model and contexts on the CPU")
+    p.add_argument("--lookahead", type=int, default=0,
+                   help="decode with lookahead retrieval, this many candidates per query head (0 = off)")
+    p.add_argument("--compare-lookahead", type=int, default=0,
+                   help="after the timed steps, time as many more of the same cache with lookahead on (this many "
+                        "candidates) and report them beside the plain ones")
     p.add_argument("--stub-retrieval", action="store_true",
                    help="also run kvd with a client whose retrieve answers instantly (empty result): isolates the "
                         "integration's own per-token overhead from the daemon's retrieval time")
@@ -218,7 +223,9 @@ def run_kvd(model: Any, cfg: LlamaConfig, client: Any, ctx: int, synthetic: bool
     dtype = next(model.parameters()).dtype
     knobs = {"sink_tokens": args.sink, "window_tokens": args.window, "top_k": args.top_k,
              "flush_tokens": args.flush, "index": index, "exact": args.exact, "overlap": args.overlap,
-             "hint_samples": args.hint_samples, "index_params": parse_params(args.index_params) or None}
+             "hint_samples": args.hint_samples, "index_params": parse_params(args.index_params) or None,
+             "lookahead": args.lookahead > 0 and not isinstance(client, StubRetrieval),
+             "lookahead_candidates": args.lookahead or 512}
     res: dict[str, Any] = {"ctx": ctx, "mode": label, "fill": "synthetic" if synthetic else "prefill",
                            "index": index or "default"}
     reset_peak(device)
@@ -268,7 +275,15 @@ def run_kvd(model: Any, cfg: LlamaConfig, client: Any, ctx: int, synthetic: bool
         "gpu_kv_resident_mib": round(resident / 2**20, 1),
         "gpu_kv_fraction_pct": round(100 * resident / full_kv, 3),
         "fast_lane": bool(getattr(client, "uses_fast_lane", False)),
+        "lookahead_used_per_token": round(st.lookahead_used / steps, 2),
     })
+    if args.compare_lookahead and not isinstance(client, StubRetrieval):
+        cache.set_lookahead(args.compare_lookahead)
+        times, token = decode_loop(model, cache, token, args.steps, 1, device, on_warm=cache.stats.reset)
+        res["lookahead_decode_ms_median"] = round(1000 * statistics.median(times), 2)
+        res["lookahead_kvd_wait_ms_per_token"] = round(1000 * cache.stats.retrieve_wait_s / steps, 2)
+        res["lookahead_used_per_token"] = round(cache.stats.lookahead_used / steps, 2)
+        cache.set_lookahead(None)
     if compare_client is not None:
         cache.client = compare_client
         times, token = decode_loop(model, cache, token, args.steps, 1, device, on_warm=cache.stats.reset)
@@ -353,7 +368,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             ("attention_other_ms_per_token", "attn other ms"), ("prefill_s", "prefill s"),
             ("fill_s", "synth fill s"), ("index_ready_s", "index wait s"), ("gpu_peak_gib", "GPU peak GiB"),
             ("gpu_kv_fraction_pct", "KV on GPU %"), ("grpc_decode_ms_median", "over gRPC ms/tok"),
-            ("kvd_index_gib", "index GiB"), ("kvd_daemon_peak_rss_gib", "kvd peak RSS GiB")]
+            ("lookahead_decode_ms_median", "lookahead ms/tok"), ("kvd_index_gib", "index GiB"),
+            ("kvd_daemon_peak_rss_gib", "kvd peak RSS GiB")]
     return markdown_table(rows, cols, lambda row, key: "OOM" if row.get("oom") and key == "decode_ms_median" else "")
 
 

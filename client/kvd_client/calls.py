@@ -148,7 +148,8 @@ def retrieve_result(reply: pb.RetrieveResponse, placer: Placer, single: bool) ->
         return tensor[0] if (single and tensor is not None) else tensor
 
     return RetrieveResult(
-        ids=read(reply.ids), counts=list(reply.counts), index_kinds=[SERVED_BY_NAMES.get(k, "") for k in reply.index_kinds],
+        ids=read(reply.ids), counts=list(reply.counts),
+        index_kinds=[SERVED_BY_NAMES.get(k, "") for k in reply.index_kinds],
         server_ms=reply.server_ms, promoted=list(reply.promoted), keys=read(reply.keys), values=read(reply.values),
         output=read(reply.output), lse=read(reply.lse), past_output=read(reply.past_output),
         past_lse=read(reply.past_lse),

@@ -37,6 +37,8 @@ class KvdClient:
     def __init__(self, target: str | None = None, *, shm: bool | str = "auto", token: str | None = None,
                  tls_root_cert: bytes | None = None, timeout: float | None = None,
                  max_shm_bytes: int = 1 << 30, fast_lane: bool = True) -> None:
+        self._settings = {"shm": shm, "token": token, "tls_root_cert": tls_root_cert, "timeout": timeout,
+                          "max_shm_bytes": max_shm_bytes, "fast_lane": fast_lane}
         self.target = targets.normalize(target)
         options = targets.channel_options()
         if tls_root_cert is not None:
@@ -56,6 +58,12 @@ class KvdClient:
         self._fast_lane_wanted = fast_lane
         self._fast_path = ""              # the daemon's fast-lane socket, learned when shm is registered
         self._fast: FastLane | None = None
+
+    def sibling(self) -> KvdClient:
+        """Another client of the same daemon with the same settings, with its own connection and shared memory:
+        calls on a client are serialized, so work that must overlap (e.g. lookahead searches beside a decode
+        step's Retrieve) uses a sibling."""
+        return KvdClient(self.target, **self._settings)
 
     # -- plumbing --------------------------------------------------------------------------------------
 
