@@ -63,7 +63,7 @@ def test_top_k_of_candidates_equals_brute_force_over_them(shared_daemon, dtype: 
 
 def test_every_position_as_candidate_equals_the_exact_scan(shared_daemon) -> None:
     client = shared_daemon.client()
-    keys, _ = session(client, "cand-all")
+    session(client, "cand-all")
     q = torch.randn(HQ, D, generator=torch.Generator().manual_seed(3))
     everything = torch.arange(N).repeat(HQ, 1).flip(1)
     got = client.retrieve("cand-all", 0, q, k=20, mode="attention", candidates=everything)
