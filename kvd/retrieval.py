@@ -10,7 +10,7 @@ from enum import Enum
 import torch
 from kvd_client.attention import attention_from_scores, merge_attention
 
-from kvd import gather_kernels, retro
+from kvd import gather_kernels, retro, scan_kernels
 from kvd.errors import FailedPrecondition, InvalidArgument
 from kvd.index.flat import exact_topk, pad_ids, scores_at
 from kvd.store.session import Session, Tier
@@ -135,7 +135,9 @@ def candidate_topk(queries: torch.Tensor, keys: torch.Tensor, candidates: torch.
                    end: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best of given positions by exact float32 q.k: candidates int64 [Hq, C] (-1 = none; positions
     outside [begin, end) are left out, a repeated one counts once) -> (ids [Hq, min(k, C)] by decreasing
-    score, -1 padded; scores, -inf padded)."""
+    score, -1 padded; scores, -inf padded). Compiled for bf16/fp32 stores (kvd.scan_kernels)."""
+    if gather_kernels.supported(keys):
+        return scan_kernels.candidate_topk(queries, keys, candidates, k, begin, end)
     ids = torch.sort(candidates, dim=1).values
     valid = (ids >= begin) & (ids < end)
     valid[:, 1:] &= ids[:, 1:] != ids[:, :-1]

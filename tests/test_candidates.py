@@ -36,7 +36,7 @@ def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, candida
     return chosen, torch.stack(outputs), torch.stack(lses)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_top_k_of_candidates_equals_brute_force_over_them(shared_daemon, dtype: torch.dtype) -> None:
     client = shared_daemon.client()
     sids = [f"cand-{str(dtype)[6:]}-{i}" for i in range(2)]

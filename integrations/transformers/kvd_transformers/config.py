@@ -77,8 +77,10 @@ class CacheStats:
     lookahead_searches: int = 0    # lookahead searches started (kvd_transformers.lookahead)
     lookahead_used: int = 0        # decode Retrieves that chose among lookahead candidates instead of searching
     lookahead_failed: int = 0      # lookahead searches that failed (those layers searched as usual)
+    lookahead_wait_s: float = 0.0  # of retrieve_wait_s: blocked until a lookahead search had finished
 
     def reset(self) -> None:
         self.retrieve_calls = self.decode_calls = self.appends = 0
         self.lookahead_searches = self.lookahead_used = self.lookahead_failed = 0
+        self.lookahead_wait_s = 0.0
         self.decode_s = self.retrieve_wait_s = 0.0

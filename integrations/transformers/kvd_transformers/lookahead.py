@@ -72,7 +72,9 @@ class LookaheadState:
             self.stats.lookahead_failed += 1
             return None
         finally:
-            self.stats.retrieve_wait_s += time.perf_counter() - t0
+            waited = time.perf_counter() - t0
+            self.stats.retrieve_wait_s += waited
+            self.stats.lookahead_wait_s += waited
         if end > searched_end:  # flushed out of the device window since the search
             fresh = torch.arange(searched_end, end, dtype=ids.dtype)
             ids = torch.cat([ids, fresh.expand(*ids.shape[:2], -1)], dim=2)
