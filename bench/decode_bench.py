@@ -80,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compare-lookahead", default="",
                    help="comma-separated candidate counts: after the timed steps, time as many more of the same "
                         "cache with lookahead on, once per count, and report them beside the plain ones")
+    p.add_argument("--compare-switch-interval", type=float, default=0.0,
+                   help="after the timed steps, time as many more with sys.setswitchinterval(this) in the client "
+                        "process (how long the model's thread may hold the GIL while kvd's reply waits for it)")
     p.add_argument("--stub-retrieval", action="store_true",
                    help="also run kvd with a client whose retrieve answers instantly (empty result): isolates the "
                         "integration's own per-token overhead from the daemon's retrieval time")
@@ -277,6 +280,15 @@ def run_kvd(model: Any, cfg: LlamaConfig, client: Any, ctx: int, synthetic: bool
         "fast_lane": bool(getattr(client, "uses_fast_lane", False)),
         "lookahead_used_per_token": round(st.lookahead_used / steps, 2),
     })
+    if args.compare_switch_interval and not isinstance(client, StubRetrieval):
+        default_interval = sys.getswitchinterval()
+        sys.setswitchinterval(args.compare_switch_interval)
+        try:
+            times, token = decode_loop(model, cache, token, args.steps, 1, device, on_warm=cache.stats.reset)
+        finally:
+            sys.setswitchinterval(default_interval)
+        res["switch_interval_decode_ms_median"] = round(1000 * statistics.median(times), 2)
+        res["switch_interval_kvd_wait_ms_per_token"] = round(1000 * cache.stats.retrieve_wait_s / steps, 2)
     for count in [int(c) for c in args.compare_lookahead.split(",") if c]:
         if isinstance(client, StubRetrieval):
             break
@@ -379,6 +391,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             ("fill_s", "synth fill s"), ("index_ready_s", "index wait s"), ("gpu_peak_gib", "GPU peak GiB"),
             ("gpu_kv_fraction_pct", "KV on GPU %"), ("grpc_decode_ms_median", "over gRPC ms/tok"),
             *[(f"lookahead{c}_decode_ms_median", f"lookahead {c} ms/tok") for c in lookahead_counts(rows)],
+            ("switch_interval_decode_ms_median", "short GIL switch ms/tok"),
             ("kvd_index_gib", "index GiB"),
             ("kvd_daemon_peak_rss_gib", "kvd peak RSS GiB")]
     return markdown_table(rows, cols, lambda row, key: "OOM" if row.get("oom") and key == "decode_ms_median" else "")
