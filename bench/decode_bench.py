@@ -75,6 +75,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--daemon-arg", action="append", default=[], help="extra `kvd serve` argument (repeatable)")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model and contexts on the CPU")
+    p.add_argument("--lookahead", type=int, default=0,
+                   help="decode with lookahead retrieval, this many candidates per query head (0 = off)")
+    p.add_argument("--compare-lookahead", default="",
+                   help="comma-separated candidate counts: after the timed steps, time as many more of the same "
+                        "cache with lookahead on, once per count, and report them beside the plain ones")
+    p.add_argument("--compare-switch-interval", type=float, default=0.0,
+                   help="after the timed steps, time as many more with sys.setswitchinterval(this) in the client "
+                        "process (how long the model's thread may hold the GIL while kvd's reply waits for it)")
     p.add_argument("--stub-retrieval", action="store_true",
                    help="also run kvd with a client whose retrieve answers instantly (empty result): isolates the "
                         "integration's own per-token overhead from the daemon's retrieval time")
@@ -218,7 +226,9 @@ def run_kvd(model: Any, cfg: LlamaConfig, client: Any, ctx: int, synthetic: bool
     dtype = next(model.parameters()).dtype
     knobs = {"sink_tokens": args.sink, "window_tokens": args.window, "top_k": args.top_k,
              "flush_tokens": args.flush, "index": index, "exact": args.exact, "overlap": args.overlap,
-             "hint_samples": args.hint_samples, "index_params": parse_params(args.index_params) or None}
+             "hint_samples": args.hint_samples, "index_params": parse_params(args.index_params) or None,
+             "lookahead": args.lookahead > 0 and not isinstance(client, StubRetrieval),
+             "lookahead_candidates": args.lookahead or 512}
     res: dict[str, Any] = {"ctx": ctx, "mode": label, "fill": "synthetic" if synthetic else "prefill",
                            "index": index or "default"}
     reset_peak(device)
@@ -268,7 +278,30 @@ def run_kvd(model: Any, cfg: LlamaConfig, client: Any, ctx: int, synthetic: bool
         "gpu_kv_resident_mib": round(resident / 2**20, 1),
         "gpu_kv_fraction_pct": round(100 * resident / full_kv, 3),
         "fast_lane": bool(getattr(client, "uses_fast_lane", False)),
+        "lookahead_used_per_token": round(st.lookahead_used / steps, 2),
     })
+    if args.compare_switch_interval and not isinstance(client, StubRetrieval):
+        default_interval = sys.getswitchinterval()
+        sys.setswitchinterval(args.compare_switch_interval)
+        try:
+            times, token = decode_loop(model, cache, token, args.steps, 1, device, on_warm=cache.stats.reset)
+        finally:
+            sys.setswitchinterval(default_interval)
+        res["switch_interval_decode_ms_median"] = round(1000 * statistics.median(times), 2)
+        res["switch_interval_kvd_wait_ms_per_token"] = round(1000 * cache.stats.retrieve_wait_s / steps, 2)
+    for count in [int(c) for c in args.compare_lookahead.split(",") if c]:
+        if isinstance(client, StubRetrieval):
+            break
+        cache.set_lookahead(count)
+        times, token = decode_loop(model, cache, token, args.steps, 1, device, on_warm=cache.stats.reset)
+        st = cache.stats
+        res.setdefault("lookahead", []).append({
+            "candidates": count, "decode_ms_median": round(1000 * statistics.median(times), 2),
+            "kvd_wait_ms_per_token": round(1000 * st.retrieve_wait_s / steps, 2),
+            "search_wait_ms_per_token": round(1000 * st.lookahead_wait_s / steps, 2),
+            "used_per_token": round(st.lookahead_used / steps, 2)})
+        res[f"lookahead{count}_decode_ms_median"] = res["lookahead"][-1]["decode_ms_median"]
+        cache.set_lookahead(None)
     if compare_client is not None:
         cache.client = compare_client
         times, token = decode_loop(model, cache, token, args.steps, 1, device, on_warm=cache.stats.reset)
@@ -347,13 +380,20 @@ def exactness_check(client: KvdClient, device: torch.device) -> dict[str, Any]:
 
 
 # --- report ----------------------------------------------------------------------------------------------------
+def lookahead_counts(rows: list[dict[str, Any]]) -> list[int]:
+    return sorted({entry["candidates"] for row in rows for entry in row.get("lookahead", [])})
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     cols = [("ctx", "ctx"), ("mode", "mode"), ("fill", "fill"), ("decode_ms_median", "decode ms/tok"),
             ("vs_full", "x full"), ("kvd_wait_ms_per_token", "kvd wait ms"),
             ("attention_other_ms_per_token", "attn other ms"), ("prefill_s", "prefill s"),
             ("fill_s", "synth fill s"), ("index_ready_s", "index wait s"), ("gpu_peak_gib", "GPU peak GiB"),
             ("gpu_kv_fraction_pct", "KV on GPU %"), ("grpc_decode_ms_median", "over gRPC ms/tok"),
-            ("kvd_index_gib", "index GiB"), ("kvd_daemon_peak_rss_gib", "kvd peak RSS GiB")]
+            *[(f"lookahead{c}_decode_ms_median", f"lookahead {c} ms/tok") for c in lookahead_counts(rows)],
+            ("switch_interval_decode_ms_median", "short GIL switch ms/tok"),
+            ("kvd_index_gib", "index GiB"),
+            ("kvd_daemon_peak_rss_gib", "kvd peak RSS GiB")]
     return markdown_table(rows, cols, lambda row, key: "OOM" if row.get("oom") and key == "decode_ms_median" else "")
 
 

@@ -18,6 +18,7 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable")
 INDEX_KIND_NAMES = {pb.FLAT: "flat", pb.HNSW: "hnsw", pb.GRAPH: "graph", pb.WAVE: "wave",
                     pb.INDEX_KIND_UNSPECIFIED: ""}
 INDEX_KIND_WIRE = {v: k for k, v in INDEX_KIND_NAMES.items() if v}
+SERVED_BY_WIRE = {**INDEX_KIND_WIRE, "candidates": pb.CANDIDATES}  # what served a Retrieve (reply only)
 STATE_WIRE = {State.OPEN: pb.OPEN, State.SEALED: pb.SEALED, State.DAMAGED: pb.DAMAGED}
 TIER_WIRE = {Tier.MEMORY: pb.MEMORY, Tier.DISK: pb.DISK}
 

@@ -29,6 +29,7 @@ from kvd.store.registry import Registry
 from kvd.store.session import ModelShape, Session, SessionOptions, State, Tier
 from kvd.tiering import Tiering
 from kvd.validate import (
+    MAX_CANDIDATES,
     MAX_HEAD_DIM,
     MAX_HEADS,
     MAX_K,
@@ -250,9 +251,11 @@ class Engine:
 
     def retrieve(self, tenant: str, session_ids: list[str], layer: int, queries: torch.Tensor, k: int,
                  mode: Mode, ranges: list[tuple[int, int]] | None, scale: float, exact: bool,
-                 params: dict[str, str], past: retro.PastQueries | None = None
+                 params: dict[str, str], past: retro.PastQueries | None = None,
+                 candidates: torch.Tensor | None = None
                  ) -> tuple[list[SequenceResult], list[Session], list[bool]]:
-        """`past`: RetroAttention's past queries (kvd.retro); their results land in each result's past_*."""
+        """`past`: RetroAttention's past queries (kvd.retro); their results land in each result's past_*.
+        `candidates`: [n, Hq, C] positions to choose the top-k from instead of searching (lookahead)."""
         if not session_ids:
             raise InvalidArgument("retrieve needs at least one session")
         sessions = [self.session(tenant, sid) for sid in session_ids]
@@ -271,6 +274,15 @@ class Engine:
             if mode is not Mode.ATTENTION:
                 raise InvalidArgument(f"past queries need mode ATTENTION, not {mode.name}")
             past = retro.check_past(past, len(sessions), first.num_query_heads, first.head_dim)
+        if candidates is not None:
+            if past is not None:
+                raise InvalidArgument("candidates and past queries cannot be combined")
+            check_dtype("candidates", candidates, (torch.int32, torch.int64))
+            if candidates.dim() != 3 or tuple(candidates.shape[:2]) != (len(sessions), first.num_query_heads) \
+                    or not 1 <= candidates.shape[2] <= MAX_CANDIDATES:
+                raise InvalidArgument(f"candidates must be [{len(sessions)}, {first.num_query_heads}, C] with "
+                                      f"1 <= C <= {MAX_CANDIDATES}, got {list(candidates.shape)}")
+            candidates = candidates.long()
         if ranges is not None and len(ranges) != len(sessions):
             raise InvalidArgument(f"{len(ranges)} ranges given for {len(sessions)} sequences")
         scale = check_scale(scale) or default_scale(first.head_dim)
@@ -279,16 +291,16 @@ class Engine:
         while True:
             for i, session in enumerate(sessions):
                 promoted[i] = self.tiering.promote(session) or promoted[i]
-                if not exact:
+                if not exact and candidates is None:
                     self.indexes.on_retrieve(session, layer)
             try:
-                results = retrieve_batch(sessions, queries.float(), spec, ranges, self.fanout, past)
+                results = retrieve_batch(sessions, queries.float(), spec, ranges, self.fanout, past, candidates)
                 break
             except SessionSpilled:
                 continue
         self.counters["retrieves"] += 1
         self.counters["retrieved_sequences"] += len(sessions)
-        if not exact:
+        if not exact and candidates is None:
             # A ready index that could not serve (e.g. a range narrower than it covers) fell back to the exact
             # scan: correct, but slower than the operator may expect, so it is counted.
             self.counters["retrieves_index_bypassed"] += sum(

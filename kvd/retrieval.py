@@ -10,9 +10,9 @@ from enum import Enum
 import torch
 from kvd_client.attention import attention_from_scores, merge_attention
 
-from kvd import gather_kernels, retro
+from kvd import gather_kernels, retro, scan_kernels
 from kvd.errors import FailedPrecondition, InvalidArgument
-from kvd.index.flat import exact_topk, pad_ids
+from kvd.index.flat import exact_topk, pad_ids, scores_at
 from kvd.store.session import Session, Tier
 
 
@@ -73,10 +73,11 @@ def _gather(store: torch.Tensor, ids: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def retrieve_sequence(session: Session, queries: torch.Tensor, spec: RetrieveSpec,
-                      requested_range: tuple[int, int] | None, past: retro.PastQueries | None = None
-                      ) -> SequenceResult:
+                      requested_range: tuple[int, int] | None, past: retro.PastQueries | None = None,
+                      candidates: torch.Tensor | None = None) -> SequenceResult:
     """queries: float32 [Hq, d]; past: this sequence's past queries (mode ATTENTION; kvd.retro), attended in
-    the same pass over the retrieved rows. Runs under the session's read lock."""
+    the same pass over the retrieved rows; candidates: int64 [Hq, C] positions to choose from instead of a
+    search. Runs under the session's read lock."""
     shape = session.shape
     with session.lock.read():
         if session.tier is not Tier.MEMORY:
@@ -87,7 +88,11 @@ def retrieve_sequence(session: Session, queries: torch.Tensor, spec: RetrieveSpe
         if length == 0:
             raise FailedPrecondition(f"session {session.session_id!r}: layer {spec.layer} has no tokens appended")
         begin, end = resolve_range(session, length, requested_range)
-        ids, scores, estimate, kind = _search(session, queries, keys, spec, begin, end)
+        if candidates is not None:
+            ids, scores = candidate_topk(queries, keys, candidates, spec.k, begin, end)
+            estimate, kind = None, "candidates"
+        else:
+            ids, scores, estimate, kind = _search(session, queries, keys, spec, begin, end)
         count = int((ids[0] >= 0).sum()) if ids.numel() else 0
         result = SequenceResult(ids=pad_ids(ids, spec.k), count=count, index_kind=kind)
         if spec.mode is Mode.IDS:
@@ -126,6 +131,22 @@ def _search(session: Session, queries: torch.Tensor, keys: torch.Tensor, spec: R
     return ids, scores, None, "flat"
 
 
+def candidate_topk(queries: torch.Tensor, keys: torch.Tensor, candidates: torch.Tensor, k: int, begin: int,
+                   end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of given positions by exact float32 q.k: candidates int64 [Hq, C] (-1 = none; positions
+    outside [begin, end) are left out, a repeated one counts once) -> (ids [Hq, min(k, C)] by decreasing
+    score, -1 padded; scores, -inf padded). Compiled for bf16/fp32 stores (kvd.scan_kernels)."""
+    if gather_kernels.supported(keys):
+        return scan_kernels.candidate_topk(queries, keys, candidates, k, begin, end)
+    ids = torch.sort(candidates, dim=1).values
+    valid = (ids >= begin) & (ids < end)
+    valid[:, 1:] &= ids[:, 1:] != ids[:, :-1]
+    ids = ids.masked_fill(~valid, 0)
+    scores = scores_at(queries, keys, ids).masked_fill(~valid, float("-inf"))
+    top, order = torch.topk(scores, min(k, ids.shape[1]), dim=1)
+    return torch.gather(ids, 1, order).masked_fill(torch.isneginf(top), -1), top
+
+
 def _pad_rows(tensor: torch.Tensor, k: int) -> torch.Tensor:
     if tensor.shape[1] >= k:
         return tensor
@@ -135,12 +156,14 @@ def _pad_rows(tensor: torch.Tensor, k: int) -> torch.Tensor:
 
 def retrieve_batch(sessions: list[Session], queries: torch.Tensor, spec: RetrieveSpec,
                    ranges: list[tuple[int, int]] | None, pool: Executor | None,
-                   past: retro.PastQueries | None = None) -> list[SequenceResult]:
-    """queries: float32 [n, Hq, d]; past: checked past queries of all n sequences (kvd.retro). Sequences run in
-    parallel on `pool` when there are several."""
+                   past: retro.PastQueries | None = None, candidates: torch.Tensor | None = None
+                   ) -> list[SequenceResult]:
+    """queries: float32 [n, Hq, d]; past: checked past queries of all n sequences (kvd.retro); candidates:
+    int64 [n, Hq, C] (see candidate_topk). Sequences run in parallel on `pool` when there are several."""
     def one(i: int) -> SequenceResult:
         return retrieve_sequence(sessions[i], queries[i], spec, ranges[i] if ranges else None,
-                                 None if past is None else past.row(i))
+                                 None if past is None else past.row(i),
+                                 None if candidates is None else candidates[i])
 
     if pool is None or len(sessions) == 1:
         return [one(i) for i in range(len(sessions))]

@@ -16,7 +16,7 @@ import torch
 from numba import njit
 
 from kvd.gather_kernels import _raw, _widen_row
-from kvd.index.graph_kernels import _pop, _push
+from kvd.index.graph_kernels import _pop, _prefetch_row, _push
 from kvd.workers import run_claimed
 
 _NEG_INF = np.float32(-np.inf)
@@ -24,6 +24,10 @@ _NEG_INF = np.float32(-np.inf)
 _MIN_TASK_KEYS = 8192
 # ...and the whole call runs on the caller below this many key rows (all KV heads together).
 _MIN_PARALLEL_ROWS = 32768
+# Candidate scoring: at most this many head chunks (threads), each worth at least this many candidate rows.
+_CANDIDATE_CHUNKS = 8
+_MIN_CANDIDATE_ROWS = 2048
+_PREFETCH_AHEAD = 16
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
@@ -52,6 +56,62 @@ def _scan_range(store: np.ndarray, queries: np.ndarray, kv: int, lo: int, hi: in
         for j in range(sizes[g], k):
             heap_scores[g, j] = _NEG_INF
             heap_ids[g, j] = -1
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _candidate_heads(store: np.ndarray, queries: np.ndarray, candidates: np.ndarray, group: int, begin: int,
+                     end: int, heap_scores: np.ndarray, heap_ids: np.ndarray, h0: int, h1: int) -> None:
+    """Query heads h0..h1-1: the top-k of their candidate positions in [begin, end) (a repeated one once), in
+    heap order; the rows are read in position order."""
+    k = heap_scores.shape[1]
+    d = queries.shape[1]
+    row = np.empty(d, np.float32)
+    for h in range(h0, h1):
+        kv = h // group
+        ids = np.sort(candidates[h])
+        rows = store[kv]
+        size = 0
+        previous = -1
+        for j in range(min(_PREFETCH_AHEAD, ids.shape[0])):
+            if ids[j] >= 0:
+                _prefetch_row(rows, ids[j])
+        for j in range(ids.shape[0]):
+            if j + _PREFETCH_AHEAD < ids.shape[0] and ids[j + _PREFETCH_AHEAD] >= 0:
+                _prefetch_row(rows, ids[j + _PREFETCH_AHEAD])  # scattered rows: request them early
+            key = ids[j]
+            if key < begin or key >= end or key == previous:
+                continue
+            previous = key
+            _widen_row(store[kv, key], row)
+            acc = np.float32(0.0)
+            for c in range(d):
+                acc += row[c] * queries[h, c]
+            if size < k:
+                size = _push(heap_scores[h], heap_ids[h], size, acc, key)
+            elif acc > heap_scores[h, 0]:
+                _pop(heap_scores[h], heap_ids[h], k)
+                _push(heap_scores[h], heap_ids[h], k - 1, acc, key)
+        for j in range(size, k):
+            heap_scores[h, j] = _NEG_INF
+            heap_ids[h, j] = -1
+
+
+def candidate_topk(queries: torch.Tensor, keys: torch.Tensor, candidates: torch.Tensor, k: int, begin: int,
+                   end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of given positions by exact float32 q.k over a bf16/fp32 store [Hkv, n, d]: candidates int64
+    [Hq, C] (-1 = none; outside [begin, end) left out; a repeated one counts once) -> (ids [Hq, min(k, C)]
+    by decreasing score, -1 padded; scores, -inf padded). Query heads are shared by the search threads."""
+    num_query_heads, count = candidates.shape[0], min(k, candidates.shape[1])
+    heap_scores = np.empty((num_query_heads, count), np.float32)
+    heap_ids = np.empty((num_query_heads, count), np.int64)
+    store, q = _raw(keys), np.ascontiguousarray(queries.float().numpy())
+    cand = np.ascontiguousarray(candidates.numpy())
+    group = num_query_heads // keys.shape[0]
+    chunks = max(1, min(_CANDIDATE_CHUNKS, candidates.numel() // _MIN_CANDIDATE_ROWS))
+    run_claimed(lambda h0, h1: _candidate_heads(store, q, cand, group, begin, end, heap_scores, heap_ids, h0, h1),
+                num_query_heads, chunks, "search", chunks=chunks)
+    top, order = torch.sort(torch.from_numpy(heap_scores), dim=1, descending=True)
+    return torch.gather(torch.from_numpy(heap_ids), 1, order), top
 
 
 def scan_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, begin: int, end: int
@@ -93,3 +153,4 @@ def warmup() -> None:
     queries = torch.ones(2, 4)
     for dtype in (torch.bfloat16, torch.float32):
         scan_topk(queries, torch.ones(1, 8, 4, dtype=dtype), 3, 0, 8)
+        candidate_topk(queries, torch.ones(1, 8, 4, dtype=dtype), torch.tensor([[1, 1, -1], [7, 2, 3]]), 2, 0, 8)

@@ -170,13 +170,14 @@ class KvdServicer(pb_grpc.KvdServicer):
         past = None
         if request.HasField("past"):
             queries, past = retro.past_from_wire(codec, request.past, queries)
+        candidates = codec.read(request.candidates, "candidates") if request.HasField("candidates") else None
         results, _sessions, promoted = self.engine.retrieve(
             tenant, list(request.session_ids), request.layer, queries, request.k, mode, ranges, request.scale,
-            request.exact, dict(request.search_params), past=past)
+            request.exact, dict(request.search_params), past=past, candidates=candidates)
         labels["index"] = results[0].index_kind if results else "flat"
         labels["sequences"] = str(len(results))
         reply = pb.RetrieveResponse(counts=[r.count for r in results],
-                                    index_kinds=[convert.INDEX_KIND_WIRE.get(r.index_kind, pb.FLAT) for r in results],
+                                    index_kinds=[convert.SERVED_BY_WIRE.get(r.index_kind, pb.FLAT) for r in results],
                                     promoted=promoted)
         codec.write(writer, torch.stack([r.ids for r in results]), reply.ids)
         if mode is Mode.IDS_KV:

@@ -10,7 +10,7 @@ import torch
 from kvd.v1 import kvd_pb2 as pb
 from kvd_client import wire
 from kvd_client.transport import Placer
-from kvd_client.types import INDEX_NAMES, INDEX_WIRE, FetchResult, RetrieveResult
+from kvd_client.types import INDEX_WIRE, SERVED_BY_NAMES, FetchResult, RetrieveResult
 
 MODES = {"ids": pb.IDS, "ids_kv": pb.IDS_KV, "attention": pb.ATTENTION}
 _SLACK = 64 * 8
@@ -91,6 +91,16 @@ def retrieve_output_bytes(n: int, heads: int, k: int, head_dim: int, mode: str, 
     return size
 
 
+def normalize_candidates(single: bool, candidates: Any) -> torch.Tensor | None:
+    """Candidate positions as a CPU int tensor with the batch axis (added for a single session id)."""
+    if candidates is None:
+        return None
+    tensor = wire.as_torch(candidates)
+    if tensor.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"candidates must be int32 or int64 positions, not {tensor.dtype}")
+    return (tensor.unsqueeze(0) if single and tensor.dim() == 2 else tensor).contiguous()
+
+
 def normalize_past(single: bool, past_queries: Any, past_seen_ids: Any, past_seen_from: Any, stacked: int = 0
                    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None:
     """Past-query tensors as CPU tensors with the batch axis (added for a single session id); with `stacked`
@@ -113,7 +123,8 @@ def retrieve_request(placer: Placer, session_ids: list[str], layer: int, queries
                      ranges: Sequence[tuple[int, int]] | None, scale: float | None, exact: bool,
                      search_params: dict[str, Any] | None,
                      past: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None = None,
-                     packed: bool = False, stacked: int = 0) -> pb.RetrieveRequest:
+                     packed: bool = False, stacked: int = 0,
+                     candidates: torch.Tensor | None = None) -> pb.RetrieveRequest:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, not {mode!r}")
     request = pb.RetrieveRequest(session_ids=session_ids, layer=layer, queries=placer.tensor(queries), k=k,
@@ -133,6 +144,8 @@ def retrieve_request(placer: Placer, session_ids: list[str], layer: int, queries
             request.past.seen_from.CopyFrom(placer.tensor(seen_from))
         if packed:
             request.past.packed = True
+    if candidates is not None:
+        request.candidates.CopyFrom(placer.tensor(candidates))
     output = placer.output_ref()
     if output is not None:
         request.output.CopyFrom(output)
@@ -145,7 +158,8 @@ def retrieve_result(reply: pb.RetrieveResponse, placer: Placer, single: bool) ->
         return tensor[0] if (single and tensor is not None) else tensor
 
     return RetrieveResult(
-        ids=read(reply.ids), counts=list(reply.counts), index_kinds=[INDEX_NAMES.get(k, "") for k in reply.index_kinds],
+        ids=read(reply.ids), counts=list(reply.counts),
+        index_kinds=[SERVED_BY_NAMES.get(k, "") for k in reply.index_kinds],
         server_ms=reply.server_ms, promoted=list(reply.promoted), keys=read(reply.keys), values=read(reply.values),
         output=read(reply.output), lse=read(reply.lse), past_output=read(reply.past_output),
         past_lse=read(reply.past_lse), packed=read(reply.packed),

@@ -37,6 +37,8 @@ class KvdClient:
     def __init__(self, target: str | None = None, *, shm: bool | str = "auto", token: str | None = None,
                  tls_root_cert: bytes | None = None, timeout: float | None = None,
                  max_shm_bytes: int = 1 << 30, fast_lane: bool = True) -> None:
+        self._settings = {"shm": shm, "token": token, "tls_root_cert": tls_root_cert, "timeout": timeout,
+                          "max_shm_bytes": max_shm_bytes, "fast_lane": fast_lane}
         self.target = targets.normalize(target)
         options = targets.channel_options()
         if tls_root_cert is not None:
@@ -56,6 +58,12 @@ class KvdClient:
         self._fast_lane_wanted = fast_lane
         self._fast_path = ""              # the daemon's fast-lane socket, learned when shm is registered
         self._fast: FastLane | None = None
+
+    def sibling(self) -> KvdClient:
+        """Another client of the same daemon with the same settings, with its own connection and shared memory:
+        calls on a client are serialized, so work that must overlap (e.g. lookahead searches beside a decode
+        step's Retrieve) uses a sibling."""
+        return KvdClient(self.target, **self._settings)
 
     # -- plumbing --------------------------------------------------------------------------------------
 
@@ -233,7 +241,8 @@ class KvdClient:
                  mode: str = "attention", ranges: Sequence[tuple[int, int]] | None = None,
                  scale: float | None = None, exact: bool = False, search_params: dict[str, Any] | None = None,
                  past_queries: Any = None, past_seen_ids: Any = None, past_seen_from: Any = None,
-                 packed: bool = False, past_in_queries: int = 0) -> RetrieveResult:
+                 packed: bool = False, past_in_queries: int = 0, candidates: Any = None
+                 ) -> RetrieveResult:
         """Top-k keys per query head of one layer, for one session or a batch of sessions.
 
         queries: [n, num_query_heads, head_dim] for a list of n sessions, or [num_query_heads, head_dim] for one
@@ -253,12 +262,18 @@ class KvdClient:
         past_in_queries P (instead of past_queries): queries is [n, P + 1, num_query_heads, head_dim] (or
         [P + 1, num_query_heads, head_dim] for one session id), the P past queries first, the current one last:
         one tensor to send.
+
+        candidates: [n, num_query_heads, C] int positions (-1 = none) to take the top-k from by exact score
+        instead of searching, e.g. what an earlier mode "ids" call with an approximate query found (lookahead);
+        positions outside the range are left out, a repeated one counts once; result.index_kinds says
+        "candidates".
         """
         stacked = int(past_in_queries)
         if packed and past_queries is None and not stacked:
             raise ValueError("packed needs past queries")
         ids, tensor, single = calls.normalize_queries(session_ids, queries, stacked)
         past = calls.normalize_past(single, past_queries, past_seen_ids, past_seen_from, stacked)
+        cand = calls.normalize_candidates(single, candidates)
         info = self._shape(ids[0])
         if past is None:
             count = 0
@@ -270,9 +285,11 @@ class KvdClient:
         out = calls.retrieve_output_bytes(len(ids), tensor.shape[-2], k, tensor.shape[-1], mode,
                                           calls.element_size(info.dtype), count)
         needed = calls.nbytes(tensor) + out + (0 if past is None else sum(calls.nbytes(t) for t in past))
+        needed += calls.nbytes(cand)
         return self._with_tensors(needed, lambda placer: calls.retrieve_result(
             self._invoke("Retrieve", calls.retrieve_request(placer, ids, layer, tensor, k, mode, ranges, scale, exact,
-                                                            search_params, past, packed, stacked)), placer,
+                                                            search_params, past, packed, stacked, cand)),
+            placer,
             single))
 
     def fetch(self, session_id: str, begin: int = 0, end: int | None = None, *, layers: Sequence[int] | None = None,

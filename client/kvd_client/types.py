@@ -11,6 +11,7 @@ from kvd_client import wire
 
 INDEX_NAMES = {pb.FLAT: "flat", pb.HNSW: "hnsw", pb.GRAPH: "graph", pb.WAVE: "wave", pb.INDEX_KIND_UNSPECIFIED: ""}
 INDEX_WIRE = {name: kind for kind, name in INDEX_NAMES.items() if name}
+SERVED_BY_NAMES = {**INDEX_NAMES, pb.CANDIDATES: "candidates"}  # what served a Retrieve
 STATE_NAMES = {pb.OPEN: "open", pb.SEALED: "sealed", pb.DAMAGED: "damaged", pb.SESSION_STATE_UNSPECIFIED: ""}
 TIER_NAMES = {pb.MEMORY: "memory", pb.DISK: "disk", pb.TIER_UNSPECIFIED: ""}
 

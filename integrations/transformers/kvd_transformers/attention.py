@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from kvd_transformers import ops, retro
+from kvd_transformers import lookahead, ops, retro
 from kvd_transformers.cache import note_input_ids, take_update
 
 NAME = "kvd"
@@ -125,6 +125,7 @@ def enable(model: Any) -> Any:
         embeddings.register_forward_pre_hook(_note_ids)
         embeddings._kvd_hooked = True
     retro.install(model)  # inert unless a KVDCache(retro=True) is passed
+    lookahead.install(model)  # inert unless a KVDCache(lookahead=True) is passed
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(NAME)
     else:  # pragma: no cover - older transformers

@@ -30,6 +30,7 @@ from transformers.cache_utils import Cache
 from kvd_transformers import ops
 from kvd_transformers.config import CacheStats, KVDConfig
 from kvd_transformers.layer import Job, KVDLayer, resident_padding, resident_valid
+from kvd_transformers.lookahead import LookaheadState
 from kvd_transformers.retro import RetroState
 
 
@@ -90,7 +91,9 @@ class KVDCache(Cache):
         self.retro = RetroState(cfg.retro_window) if cfg.retro else None
         self._appender = ThreadPoolExecutor(1, thread_name_prefix="kvd-append") if cfg.async_append else None
         self._retriever = ThreadPoolExecutor(1, thread_name_prefix="kvd-retrieve") if cfg.overlap else None
-        self._finalizer = weakref.finalize(self, _shutdown, self._appender, self._retriever)
+        self.lookahead = LookaheadState(client, cfg.lookahead_candidates, self.stats) if cfg.lookahead else None
+        self._finalizer = weakref.finalize(self, _shutdown, self._appender, self._retriever,
+                                           None if self.lookahead is None else self.lookahead.worker)
         self._ids: list[tuple[int, torch.Tensor]] = []  # recorded token ids (start position, [B, n])
         self._ids_ok = True
         self._error: BaseException | None = None
@@ -503,6 +506,8 @@ class KVDCache(Cache):
         try:
             self.flush()
         finally:
+            if self.lookahead is not None:
+                self.lookahead.close()
             self._finalizer()
 
     def __enter__(self) -> KVDCache:
@@ -521,6 +526,8 @@ class KVDCache(Cache):
         layer: KVDLayer = self.layers[layer_idx]
         layer.consumed = True
         n = query.shape[2]
+        if self.lookahead is not None and not (n == 1 and layer.pending_new == 0):
+            self.lookahead.drop(layer_idx)
         if self.retro is not None and layer.pending_new == 0 and n == (self.retro.rows or 0) + 1:
             out = self._attend_retro(layer_idx, layer, query, key, value, mask, scale)
             if layer_idx == self.num_layers - 1:
@@ -550,11 +557,11 @@ class KVDCache(Cache):
         return got
 
     def _start_retrieve(self, layer_idx: int, q_host: torch.Tensor, event: Any, ranges: list[tuple[int, int]],
-                        sids: list[str], scale: float, below: torch.Tensor | None = None, **past: Any
+                        sids: list[str], scale: float, below: torch.Tensor | None = None, **extra: Any
                         ) -> Callable[[], Any]:
         """Start the Retrieve call (in the worker thread with overlap=True); returns a waiter for its result.
-        `past`: retro's past-query arguments; `below`: its cached queries [B, P, Hq, D], sent stacked before q_host
-        in one queries tensor."""
+        `extra`: retro's past-query arguments or lookahead's candidates; `below`: retro's cached queries
+        [B, P, Hq, D], sent stacked before q_host in one queries tensor."""
         cfg = self.config
         client = self.client
         log = self.retrieve_log
@@ -565,7 +572,7 @@ class KVDCache(Cache):
                 event.synchronize()
             queries = q_host if below is None else torch.cat([below, q_host.unsqueeze(1)], dim=1)
             res = client.retrieve(sids, layer_idx, queries, k=cfg.top_k, mode="attention", ranges=ranges,
-                                  scale=scale, exact=exact, **past)
+                                  scale=scale, exact=exact, **extra)
             if log is not None:
                 log.append((layer_idx, res))
             return res
@@ -589,15 +596,18 @@ class KVDCache(Cache):
             return out_w.to(query.dtype)
         if layer.confirmed < end:
             self._ensure_appended(layer_idx, layer, end)
+        chosen = {}
+        if self.lookahead is not None and (candidates := self.lookahead.take(layer_idx, end)) is not None:
+            chosen["candidates"] = candidates
         q_host, event = layer.stage_query(query)
         ranges = self._ranges(end, mask)
         sids = self.session_ids or []
         if self._retriever is not None:
-            wait = self._start_retrieve(layer_idx, q_host, event, ranges, sids, scale)
+            wait = self._start_retrieve(layer_idx, q_host, event, ranges, sids, scale, **chosen)
             out_w, lse_w = ops.window_attention(query, key, value, scale, mask=valid)
         else:
             out_w, lse_w = ops.window_attention(query, key, value, scale, mask=valid)
-            wait = self._start_retrieve(layer_idx, q_host, event, ranges, sids, scale)
+            wait = self._start_retrieve(layer_idx, q_host, event, ranges, sids, scale, **chosen)
         t1 = time.perf_counter()
         res = wait()
         stats.retrieve_wait_s += time.perf_counter() - t1
@@ -607,6 +617,34 @@ class KVDCache(Cache):
         out = out.to(query.dtype)
         stats.decode_s += time.perf_counter() - t0
         return out
+
+    def set_lookahead(self, candidates: int | None) -> None:
+        """Turn lookahead on (with this many candidates per query head) or off (None) between forwards."""
+        if self.lookahead is not None:
+            self.lookahead.close()
+            self.lookahead = None
+        self.config = replace(self.config, lookahead=candidates is not None,
+                              lookahead_candidates=candidates or self.config.lookahead_candidates)
+        self.config.validate()
+        if candidates is not None:
+            self.lookahead = LookaheadState(self.client, candidates, self.stats)
+
+    def wants_lookahead(self, layer_idx: int) -> bool:
+        """Whether a lookahead search for layer `layer_idx` can start now (before this decode step reaches it):
+        the layer takes the decode path and everything it would search is in kvd already."""
+        if not self.is_open or self.config.exact or layer_idx >= len(self.layers):
+            return False
+        layer = self.layers[layer_idx]
+        if not layer.is_initialized or layer.pending_new or layer.keep_all:
+            return False
+        end = layer.offloaded_end()
+        return end > self.config.sink_tokens and layer.confirmed >= end
+
+    def start_lookahead(self, layer_idx: int, query: torch.Tensor, mask: Any) -> None:
+        """Start the search of layer `layer_idx` with an approximate query [B, Hq, 1, D] (lookahead hook)."""
+        assert self.lookahead is not None
+        end = self.layers[layer_idx].offloaded_end()
+        self.lookahead.start(layer_idx, query, self.session_ids or [], self._ranges(end, mask), end)
 
     def _maybe_flush_decode(self) -> None:
         """Every flush_tokens decode steps, one append of all layers (minus the hold_tokens newest tokens)."""

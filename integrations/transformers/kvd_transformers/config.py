@@ -37,6 +37,10 @@ class KVDConfig:
     retro: bool = False              # RetroAttention: correct the last retro_window - 1 decode steps' attention
     #                                  outputs with keys retrieved later (kvd_transformers.retro); needs enable()
     retro_window: int = 2            # w: the step itself plus w - 1 corrected past steps (2 .. 8)
+    lookahead: bool = False          # decode: search layer l + 1 with a query formed from layer l's input while
+    #                                  layer l runs; layer l + 1 then picks its top-k among those candidates
+    #                                  (kvd_transformers.lookahead); needs enable() and a KvdClient
+    lookahead_candidates: int = 512  # positions the lookahead search returns per query head (>= top_k)
 
     def validate(self) -> None:
         if self.sink_tokens < 0 or self.window_tokens < 1:
@@ -54,6 +58,11 @@ class KVDConfig:
                 raise ValueError("retro needs hold_tokens >= retro_window - 1 (the re-run positions stay out of kvd)")
             if self.index == "wave":
                 raise ValueError("retro does not support the wave index (its estimation zone would be counted twice)")
+        if self.lookahead:
+            if self.retro:
+                raise ValueError("lookahead and retro cannot be combined")
+            if self.lookahead_candidates < self.top_k:
+                raise ValueError("lookahead_candidates must be >= top_k")
 
 
 @dataclass
@@ -65,7 +74,13 @@ class CacheStats:
     decode_s: float = 0.0          # wall time inside decode attention, RPC wait included
     retrieve_wait_s: float = 0.0   # of which: blocked waiting for kvd's answer
     appends: int = 0
+    lookahead_searches: int = 0    # lookahead searches started (kvd_transformers.lookahead)
+    lookahead_used: int = 0        # decode Retrieves that chose among lookahead candidates instead of searching
+    lookahead_failed: int = 0      # lookahead searches that failed (those layers searched as usual)
+    lookahead_wait_s: float = 0.0  # of retrieve_wait_s: blocked until a lookahead search had finished
 
     def reset(self) -> None:
         self.retrieve_calls = self.decode_calls = self.appends = 0
+        self.lookahead_searches = self.lookahead_used = self.lookahead_failed = 0
+        self.lookahead_wait_s = 0.0
         self.decode_s = self.retrieve_wait_s = 0.0
