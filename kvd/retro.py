@@ -25,7 +25,7 @@ from numba import njit
 
 from kvd import gather_kernels
 from kvd.errors import InvalidArgument
-from kvd.gather_kernels import _raw, _widen_row
+from kvd.gather_kernels import _widen_row, store_array
 from kvd.validate import QUERY_DTYPES, check_dtype, check_finite, check_shape
 from kvd.workers import run_claimed
 
@@ -304,9 +304,9 @@ def attend_rows_past(keys: torch.Tensor, values: torch.Tensor, ids: torch.Tensor
     block = packed.numpy()
     out, lse, past_out, past_lse = block[count, :, :dim], block[count, :, dim], block[:count, :, :dim], \
         block[:count, :, dim]
-    args = (_raw(keys), _raw(values), np.ascontiguousarray(ids.numpy()), np.ascontiguousarray(scores.float().numpy()),
-            float(scale), heads // values.shape[0], np.ascontiguousarray(past.queries.numpy()), seen, bound, out, lse,
-            past_out, past_lse)
+    args = (store_array(keys), store_array(values), np.ascontiguousarray(ids.numpy()),
+            np.ascontiguousarray(scores.float().numpy()), float(scale), heads // values.shape[0],
+            np.ascontiguousarray(past.queries.numpy()), seen, bound, out, lse, past_out, past_lse)
     if threads is None:
         threads = threads_for(heads, ids.shape[1], count)
     if threads <= 1:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from kvd.gather_kernels import _raw, _widen_row
+from kvd.gather_kernels import _widen_row, store_array
 from kvd.index.graph_kernels import _pop, _prefetch_row, _push
 from kvd.workers import run_claimed
 
@@ -104,7 +104,7 @@ def candidate_topk(queries: torch.Tensor, keys: torch.Tensor, candidates: torch.
     num_query_heads, count = candidates.shape[0], min(k, candidates.shape[1])
     heap_scores = np.empty((num_query_heads, count), np.float32)
     heap_ids = np.empty((num_query_heads, count), np.int64)
-    store, q = _raw(keys), np.ascontiguousarray(queries.float().numpy())
+    store, q = store_array(keys), np.ascontiguousarray(queries.float().numpy())
     cand = np.ascontiguousarray(candidates.numpy())
     group = num_query_heads // keys.shape[0]
     chunks = max(1, min(_CANDIDATE_CHUNKS, candidates.numel() // _MIN_CANDIDATE_ROWS))
@@ -131,7 +131,7 @@ def scan_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, begin: int, end
     bounds = [begin + n * c // chunks for c in range(chunks + 1)]
     heap_scores = np.empty((num_kv_heads, chunks, group, count), np.float32)
     heap_ids = np.empty((num_kv_heads, chunks, group, count), np.int64)
-    store = _raw(keys)
+    store = store_array(keys)
     q = np.ascontiguousarray(queries.float().numpy())
 
     def tasks(t0: int, t1: int) -> None:

@@ -55,3 +55,15 @@ def test_kernels_match_float64_reference(dtype, kv_heads, group, m):
 def test_fp16_and_column_strided_stores_are_left_to_torch():
     assert not gather_kernels.supported(torch.zeros(2, 8, 4, dtype=torch.float16))
     assert not gather_kernels.supported(torch.zeros(2, 4, 8).transpose(1, 2))
+
+
+def test_store_array_exposes_a_prefix_view_as_its_whole_buffer():
+    """A session's store is rows [0, n) of a larger buffer: the kernels get the buffer itself (C-contiguous, the
+    same bits at every stored row), not a strided view; views they cannot widen that way stay strided."""
+    buffer = torch.randn(3, 50, 8).bfloat16()
+    array = gather_kernels.store_array(buffer[:, :20])
+    assert array.flags.c_contiguous and array.shape == (3, 50, 8)
+    assert (array[:, :20] == buffer[:, :20].view(torch.int16).numpy().view(array.dtype)).all()
+    tail = gather_kernels.store_array(buffer[:, 30:])  # the whole buffer would run past the storage
+    assert tail.shape == (3, 20, 8) and not tail.flags.c_contiguous
+    assert (tail == buffer[:, 30:].view(torch.int16).numpy().view(tail.dtype)).all()

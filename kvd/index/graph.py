@@ -61,6 +61,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from kvd.gather_kernels import store_array
 from kvd.index import graph_kernels as gk
 from kvd.index.base import BuildHints, IndexShape, KeyIndex, SearchResult, StoredKeys
 from kvd.index.graph_build import GraphParams, build_graph, exact_topn
@@ -140,7 +141,7 @@ class GraphIndex(KeyIndex):
         if stored.keys.shape[1] < stored.base + count or stored.keys.shape[0] != self.shape.num_kv_heads:
             raise ValueError(f"the session's keys hold {stored.keys.shape[1]} rows, the index needs "
                              f"{stored.base + count}")
-        return _store_array(stored.keys), stored.base
+        return store_array(stored.keys), stored.base
 
     # ---------------------------------------------------------------------------------------- build
     def build(self, keys: torch.Tensor, values: torch.Tensor | None, hints: BuildHints | None,
@@ -333,19 +334,6 @@ def _keys_array(keys: torch.Tensor) -> np.ndarray:
     if keys.dtype == torch.bfloat16:
         return np.ascontiguousarray(keys.view(torch.int16).numpy().view(np.uint16))
     return np.ascontiguousarray(keys.numpy(), dtype=np.float32)
-
-
-def _store_array(keys: torch.Tensor) -> np.ndarray:
-    """The kernels' view of a layer store's keys [Hkv, length, d]: the whole buffer [Hkv, rows, d] it is a
-    slice of (C-contiguous, no copy; rows past length are never read), bf16 as uint16 bit patterns."""
-    hkv, _, d = keys.shape
-    if keys.stride(2) != 1 or keys.stride(1) != d or keys.stride(0) % d:
-        raise ValueError("the session's keys must be rows of a [kv_heads, rows, head_dim] buffer")
-    rows = keys.stride(0) // d
-    full = keys.as_strided((hkv, rows, d), (rows * d, d, 1))
-    if full.dtype == torch.bfloat16:
-        return full.view(torch.int16).numpy().view(np.uint16)
-    return full.numpy()
 
 
 _SCRATCH = threading.local()
