@@ -60,8 +60,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--flush", type=int, default=16)
     p.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the window-only control (no retrieval) at the main sink/window")
-    p.add_argument("--index-params", default="", help="e.g. 'graph:ef=256;hnsw:ef=128'")
+    p.add_argument("--index-params", default="", help="e.g. 'graph:ef=256;hnsw:ef=128'; a kind named 'graph@x' in "
+                                                      "--kinds runs graph with the params of 'graph@x:...'")
     p.add_argument("--index-timeout", type=float, default=600.0)
+    p.add_argument("--hint-samples", type=int, default=None, help="prefill queries per layer sent to kvd as index "
+                                                                   "hints (default: KVDConfig's, 256; 0 = none)")
+    p.add_argument("--hints-first", action="store_true",
+                   help="flush the prefill and its index hints to kvd before the first decode step (by default "
+                        "they ride on that step's append and can reach the daemon after its first Retrieve, "
+                        "which then builds the index without them: kvd_eval.kvd_predictions)")
     p.add_argument("--niah-depths", default="0,0.2,0.4,0.6,0.8,1")
     p.add_argument("--niah-lengths", default=None, help="default: --lengths")
     p.add_argument("--niah-items", type=int, default=8, help="items per depth and length")
@@ -135,9 +142,11 @@ def kvd_rows(args: argparse.Namespace, model: Any, client: Any, batch: tasks.Bat
             continue
         t0 = time.perf_counter()
         label = f"[{counter[0]}/{counter[1]}] {length} {batch.task} {kind} sink {sink} window {window}"
-        outcomes, waited = kvd_predictions(model, client, batch, kind=kind, sink=sink, window=window, top_ks=ks,
+        outcomes, waited = kvd_predictions(model, client, batch, kind=kind.split("@")[0], sink=sink, window=window,
+                                           top_ks=ks,
                                            flush=args.flush, index_params=index_params.get(kind),
-                                           index_timeout=args.index_timeout, label=label)
+                                           index_timeout=args.index_timeout, label=label,
+                                           hint_samples=args.hint_samples, hints_first=args.hints_first)
         for k, res in outcomes.items():
             ok = score(res.pred, batch)
             same = (res.pred.cpu() == full.pred.cpu()) | ~batch.answer_mask.cpu()
@@ -176,10 +185,11 @@ def niah(args: argparse.Namespace, models: Models, client: Any, index_params: di
         meta: dict[str, Any] = {}
         if client is not None and not budget.over():
             t0 = time.perf_counter()
-            outcomes, waited = kvd_predictions(model, client, batch, kind=args.niah_kind, sink=args.sink,
+            outcomes, waited = kvd_predictions(model, client, batch, kind=args.niah_kind.split("@")[0], sink=args.sink,
                                                window=args.window, top_ks=[args.top_k], flush=args.flush,
                                                index_params=index_params.get(args.niah_kind),
-                                               index_timeout=args.index_timeout, label=f"niah {length}")
+                                               index_timeout=args.index_timeout, label=f"niah {length}",
+                                               hint_samples=args.hint_samples, hints_first=args.hints_first)
             res = outcomes[args.top_k]
             kvd_ok = score(res.pred, batch)
             meta = {"retrieved": round(res.retrieved, 5), "index_share": round(res.index_share, 3),

@@ -137,12 +137,17 @@ def _progress(text: str) -> None:
 @torch.no_grad()
 def kvd_predictions(model: Any, client: Any, batch: Batch, *, kind: str, sink: int, window: int,
                     top_ks: Sequence[int], flush: int = 16, index_params: dict[str, str] | None = None,
-                    index_timeout: float = 600.0, label: str = "kvd", retro_window: int = 1
+                    index_timeout: float = 600.0, label: str = "kvd", retro_window: int = 1,
+                    hint_samples: int | None = None, hints_first: bool = False
                     ) -> tuple[dict[int, KvdOutcome], float]:
     """Answers through kvd for each top-k (same sessions). Returns ({k: outcome}, seconds waited for the
     indexes; -1 when they were not ready in time). kind WINDOW_ONLY: the control (flat sessions, no retrieval).
     retro_window > 1: RetroAttention corrects the last retro_window - 1 question steps (kvd_transformers.retro;
-    the re-run positions are held back from kvd, hold_tokens = retro_window - 1)."""
+    the re-run positions are held back from kvd, hold_tokens = retro_window - 1).
+    hint_samples: prefill queries per layer sent as index hints (None: KVDConfig's default). hints_first: flush
+    the prefill (its hints included) to kvd before the first decode step; by default the hints ride on the
+    first decode step's append, which races that step's Retrieve: a Retrieve that reaches the daemon first
+    starts the layer's build without the hints (manager.on_retrieve), and the hints that follow are ignored."""
     import kvd_transformers
     from kvd_transformers import KVDCache, KVDConfig
 
@@ -156,11 +161,14 @@ def kvd_predictions(model: Any, client: Any, batch: Batch, *, kind: str, sink: i
     cfg = KVDConfig(sink_tokens=sink, window_tokens=window, top_k=top_ks[0],
                     flush_tokens=min(flush, window - (retro_window - 1 if retro else 0)), index=kind,
                     index_params=index_params, retro=retro, retro_window=max(2, retro_window),
-                    hold_tokens=retro_window - 1 if retro else 0)
+                    hold_tokens=retro_window - 1 if retro else 0,
+                    **({} if hint_samples is None else {"hint_samples": hint_samples}))
     out: dict[int, KvdOutcome] = {}
     cache = KVDCache(client, session=sids, config=cfg)
     try:
         model(tokens[:, :sep], past_key_values=cache, logits_to_keep=1)
+        if hints_first:
+            cache.flush()  # the held-back last prefill token and the hints reach kvd before any Retrieve
         model(tokens[:, sep:sep + 1], past_key_values=cache)  # SEP: the first decode step sends the hints
         cache.flush()
         waited = wait_indexes(client, sids, index_timeout)
