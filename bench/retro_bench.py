@@ -351,38 +351,32 @@ def speed_phase(client: Any, args: argparse.Namespace, device: torch.device, win
     model, cfg = build_model(args.layers, args, device)
     prompt = torch.randint(0, cfg.vocab_size, (1, args.speed_prompt), generator=torch.Generator().manual_seed(1))
     prompt = prompt.to(device)
-    if args.interleave:
-        for rep in range(args.repeat):
+
+    def keep(res: dict[str, Any], rep: int, base: dict[str, Any]) -> None:
+        res.update(phase="speed", layers=args.layers, prompt=args.speed_prompt, overhead_pct=overhead(res, base))
+        if args.repeat > 1:
+            res["round"] = rep + 1
+        rows.append(res)
+        print(json.dumps(res), flush=True)
+
+    steps = args.warmup + args.speed_steps
+    stream = None
+    for rep in range(args.repeat):
+        if args.interleave:
             got = interleaved_runs(model, client, prompt, windows, args, device)
             for res in got:
-                res.update(phase="speed", layers=args.layers, prompt=args.speed_prompt,
-                           overhead_pct=overhead(res, got[0]))
-                if args.repeat > 1:
-                    res["round"] = rep + 1
-                rows.append(res)
-                print(json.dumps(res), flush=True)
+                keep(res, rep, got[0])
             save()
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        return
-    base: dict[str, Any] = {}
-    stream = None
-    steps = args.warmup + args.speed_steps
-    for rep in range(args.repeat):
+            continue
+        base: dict[str, Any] = {}
         for window in [1, *windows]:
             print(f"speed: {'base' if window == 1 else f'retro w={window}'}", flush=True)
             res, tokens, _ = decode_run(model, client, prompt, steps, window, args, device, stream)
-            res.update(phase="speed", layers=args.layers, prompt=args.speed_prompt)
-            if args.repeat > 1:
-                res["round"] = rep + 1
             if stream is None:
                 stream = tokens[:-1]
             if window == 1:
                 base = res  # each round's rows against that round's base
-            res["overhead_pct"] = overhead(res, base)
-            rows.append(res)
-            print(json.dumps(res), flush=True)
+            keep(res, rep, base)
             save()
     del model
     if device.type == "cuda":
