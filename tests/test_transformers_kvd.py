@@ -4,6 +4,7 @@ randomly initialised Llama (GQA: 4 query heads over 2 KV heads) in float32 on th
 from __future__ import annotations
 
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -263,3 +264,24 @@ def test_generate_padded_batch_and_sampling(shared_daemon: Any) -> None:
     got_s = model.generate(ids, attention_mask=mask, past_key_values=KVDCache(client, top_k=4096, **SMALL),
                            max_new_tokens=24, do_sample=True, top_k=20)
     assert torch.equal(got_s, ref_s)
+
+
+def test_indexes_are_built_from_the_prefill_hints(shared_daemon: Any) -> None:
+    """The first decode step's Retrieve of a layer waits for the append that carries the layer's index hints:
+    one that reached the daemon first would start the index build without them (not attention-aware)."""
+    model = tiny_llama(sharpen=8.0)
+    ids = torch.randint(1, 97, (1, 420))
+    client = shared_daemon.client()
+    cache = KVDCache(client, session=sid("hints"), top_k=8, index="graph",
+                     index_params={"window": "2", "enhance_ef": "0"}, **SMALL)
+    kvd_steps(model, cache, ids, 400)
+    cache.flush()
+    deadline = time.time() + 60
+    while True:
+        indexes = client.get_session(cache.session_ids[0]).indexes
+        if len(indexes) == 2 and all(i["ready"] for i in indexes):
+            break
+        assert time.time() < deadline, indexes
+        time.sleep(0.05)
+    assert [i["from_hints"] for i in indexes] == [True, True]
+    cache.close()

@@ -60,7 +60,8 @@ class SessionInfo:
             promotions=info.promotions, created_unix=info.created_unix, last_access_unix=info.last_access_unix,
             labels=dict(options.labels), index_params=dict(options.index_params),
             indexes=[{"layer": i.layer, "kind": INDEX_NAMES.get(i.kind, ""), "ready": i.ready,
-                      "indexed_tokens": i.indexed_tokens, "bytes": i.bytes} for i in info.indexes],
+                      "indexed_tokens": i.indexed_tokens, "bytes": i.bytes,
+                      "from_hints": i.from_hints} for i in info.indexes],
         )
 
 

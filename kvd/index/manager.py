@@ -52,6 +52,7 @@ class LayerIndex:
         self.building = False
         self.adding = False
         self.failed = ""
+        self.from_hints = False  # the ready index was built from the client's hints (attention-aware)
         self.hint_queries: list[torch.Tensor] = []
         self.hint_topn: list[torch.Tensor] = []
         self.lock = threading.Lock()
@@ -216,7 +217,7 @@ class IndexManager:
                 index.build(local_keys, local_values, hints, stored=StoredKeys(keys, slot.base))
             with slot.lock:
                 if session.indexes[layer] is slot:
-                    slot.index, slot.ready = index, True
+                    slot.index, slot.ready, slot.from_hints = index, True, hints is not None
             metrics.INDEX_BUILD_SECONDS.labels(slot.kind).observe(time.perf_counter() - started)
             log.debug("index built", extra={"fields": {"session": session.session_id, "layer": layer,
                                                        "kind": slot.kind, "keys": end - begin}})
@@ -285,7 +286,8 @@ class IndexManager:
         blobs = {}
         for layer, slot in enumerate(session.indexes):
             if slot is not None and slot.ready and slot.index is not None:
-                header = json.dumps({"kind": slot.kind, "base": slot.base, "params": slot.params}).encode()
+                header = json.dumps({"kind": slot.kind, "base": slot.base, "params": slot.params,
+                                     "from_hints": slot.from_hints}).encode()
                 blobs[layer] = _BLOB_HEADER.pack(len(header)) + header + slot.index.to_bytes()
         return blobs
 
@@ -302,7 +304,7 @@ class IndexManager:
                               session.session_id, layer)
                 continue
             slot = LayerIndex(header["kind"], shape, header["params"], header["base"])
-            slot.index, slot.ready = index, True
+            slot.index, slot.ready, slot.from_hints = index, True, bool(header.get("from_hints", False))
             session.indexes[layer] = slot
 
     def close(self) -> None:

@@ -387,6 +387,15 @@ class KVDCache(Cache):
         if layer.confirmed < end:
             raise RuntimeError(f"layer {layer_idx}: kvd holds {layer.confirmed} tokens, {end} needed")
 
+    def _await_kvd(self, layer_idx: int, layer: KVDLayer, end: int) -> None:
+        """Before a Retrieve of this layer: block until kvd holds tokens [0, end) and, after a prefill, the
+        append that carries the layer's index hints. A Retrieve reaching the daemon before the hints would
+        start the layer's index build without them (keys as stand-in queries: not attention-aware)."""
+        needed = max(end, layer.hints_until)
+        layer.hints_until = 0
+        if layer.confirmed < needed:
+            self._ensure_appended(layer_idx, layer, needed)
+
     def _submit_layers(self, layer_ids: list[int], hints: dict[int, tuple[torch.Tensor, torch.Tensor | None]]
                        | None = None, upto: int | None = None) -> None:
         """Hand the not-yet-submitted tokens [submitted, upto or total) of these layers (all with the same
@@ -594,8 +603,7 @@ class KVDCache(Cache):
             out_w, _ = ops.window_attention(query, key, value, scale, mask=valid)
             stats.decode_s += time.perf_counter() - t0
             return out_w.to(query.dtype)
-        if layer.confirmed < end:
-            self._ensure_appended(layer_idx, layer, end)
+        self._await_kvd(layer_idx, layer, end)
         chosen = {}
         if self.lookahead is not None and (candidates := self.lookahead.take(layer_idx, end)) is not None:
             chosen["candidates"] = candidates
@@ -723,8 +731,7 @@ class KVDCache(Cache):
             q_copy = q_new[:, :, 0].to("cpu", torch.float32, copy=True)
             seen = torch.empty(*q_copy.shape[:2], 0, dtype=torch.int64)
         else:
-            if layer.confirmed < end:
-                self._ensure_appended(layer_idx, layer, end)
+            self._await_kvd(layer_idx, layer, end)
             q_host, event = layer.stage_query(q_new)
             ranges = self._ranges(end, mask)
             sids = self.session_ids or []
@@ -760,7 +767,7 @@ class KVDCache(Cache):
         if end <= cfg.sink_tokens:
             out = ops.causal_attention(query, key, value, scale, padding=padding, q_chunk=cfg.q_chunk)
         else:
-            self._ensure_appended(layer_idx, layer, end)
+            self._await_kvd(layer_idx, layer, end)
             out_d, lse_d = _chunked_attend_lse(query, key, value, scale, padding, cfg.q_chunk)
             out_r, lse_r = self._retrieve_many(layer_idx, query, end, mask, scale)
             out, _ = ops.merge_lse(out_d, lse_d, out_r, lse_r)
@@ -823,6 +830,7 @@ class KVDCache(Cache):
             topn = torch.stack([ops.exact_topn(sample[row], keys[row], cfg.hint_topn, begin=cfg.sink_tokens)
                                 for row in range(sample.shape[0])])
         self._submit_layers([layer_idx], {layer_idx: (sample, topn)})
+        layer.hints_until = layer.submitted
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------

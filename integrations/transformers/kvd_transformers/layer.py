@@ -43,6 +43,7 @@ class KVDLayer(CacheLayerMixin):
         self.q_host: torch.Tensor | None = None
         self.copy_event: Any = None        # last device-to-host copy of this layer's slots
         self.hint_q: torch.Tensor | None = None  # prefill query sample awaiting its final top-N
+        self.hints_until = 0  # the append carrying the index hints ends here (awaited before the next Retrieve)
         self.q_event: Any = None
         self.r_host: torch.Tensor | None = None
 
