@@ -136,3 +136,30 @@ def test_graph_attention_is_exact_over_its_ids_for_every_session_dtype(shared_da
         torch.testing.assert_close(res.lse[h].double(), torch.logsumexp(logits, 0), rtol=1e-6, atol=1e-6)
     client.delete_session(sid)
     client.close()
+
+
+def test_hints_after_a_hintless_build_rebuild_the_index_from_them(shared_daemon):
+    """A client that retrieves before sending its hints gets an index built without them (keys as stand-in
+    queries); hints that arrive later build it again from them, and the layer is served correctly throughout."""
+    client = shared_daemon.client()
+    sid, n, d = "late-hints", 3000, 32
+    client.create_session(sid, num_layers=1, num_kv_heads=2, num_query_heads=4, head_dim=d, dtype="fp32",
+                          index="graph", sink_tokens=4, window_tokens=64)
+    keys, values = clustered_kv(11, n + 200)
+    client.append(sid, 0, keys[:, :n].unsqueeze(0), values[:, :n].unsqueeze(0))
+    q = torch.randn(4, d, generator=torch.Generator().manual_seed(12)) * 2
+    client.retrieve(sid, 0, q, k=10, mode="ids")          # starts a build without hints
+    assert wait_ready(client, sid, 1).indexes[0]["from_hints"] is False
+    hint_queries = torch.randn(1, 4, 64, d, generator=torch.Generator().manual_seed(13))
+    client.append(sid, n, keys[:, n:].unsqueeze(0), values[:, n:].unsqueeze(0), hint_queries=hint_queries)
+    deadline = time.time() + 60
+    while not client.get_session(sid).indexes[0]["from_hints"]:
+        assert time.time() < deadline
+        client.retrieve(sid, 0, q, k=10, mode="ids")      # served (by the old index) while it is rebuilt
+        time.sleep(0.05)
+    everything = client.retrieve(sid, 0, q, k=n, mode="ids", search_params={"ef": 8192})
+    exact = client.retrieve(sid, 0, q, k=n, mode="ids", exact=True)
+    assert everything.index_kinds == ["graph"]
+    assert sorted(everything.ids[0].tolist()) == sorted(exact.ids[0].tolist())
+    client.delete_session(sid)
+    client.close()

@@ -161,11 +161,15 @@ class IndexManager:
                 continue
             if queries is not None:
                 with slot.lock:
+                    if slot.ready and slot.from_hints:
+                        continue  # built from hints already (later turns' keys are added to it)
                     slot.hint_queries.append(queries[i].float().clone())
                     if topn is not None:
                         slot.hint_topn.append(topn[i].to(torch.int64).clone())
-                # Hints mark the end of a layer's prefill: build now.
-                self.schedule_build(session, layer)
+                    # a client that retrieved before sending its hints got an index built without them
+                    rebuild = slot.ready
+                # Hints mark the end of a layer's prefill: build now (again, from them).
+                self.schedule_build(session, layer, rebuild=rebuild)
             elif slot.ready:
                 self._maybe_add(session, layer, slot)
 
@@ -187,10 +191,11 @@ class IndexManager:
 
     # -- builds ----------------------------------------------------------------------------------------
 
-    def schedule_build(self, session: Session, layer: int) -> None:
+    def schedule_build(self, session: Session, layer: int, rebuild: bool = False) -> None:
+        """Build the layer's index in the background; `rebuild`: also when one is ready (it serves meanwhile)."""
         slot = session.indexes[layer]
         with slot.lock:
-            if slot.building or slot.ready:
+            if slot.building or (slot.ready and not rebuild):
                 return
             slot.building = True
         with self._queue_lock:
@@ -228,6 +233,8 @@ class IndexManager:
             slot.building = False
             with self._queue_lock:
                 self._queued -= 1
+        if slot.ready and slot.hint_queries and not slot.failed and session.indexes[layer] is slot:
+            self.schedule_build(session, layer, rebuild=True)  # hints arrived while it was built without them
 
     @staticmethod
     def _hints(slot: LayerIndex, begin: int, end: int) -> BuildHints | None:
@@ -270,6 +277,8 @@ class IndexManager:
             # Searches keep using the index while keys are added: add into it under the slot lock only
             # for kinds whose add() is not safe to run beside search().
             with slot.lock:
+                if slot.covered_end != start:  # rebuilt meanwhile: the next add continues from its end
+                    return
                 slot.index.add(new_keys, new_values, stored=StoredKeys(keys, slot.base))
         except Exception:
             log.exception("index add failed for session %s layer %d", session.session_id, layer)
