@@ -311,6 +311,7 @@ def run_kvd(model: Any, cfg: LlamaConfig, client: Any, ctx: int, synthetic: bool
         info = client.get_session(sid)
         res["kvd_session_gib"] = round(info.memory_bytes / 2**30, 2)
         res["kvd_index_gib"] = round(sum(i["bytes"] for i in info.indexes) / 2**30, 2)
+        res["kvd_indexes_from_hints"] = f"{sum(bool(i.get('from_hints')) for i in info.indexes)}/{len(info.indexes)}"
     cache.close()
     if not keep:
         with contextlib.suppress(Exception):
