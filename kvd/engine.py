@@ -22,6 +22,7 @@ import torch
 from kvd import ingest_kernels, retro
 from kvd.config import Config
 from kvd.errors import FailedPrecondition, InvalidArgument, KvdError
+from kvd.index.base import IndexShape
 from kvd.index.manager import IndexManager
 from kvd.retrieval import Mode, RetrieveSpec, SequenceResult, SessionSpilled, default_scale, retrieve_batch
 from kvd.shm import SharedMemoryRegistry
@@ -147,6 +148,8 @@ class Engine:
         if options.index_kind and options.index_kind not in INDEX_KINDS:
             raise InvalidArgument(f"unknown index kind {options.index_kind!r}")
         options.index_kind = options.index_kind or self.config.index.default_kind
+        self.indexes.check_params(options.index_kind, IndexShape(shape.num_kv_heads, shape.num_query_heads,
+                                                                 shape.head_dim), options.index_params)
         if options.ttl_seconds == 0:
             options.ttl_seconds = self.config.storage.default_ttl_seconds
         if session_id:

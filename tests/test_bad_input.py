@@ -124,6 +124,15 @@ def test_bad_session_creation(stub):
     expect(IA, stub.CreateSession, pb.CreateSessionRequest(session_id="../etc", shape=shape), "session id")
     expect(grpc.StatusCode.ALREADY_EXISTS, stub.CreateSession,
            pb.CreateSessionRequest(session_id="good", shape=shape), "exists")
+    # index params the kind cannot use are refused up front (a build failing on them would leave the layers
+    # served by the exact scan, with the reason only in the daemon's log)
+    for kind, params, words in ((pb.GRAPH, {"per": "token"}, "per"), (pb.GRAPH, {"m": "many"}, "many"),
+                                (pb.GRAPH, {"store": "fp8"}, "store"), (pb.WAVE, {"cluster_size": "big"}, "wave")):
+        options = pb.SessionOptions(index_kind=kind, index_params=params)
+        expect(IA, stub.CreateSession, pb.CreateSessionRequest(session_id="y", shape=shape, options=options), words)
+    options = pb.SessionOptions(index_kind=pb.GRAPH, index_params={"m": "16", "ef": "128"})
+    stub.CreateSession(pb.CreateSessionRequest(session_id="fine-params", shape=shape, options=options))
+    stub.DeleteSession(pb.DeleteSessionRequest(session_id="fine-params"))
 
 
 def test_over_memory_budget(stub):

@@ -142,6 +142,17 @@ class IndexManager:
                 raise InvalidArgument("hint top-N ids must be int32 or int64")
         return queries, topn
 
+    @staticmethod
+    def check_params(kind: str, shape: IndexShape, params: dict[str, str]) -> None:
+        """Refuse index params the kind cannot use (checked when the session is created: a build failing on
+        them later would leave its layers served by the exact scan, with the reason only in the log)."""
+        if kind not in KINDS:
+            return
+        try:
+            index_class(kind)(shape, dict(params))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise InvalidArgument(f"{kind} index_params: {exc}") from None
+
     def _slot(self, session: Session, layer: int) -> LayerIndex | None:
         kind = session.options.index_kind
         if kind not in KINDS:
