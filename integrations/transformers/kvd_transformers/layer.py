@@ -19,6 +19,26 @@ class Job:
     future: Future[None]
 
 
+class QueryStage:
+    """A reused host buffer for queries on their way to kvd: pinned, filled by an asynchronous copy whose arrival
+    a CUDA event marks (queries on the CPU are passed through as float32)."""
+
+    def __init__(self) -> None:
+        self.host: torch.Tensor | None = None
+        self.event: Any = None
+
+    def put(self, q: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """q [..., D] -> (float32 host tensor of its shape, the event to wait for before reading it, or None)."""
+        if q.device.type != "cuda":
+            return q.float().contiguous(), None
+        if self.host is None or self.host.shape != q.shape:
+            self.host = torch.empty(q.shape, dtype=torch.float32, pin_memory=True)
+            self.event = torch.cuda.Event()
+        self.host.copy_(q, non_blocking=True)
+        self.event.record()
+        return self.host, self.event
+
+
 class KVDLayer(CacheLayerMixin):
     """Device-resident part of one layer: `[sink | window]` buffers plus kvd bookkeeping."""
 
@@ -40,11 +60,10 @@ class KVDLayer(CacheLayerMixin):
         self.consumed = True   # the last update was read by the kvd attention function
         self.pending_new = 0   # tokens written by the last multi-token update, not yet trimmed
         self.host_init: tuple[torch.Tensor, torch.Tensor] | None = None  # rehydrated [B, Hkv, used, D] on CPU
-        self.q_host: torch.Tensor | None = None
+        self.query_stage = QueryStage()
         self.copy_event: Any = None        # last device-to-host copy of this layer's slots
         self.hint_q: torch.Tensor | None = None  # prefill query sample awaiting its final top-N
         self.hints_until = 0  # the append carrying the index hints ends here (awaited before the next Retrieve)
-        self.q_event: Any = None
         self.r_host: torch.Tensor | None = None
 
     # --- CacheLayerMixin API -------------------------------------------------------------------------------
@@ -95,17 +114,7 @@ class KVDLayer(CacheLayerMixin):
     # --- host staging for the decode round trip (reused every step; pinned on CUDA) ------------------------
     def stage_query(self, query: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """query [B, Hq, 1, D] -> float32 host copy [B, Hq, D] (+ a CUDA event marking its arrival)."""
-        q = query[:, :, 0]
-        if q.device.type != "cuda":
-            return q.float().contiguous(), None
-        host = self.q_host
-        if host is None or host.shape != q.shape:
-            host = self.q_host = torch.empty(q.shape, dtype=torch.float32, pin_memory=True)
-            self.q_event = torch.cuda.Event()
-        host.copy_(q, non_blocking=True)
-        assert self.q_event is not None
-        self.q_event.record()
-        return host, self.q_event
+        return self.query_stage.put(query[:, :, 0])
 
     def stage_result(self, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
         """(out [B, Hq, D], lse [B, Hq]) -> one host tensor [B, Hq, D + 1] ready for a single copy."""

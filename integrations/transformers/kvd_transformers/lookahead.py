@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from kvd_transformers.config import CacheStats
+from kvd_transformers.layer import QueryStage
 
 
 class LookaheadState:
@@ -42,12 +43,12 @@ class LookaheadState:
         self.stats = stats
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="kvd-lookahead")
         self._pending: dict[int, tuple[Future[Any], int]] = {}  # layer -> (search, offloaded end it covered)
-        self._staging: dict[int, tuple[torch.Tensor, Any]] = {}   # layer -> (pinned host query, CUDA event)
+        self._staging: dict[int, QueryStage] = {}   # layer -> its approximate query's host buffer
 
     def start(self, layer_idx: int, query: torch.Tensor, sids: list[str], ranges: list[tuple[int, int]],
               end: int) -> None:
         """Search layer `layer_idx` with an approximate query [B, Hq, 1, D] over `ranges` (offloaded up to end)."""
-        host, event = self._stage(layer_idx, query[:, :, 0])
+        host, event = self._staging.setdefault(layer_idx, QueryStage()).put(query[:, :, 0])
         client, k = self.client, self.candidates
 
         def search() -> torch.Tensor:
@@ -91,17 +92,6 @@ class LookaheadState:
         close = getattr(self.client, "close", None)
         if close is not None:
             close()
-
-    def _stage(self, layer_idx: int, q: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        if q.device.type != "cuda":
-            return q.float().contiguous(), None
-        host, event = self._staging.get(layer_idx, (None, None))
-        if host is None or host.shape != q.shape:
-            host, event = torch.empty(q.shape, dtype=torch.float32, pin_memory=True), torch.cuda.Event()
-            self._staging[layer_idx] = (host, event)
-        host.copy_(q, non_blocking=True)
-        event.record()
-        return host, event
 
 
 # --- model hooks -----------------------------------------------------------------------------------------------
