@@ -5,8 +5,8 @@ Why: the same work in torch (advanced-index gather of [Hq, k, d] rows, a bf16->f
 logsumexp, a second gather and product) costs a dozen small ops per call, ~3 ms on 2 cores for 32 heads x 100
 keys; these loops read each chosen row once and need ~0.1-0.3 ms. bf16 is widened by moving its bits into the
 top half of a float32, exactly. fp16 stores have no cheap exact widening here and keep the torch path
-(`supported` says which stores the kernels take). Serial on purpose: numba's default threading layer is
-not safe under the daemon's concurrent worker threads, and the work per call is small.
+(`supported` says which stores the kernels take). A decode-sized attention runs its heads as one parallel
+region (kvd.parallel) where the host allows it, else on a few worker-pool threads.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import math
 
 import numpy as np
 import torch
-from numba import njit, types
+from numba import njit, prange, types
 from numba.extending import overload
 
+from kvd import parallel
 from kvd.workers import run_claimed
 
 _NEG_INF = -np.inf
@@ -120,8 +121,16 @@ def _attend_rows(store: np.ndarray, ids: np.ndarray, scores: np.ndarray, scale: 
         lse[h] = top + math.log(total)
 
 
+@njit(cache=True, nogil=True, parallel=True)
+def _attend_rows_parallel(store: np.ndarray, ids: np.ndarray, scores: np.ndarray, scale: float, group: int,
+                          out: np.ndarray, lse: np.ndarray) -> None:
+    for h in prange(ids.shape[0]):
+        _attend_rows(store, ids, scores, scale, group, out, lse, h, h + 1)
+
+
 # Value rows are scattered over a large store (a cache miss each): a decode-sized call (32 heads x 100 rows)
-# is split over a few threads; small calls stay on the caller, where a hand-off would cost more than it saves.
+# is split over threads; small calls stay on the caller, where a hand-off would cost more than it saves.
+# Worker-pool hand-offs cost ~10-50 us each, so the pool gets a few chunks; a parallel region, every core.
 _ATTEND_CHUNKS = 4
 _ROWS_PER_CHUNK = 512
 
@@ -146,6 +155,10 @@ def attend_rows(values: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor, s
     store, id_rows = store_array(values), np.ascontiguousarray(ids.numpy())
     score_rows = np.ascontiguousarray(scores.float().numpy())
     chunks = min(_ATTEND_CHUNKS, max(1, ids.numel() // _ROWS_PER_CHUNK))
+    if chunks > 1 and parallel.enabled():
+        parallel.threads(num_query_heads)
+        _attend_rows_parallel(store, id_rows, score_rows, float(scale), group, out, lse)
+        return torch.from_numpy(out), torch.from_numpy(lse)
     run_claimed(lambda h0, h1: _attend_rows(store, id_rows, score_rows, float(scale), group, out, lse, h0, h1),
                 num_query_heads, chunks, "search", chunks=chunks)
     return torch.from_numpy(out), torch.from_numpy(lse)
@@ -158,3 +171,6 @@ def warmup() -> None:
     for dtype in (torch.bfloat16, torch.float32):
         store = torch.ones(1, 2, 4, dtype=dtype)
         attend_rows(store, ids, score_rows(store, queries, ids), 1.0)
+        if parallel.enabled():  # the parallel region of decode-sized calls
+            many = torch.zeros(1, _ROWS_PER_CHUNK * 2, dtype=torch.int64)
+            attend_rows(store, many, torch.ones(many.shape), 1.0)

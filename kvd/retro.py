@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from numba import njit
+from numba import njit, prange
 
-from kvd import gather_kernels
+from kvd import gather_kernels, parallel
 from kvd.errors import InvalidArgument
 from kvd.gather_kernels import _widen_row, store_array
 from kvd.validate import QUERY_DTYPES, check_dtype, check_finite, check_shape
@@ -280,6 +280,15 @@ def _attend_rows_past(kstore: np.ndarray, vstore: np.ndarray, ids: np.ndarray, s
     return touched
 
 
+@njit(cache=True, nogil=True, parallel=True)
+def _attend_rows_past_parallel(kstore: np.ndarray, vstore: np.ndarray, ids: np.ndarray, scores: np.ndarray,
+                               scale: float, group: int, past: np.ndarray, seen: np.ndarray, bound: np.ndarray,
+                               out: np.ndarray, lse: np.ndarray, past_out: np.ndarray, past_lse: np.ndarray) -> None:
+    for h in prange(ids.shape[0]):
+        _attend_rows_past(kstore, vstore, ids, scores, scale, group, past, seen, bound, out, lse, past_out,
+                          past_lse, h, h + 1)
+
+
 def fused(keys: torch.Tensor, values: torch.Tensor) -> bool:
     """Whether `attend_rows_past` takes these stores (bf16/fp32: the compiled row kernels' stores)."""
     return gather_kernels.supported(keys) and gather_kernels.supported(values)
@@ -294,8 +303,8 @@ def attend_rows_past(keys: torch.Tensor, values: torch.Tensor, ids: torch.Tensor
     keys, values [Hkv, L, d] (`fused` stores); ids [Hq, m] (this call's retrieval, -1 padded) with the current
     query's exact scores [Hq, m]; past: one sequence's [P, Hq, d], [P, Hq, S], [P]. Returns output [Hq, d],
     lse [Hq], past output [P, Hq, d] (zeros where nothing is new) and past lse [P, Hq] (-inf there).
-    `threads`: the query heads are shared by that many threads (default `threads_for`); the results do not
-    depend on it."""
+    `threads`: the query heads are shared by that many threads (default: every core, in one parallel region
+    where kvd.parallel allows it, else `threads_for` worker-pool threads); the results do not depend on it."""
     count, heads, dim = past.queries.shape
     seen, bound = _seen_arrays(count, heads, past.seen_ids, past.seen_from)
     out = np.empty((heads, dim), np.float32)
@@ -305,6 +314,10 @@ def attend_rows_past(keys: torch.Tensor, values: torch.Tensor, ids: torch.Tensor
     args = (store_array(keys), store_array(values), np.ascontiguousarray(ids.numpy()),
             np.ascontiguousarray(scores.float().numpy()), float(scale), heads // values.shape[0],
             np.ascontiguousarray(past.queries.numpy()), seen, bound, out, lse, past_out, past_lse)
+    if parallel.enabled() and (threads or 0) != 1 and heads * ids.shape[1] * (count + 1) >= 2 * WORK_PER_THREAD:
+        parallel.threads(threads or heads)  # a region's threads start within microseconds: every core helps
+        _attend_rows_past_parallel(*args)
+        return torch.from_numpy(out), torch.from_numpy(lse), torch.from_numpy(past_out), torch.from_numpy(past_lse)
     if threads is None:
         threads = threads_for(heads, ids.shape[1], count)
     if threads <= 1:
@@ -354,6 +367,9 @@ def warmup() -> None:
         # is the layout compiled here
         store = torch.ones(2, 3, 4, dtype=dtype)[:, :2]
         attend_rows_past(store, store, ids, torch.ones(2, 3), 1.0, past, threads=1)
+        if parallel.enabled():  # the parallel region of decode-sized calls
+            many = torch.zeros(2, WORK_PER_THREAD, dtype=torch.int64)
+            attend_rows_past(store, store, many, torch.ones(many.shape), 1.0, past, threads=2)
 
 
 def attend_past(keys: torch.Tensor, values: torch.Tensor, ids: torch.Tensor, past: PastQueries, scale: float

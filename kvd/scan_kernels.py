@@ -13,8 +13,9 @@ import os
 
 import numpy as np
 import torch
-from numba import njit
+from numba import njit, prange
 
+from kvd import parallel
 from kvd.gather_kernels import _widen_row, store_array
 from kvd.index.graph_kernels import _pop, _prefetch_row, _push
 from kvd.workers import run_claimed
@@ -24,6 +25,9 @@ _NEG_INF = np.float32(-np.inf)
 _MIN_TASK_KEYS = 8192
 # ...and the whole call runs on the caller below this many key rows (all KV heads together).
 _MIN_PARALLEL_ROWS = 32768
+# The same two in a parallel region (kvd.parallel), whose threads take a task within microseconds.
+_MIN_TASK_KEYS_REGION = 256
+_MIN_PARALLEL_ROWS_REGION = 2048
 # Candidate scoring: at most this many head chunks (threads), each worth at least this many candidate rows.
 _CANDIDATE_CHUNKS = 8
 _MIN_CANDIDATE_ROWS = 2048
@@ -96,6 +100,24 @@ def _candidate_heads(store: np.ndarray, queries: np.ndarray, candidates: np.ndar
             heap_ids[h, j] = -1
 
 
+@njit(cache=True, nogil=True, parallel=True)
+def _scan_tasks_parallel(store: np.ndarray, queries: np.ndarray, bounds: np.ndarray, heap_scores: np.ndarray,
+                         heap_ids: np.ndarray) -> None:
+    """Every (KV head, key range) task of scan_topk as one parallel region; heaps [Hkv, chunks, group, k]."""
+    chunks = heap_scores.shape[1]
+    for task in prange(heap_scores.shape[0] * chunks):
+        kv = task // chunks
+        c = task - kv * chunks
+        _scan_range(store, queries, kv, bounds[c], bounds[c + 1], heap_scores[kv, c], heap_ids[kv, c])
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _candidate_heads_parallel(store: np.ndarray, queries: np.ndarray, candidates: np.ndarray, group: int,
+                              begin: int, end: int, heap_scores: np.ndarray, heap_ids: np.ndarray) -> None:
+    for h in prange(candidates.shape[0]):
+        _candidate_heads(store, queries, candidates, group, begin, end, heap_scores, heap_ids, h, h + 1)
+
+
 def candidate_topk(queries: torch.Tensor, keys: torch.Tensor, candidates: torch.Tensor, k: int, begin: int,
                    end: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best of given positions by exact float32 q.k over a bf16/fp32 store [Hkv, n, d]: candidates int64
@@ -108,8 +130,12 @@ def candidate_topk(queries: torch.Tensor, keys: torch.Tensor, candidates: torch.
     cand = np.ascontiguousarray(candidates.numpy())
     group = num_query_heads // keys.shape[0]
     chunks = max(1, min(_CANDIDATE_CHUNKS, candidates.numel() // _MIN_CANDIDATE_ROWS))
-    run_claimed(lambda h0, h1: _candidate_heads(store, q, cand, group, begin, end, heap_scores, heap_ids, h0, h1),
-                num_query_heads, chunks, "search", chunks=chunks)
+    if chunks > 1 and parallel.enabled():
+        parallel.threads(num_query_heads)
+        _candidate_heads_parallel(store, q, cand, group, begin, end, heap_scores, heap_ids)
+    else:
+        run_claimed(lambda h0, h1: _candidate_heads(store, q, cand, group, begin, end, heap_scores, heap_ids, h0, h1),
+                    num_query_heads, chunks, "search", chunks=chunks)
     top, order = torch.sort(torch.from_numpy(heap_scores), dim=1, descending=True)
     return torch.gather(torch.from_numpy(heap_ids), 1, order), top
 
@@ -126,8 +152,10 @@ def scan_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, begin: int, end
     count = min(k, n)
     workers = os.cpu_count() or 1
     rows = n * num_kv_heads
-    chunks = 1 if rows < _MIN_PARALLEL_ROWS else max(1, min(n // _MIN_TASK_KEYS,
-                                                          -(-2 * workers // num_kv_heads)))
+    region = parallel.enabled()
+    min_rows, min_task = (_MIN_PARALLEL_ROWS_REGION, _MIN_TASK_KEYS_REGION) if region else \
+        (_MIN_PARALLEL_ROWS, _MIN_TASK_KEYS)
+    chunks = 1 if rows < min_rows else max(1, min(n // min_task, -(-2 * workers // num_kv_heads)))
     bounds = [begin + n * c // chunks for c in range(chunks + 1)]
     heap_scores = np.empty((num_kv_heads, chunks, group, count), np.float32)
     heap_ids = np.empty((num_kv_heads, chunks, group, count), np.int64)
@@ -140,7 +168,11 @@ def scan_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, begin: int, end
             _scan_range(store, q, kv, bounds[c], bounds[c + 1], heap_scores[kv, c], heap_ids[kv, c])
 
     total = num_kv_heads * chunks
-    run_claimed(tasks, total, 1 if rows < _MIN_PARALLEL_ROWS else min(total, workers), "search")
+    if region and rows >= min_rows and total > 1:
+        parallel.threads(total)
+        _scan_tasks_parallel(store, q, np.array(bounds, np.int64), heap_scores, heap_ids)
+    else:
+        run_claimed(tasks, total, 1 if rows < min_rows else min(total, workers), "search")
     # [Hkv, chunks, group, count] -> [Hq, chunks * count], then the k best of every query head
     scores = torch.from_numpy(heap_scores).permute(0, 2, 1, 3).reshape(num_query_heads, chunks * count)
     ids = torch.from_numpy(heap_ids).permute(0, 2, 1, 3).reshape(num_query_heads, chunks * count)
@@ -154,3 +186,8 @@ def warmup() -> None:
     for dtype in (torch.bfloat16, torch.float32):
         scan_topk(queries, torch.ones(1, 8, 4, dtype=dtype), 3, 0, 8)
         candidate_topk(queries, torch.ones(1, 8, 4, dtype=dtype), torch.tensor([[1, 1, -1], [7, 2, 3]]), 2, 0, 8)
+        if parallel.enabled():  # the parallel regions of larger calls
+            scan_topk(queries, torch.ones(1, _MIN_PARALLEL_ROWS_REGION, 4, dtype=dtype), 3, 0,
+                      _MIN_PARALLEL_ROWS_REGION)
+            many = torch.zeros(2, _MIN_CANDIDATE_ROWS, dtype=torch.int64)
+            candidate_topk(queries, torch.ones(1, 8, 4, dtype=dtype), many, 2, 0, 8)

@@ -267,13 +267,16 @@ def test_unknown_store_is_refused() -> None:
 
 
 @pytest.mark.parametrize("threads", ["1", "3", "0"])
-def test_claimed_and_ranged_schedules_find_the_same_keys(data: tuple, built: GraphIndex, threads: str) -> None:
-    """How query heads are spread over threads must not change any head's search."""
+def test_every_schedule_finds_the_same_keys(data: tuple, built: GraphIndex, threads: str) -> None:
+    """How query heads are spread over threads (pool claims, pool ranges, a parallel region) must not change any
+    head's search."""
     _, _, dec = data
     for q in dec[:4]:
         ranged = built.search(q, 10, 1.0, {"schedule": "ranges", "threads": threads}).ids
         claimed = built.search(q, 10, 1.0, {"schedule": "claim", "threads": threads}).ids
-        assert torch.equal(ranged, claimed)
+        region = built.search(q, 10, 1.0, {"schedule": "region", "threads": threads})
+        assert torch.equal(ranged, claimed) and torch.equal(region.ids, claimed)
+        assert torch.equal(region.scores, built.search(q, 10, 1.0, {"schedule": "claim", "threads": threads}).scores)
 
 
 def test_unknown_schedule_is_refused() -> None:

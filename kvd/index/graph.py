@@ -18,8 +18,9 @@ projection instead of the per-list RNG), insert_ef (64), threads (worker threads
 store (auto | session | bf16 | fp32: session = no copy of the keys, the searches read the session's own
 store, given with every call as StoredKeys (bf16 and float32 sessions); bf16/fp32 = a copy in that precision;
 auto = session when the caller passes the session's keys and their dtype allows, else bf16), schedule
-(claim: a search's query heads are claimed one at a time by the threads | ranges: one fixed range per
-thread), prefetch (1: key rows are
+(auto: region where the host allows it, else claim | region: one numba parallel region, kvd.parallel |
+claim: a search's query heads are claimed one at a time by worker-pool threads | ranges: one fixed range per
+pool thread), prefetch (1: key rows are
 requested from memory before they are scored | 0; same results); threads, schedule and prefetch can also be
 given per call.
 Presets: default = quality; pivots=32 = balanced; window=2,enhance_ef=0 = fast build.
@@ -61,6 +62,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from kvd import parallel
 from kvd.gather_kernels import store_array
 from kvd.index import graph_kernels as gk
 from kvd.index.base import BuildHints, IndexShape, KeyIndex, SearchResult, StoredKeys
@@ -71,12 +73,13 @@ from kvd.workers import run_claimed, run_ranges
 _CONCURRENT_GRAPHS = 4
 DEFAULTS = {"m": "32", "ef": "512", "enhance_ef": "32", "entries": "128", "per": "kv", "sample": "4096",
             "topn": "100", "insert_ef": "64", "pivots": "100000", "window": "0", "store": "auto",
-            "threads": "0", "schedule": "claim", "prefetch": "1"}
+            "threads": "0", "schedule": "auto", "prefetch": "1"}
 _STORE_DTYPES = {"bf16": np.uint16, "fp32": np.float32}  # bf16 keys are kept as their bit patterns
 _STORES = ("auto", "session", *_STORE_DTYPES)
 _SESSION_DTYPES = (torch.bfloat16, torch.float32)  # session stores the kernels read as they are
-# how a search's query heads are spread over threads: claimed one at a time, or one fixed range per thread
-_SCHEDULES = ("claim", "ranges")
+# how a search's query heads are spread over threads: one parallel region (kvd.parallel), worker-pool threads
+# claiming one head at a time, or one fixed range per pool thread; auto = region where the host has it, else claim
+_SCHEDULES = ("auto", "region", "claim", "ranges")
 
 
 class GraphIndex(KeyIndex):
@@ -270,7 +273,13 @@ class GraphIndex(KeyIndex):
             _SCRATCH.tag = gk.search_rows(key_rows, base, self._adj, self._entries, q, key_of, graph_of, self._count,
                                           ef, lo, hi, ids, scores, touched, visited, tag, prefetch)
 
-        if self._param("schedule", params) == "ranges":
+        schedule = self._param("schedule", params)
+        if schedule in ("auto", "region") and parallel.enabled() and threads > 1:
+            team = parallel.threads(threads)
+            visited, tags = parallel.visited_scratch(self._count, team)
+            gk.search_rows_parallel(key_rows, base, self._adj, self._entries, q, key_of, graph_of, self._count, ef,
+                                    ids, scores, touched, visited, tags, prefetch)
+        elif schedule == "ranges":
             run_ranges(rows, hq, threads, "search")
         else:
             run_claimed(rows, hq, threads, "search")
@@ -369,3 +378,5 @@ def warmup() -> None:
         index.build(stored.keys[:, 1:300], None, BuildHints(queries=queries), stored=stored)
         index.add(stored.keys[:, 300:], None, stored=stored)
         index.search(queries[0], 5, 1.0, stored=stored)
+        if parallel.enabled():
+            index.search(queries[0], 5, 1.0, {"threads": "2"}, stored=stored)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import get_thread_id, njit, prange, types
 from numba.extending import intrinsic, overload
 
 _INF = np.float32(np.inf)
@@ -221,6 +221,19 @@ def search_rows(keys: np.ndarray, key_base: int, adj: np.ndarray, entries: np.nd
         scores[i, kk:] = -_INF
         touched[i] = t
     return tag
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def search_rows_parallel(keys: np.ndarray, key_base: int, adj: np.ndarray, entries: np.ndarray,
+                         queries: np.ndarray, key_of: np.ndarray, graph_of: np.ndarray, count: int, ef: int,
+                         ids: np.ndarray, scores: np.ndarray, touched: np.ndarray, visited: np.ndarray,
+                         tags: np.ndarray, prefetch: bool) -> None:
+    """search_rows over every query row as one parallel region (kvd.parallel): visited [team, >= count] and
+    tags [team] are per thread of the region."""
+    for i in prange(queries.shape[0]):
+        t = get_thread_id()
+        tags[t] = search_rows(keys, key_base, adj, entries, queries, key_of, graph_of, count, ef, i, i + 1, ids,
+                              scores, touched, visited[t], tags[t], prefetch)
 
 
 # ------------------------------------------------------------------------------------------ construction

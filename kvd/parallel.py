@@ -1,0 +1,74 @@
+"""Per-call parallelism of the retrieval kernels: one numba parallel region (OpenMP threads) instead of the
+worker pool's hand-offs (kvd.workers), where the host allows it.
+
+Why: a decode Retrieve spreads 32 query heads' searches over the cores and must return in about a
+millisecond. Through the worker pool every call woke up to 15 Python threads, and each of them took the GIL to
+claim its next head: on the 16-core H100 host the graph search of a 128K-token layer took 2.36 ms on 16 threads
+against 0.99 ms as one parallel region (16.9 ms on one thread; `bench/dispatch_bench.py`). OpenMP's threads
+wait for the next region by spinning briefly, never touch the GIL, and the calling thread works as one of them.
+
+Only a thread-safe threading layer is used (OpenMP, or TBB): the daemon starts regions from several threads at
+once, which numba's own `workqueue` layer does not survive. Without one, or with KVD_PARALLEL=0, the kernels
+run on the worker pool as before (same results: every head is computed the same way either way).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numba
+import numpy as np
+
+_LAYERS = ("omp", "tbb")
+
+
+def _available_layer() -> str | None:
+    if os.environ.get("KVD_PARALLEL", "1") == "0":
+        return None
+    for name in _LAYERS:
+        try:
+            if name == "omp":
+                from numba.np.ufunc import omppool  # noqa: F401  (imports only where libgomp loads)
+            else:
+                from numba.np.ufunc import tbbpool  # noqa: F401
+        except ImportError:
+            continue
+        return name
+    return None
+
+
+LAYER = _available_layer()
+if LAYER is not None and os.environ.get("NUMBA_THREADING_LAYER") is None:
+    numba.config.THREADING_LAYER = LAYER
+ENABLED = LAYER is not None
+_LOCAL = threading.local()
+
+
+def enabled() -> bool:
+    """Whether retrieval kernels run as parallel regions (tests switch this off to compare both paths)."""
+    return ENABLED
+
+
+def threads(requested: int = 0) -> int:
+    """Set this thread's parallel-region size (numba's setting is per calling thread) and return it:
+    `requested`, or one per core, at most numba's pool."""
+    wanted = min(requested or (os.cpu_count() or 1), numba.config.NUMBA_NUM_THREADS)
+    if getattr(_LOCAL, "threads", None) != wanted:
+        numba.set_num_threads(wanted)
+        numba.set_parallel_chunksize(1)  # heads are claimed one at a time: their costs differ
+        _LOCAL.threads = wanted
+    return wanted
+
+
+def visited_scratch(count: int, team: int) -> tuple[np.ndarray, np.ndarray]:
+    """This calling thread's graph-search scratch for a region of `team` threads: visited [team, >= count]
+    uint32 and the next free tag of each row [team] (a search uses a new tag, so nothing is cleared)."""
+    visited = getattr(_LOCAL, "visited", None)
+    tags = getattr(_LOCAL, "tags", None)
+    if visited is None or visited.shape[0] < team or visited.shape[1] < count or int(tags.max()) > 2**31:
+        # room to grow: decode adds one key per step, and each would otherwise reallocate
+        visited = np.zeros((max(team, 1), max(count + count // 8, 1024)), np.uint32)
+        tags = np.ones(max(team, 1), np.int64)
+        _LOCAL.visited, _LOCAL.tags = visited, tags
+    return visited, tags
