@@ -145,7 +145,8 @@ class StubRetrieval:
             from types import SimpleNamespace
 
             n, hq, d = shape
-            got = SimpleNamespace(output=torch.zeros(n, hq, d), lse=torch.full((n, hq), float("-inf")), ids=None)
+            got = SimpleNamespace(output=torch.zeros(n, hq, d), lse=torch.full((n, hq), float("-inf")), ids=None,
+                                  server_ms=0.0)
             self._answers[shape] = got
         return got
 
@@ -272,6 +273,10 @@ def run_kvd(model: Any, cfg: LlamaConfig, client: Any, ctx: int, synthetic: bool
         "decode_ms_min": round(1000 * min(times), 2),
         "kvd_wait_ms_per_token": round(1000 * st.retrieve_wait_s / steps, 2),
         "attention_other_ms_per_token": round(1000 * (st.decode_s - st.retrieve_wait_s) / steps, 2),
+        # where the kvd wait goes: the query's copy to the host, the call (transport + client), the daemon
+        "kvd_query_sync_ms_per_token": round(1000 * st.query_sync_s / steps, 2),
+        "kvd_rpc_ms_per_token": round(1000 * st.retrieve_rpc_s / steps, 2),
+        "kvd_server_ms_per_token": round(1000 * st.retrieve_server_s / steps, 2),
         "retrieves_per_token": round(st.retrieve_calls / steps, 1),
         "appends_per_token": round(st.appends / steps, 3),
         "gpu_peak_gib": peak_gib(device),
@@ -388,7 +393,9 @@ def lookahead_counts(rows: list[dict[str, Any]]) -> list[int]:
 def table(rows: list[dict[str, Any]]) -> str:
     cols = [("ctx", "ctx"), ("mode", "mode"), ("fill", "fill"), ("decode_ms_median", "decode ms/tok"),
             ("vs_full", "x full"), ("kvd_wait_ms_per_token", "kvd wait ms"),
-            ("attention_other_ms_per_token", "attn other ms"), ("prefill_s", "prefill s"),
+            ("attention_other_ms_per_token", "attn other ms"), ("kvd_query_sync_ms_per_token", "q copy ms"),
+            ("kvd_rpc_ms_per_token", "call ms"), ("kvd_server_ms_per_token", "of which server ms"),
+            ("prefill_s", "prefill s"),
             ("fill_s", "synth fill s"), ("index_ready_s", "index wait s"), ("gpu_peak_gib", "GPU peak GiB"),
             ("gpu_kv_fraction_pct", "KV on GPU %"), ("grpc_decode_ms_median", "over gRPC ms/tok"),
             *[(f"lookahead{c}_decode_ms_median", f"lookahead {c} ms/tok") for c in lookahead_counts(rows)],

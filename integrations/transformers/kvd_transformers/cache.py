@@ -576,12 +576,19 @@ class KVDCache(Cache):
         log = self.retrieve_log
         exact = cfg.exact
 
+        stats = self.stats
+
         def call() -> Any:
+            started = time.perf_counter()
             if event is not None:
                 event.synchronize()
             queries = q_host if below is None else torch.cat([below, q_host.unsqueeze(1)], dim=1)
+            synced = time.perf_counter()
             res = client.retrieve(sids, layer_idx, queries, k=cfg.top_k, mode="attention", ranges=ranges,
                                   scale=scale, exact=exact, **extra)
+            stats.query_sync_s += synced - started
+            stats.retrieve_rpc_s += time.perf_counter() - synced
+            stats.retrieve_server_s += getattr(res, "server_ms", 0.0) / 1000  # (a stand-in client may have none)
             if log is not None:
                 log.append((layer_idx, res))
             return res

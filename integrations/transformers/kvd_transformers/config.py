@@ -78,9 +78,12 @@ class CacheStats:
     lookahead_used: int = 0        # decode Retrieves that chose among lookahead candidates instead of searching
     lookahead_failed: int = 0      # lookahead searches that failed (those layers searched as usual)
     lookahead_wait_s: float = 0.0  # of retrieve_wait_s: blocked until a lookahead search had finished
+    query_sync_s: float = 0.0      # Retrieve calls: waiting for the query's device-to-host copy
+    retrieve_rpc_s: float = 0.0    # Retrieve calls: the client's call, transport and daemon included
+    retrieve_server_s: float = 0.0  # of which: inside the daemon's handler (its server_ms)
 
     def reset(self) -> None:
         self.retrieve_calls = self.decode_calls = self.appends = 0
         self.lookahead_searches = self.lookahead_used = self.lookahead_failed = 0
-        self.lookahead_wait_s = 0.0
+        self.lookahead_wait_s = self.query_sync_s = self.retrieve_rpc_s = self.retrieve_server_s = 0.0
         self.decode_s = self.retrieve_wait_s = 0.0
