@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from enum import Enum
@@ -37,6 +38,8 @@ class SequenceResult:
     lse: torch.Tensor | None = None     # float32 [Hq]
     past_output: torch.Tensor | None = None  # with past queries (kvd.retro): float32 [P, Hq, d]
     past_lse: torch.Tensor | None = None     # float32 [P, Hq]
+    search_s: float = 0.0   # time spent finding the keys (index search, exact scan or candidate scoring)
+    attend_s: float = 0.0   # time spent attending them (mode ATTENTION)
 
 
 @dataclass
@@ -88,13 +91,15 @@ def retrieve_sequence(session: Session, queries: torch.Tensor, spec: RetrieveSpe
         if length == 0:
             raise FailedPrecondition(f"session {session.session_id!r}: layer {spec.layer} has no tokens appended")
         begin, end = resolve_range(session, length, requested_range)
+        started = time.perf_counter()
         if candidates is not None:
             ids, scores = candidate_topk(queries, keys, candidates, spec.k, begin, end)
             estimate, kind = None, "candidates"
         else:
             ids, scores, estimate, kind = _search(session, queries, keys, spec, begin, end)
+        searched = time.perf_counter()
         count = int((ids[0] >= 0).sum()) if ids.numel() else 0
-        result = SequenceResult(ids=pad_ids(ids, spec.k), count=count, index_kind=kind)
+        result = SequenceResult(ids=pad_ids(ids, spec.k), count=count, index_kind=kind, search_s=searched - started)
         if spec.mode is Mode.IDS:
             return result
         if spec.mode is Mode.IDS_KV:
@@ -115,6 +120,7 @@ def retrieve_sequence(session: Session, queries: torch.Tensor, spec: RetrieveSpe
         if estimate is not None:
             output, lse = merge_attention(output, lse, estimate[0], estimate[1])
         result.output, result.lse = output, lse
+        result.attend_s = time.perf_counter() - searched
         return result
 
 

@@ -190,6 +190,8 @@ class KvdServicer(pb_grpc.KvdServicer):
             codec.write(writer, _stacked([r.lse for r in results]), reply.lse)
             if past is not None:
                 retro.write_past(codec, writer, results, reply)
+        reply.search_ms = 1000 * sum(r.search_s for r in results)
+        reply.attend_ms = 1000 * sum(r.attend_s for r in results)
         reply.server_ms = (time.perf_counter() - started) * 1000
         return reply
 

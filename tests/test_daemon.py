@@ -85,7 +85,11 @@ def test_partial_attention_over_top_k_matches_reference(shared_daemon):
         ref_out, ref_lse = full_attention(q[h: h + 1], keys[0], values[0], 0.2, ids[h].tolist())
         np.testing.assert_allclose(result.output[h].numpy(), ref_out[0], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(result.lse[h].item(), ref_lse[0], rtol=1e-5, atol=1e-5)
+    # the daemon's own timings: finding and attending are parts of the handler's time
+    assert result.search_ms > 0 and result.attend_ms > 0
+    assert result.search_ms + result.attend_ms <= result.server_ms
     kv = client.retrieve(sid, 0, q, k=40, mode="ids_kv")
+    assert kv.search_ms > 0 and kv.attend_ms == 0.0  # nothing is attended in mode IDS_KV
     assert torch.equal(kv.keys[1], keys[0, 0, ids[1]])
     assert torch.equal(kv.values[0], values[0, 0, ids[0]])
     client.close()

@@ -92,6 +92,8 @@ class RetrieveResult:
     past_output: torch.Tensor | None = None
     past_lse: torch.Tensor | None = None
     packed: torch.Tensor | None = None
+    search_ms: float = 0.0  # of server_ms: finding the keys (index search or exact scan), summed over sequences
+    attend_ms: float = 0.0  # of server_ms: attending them
 
 
 @dataclass

@@ -588,7 +588,10 @@ class KVDCache(Cache):
                                   scale=scale, exact=exact, **extra)
             stats.query_sync_s += synced - started
             stats.retrieve_rpc_s += time.perf_counter() - synced
-            stats.retrieve_server_s += getattr(res, "server_ms", 0.0) / 1000  # (a stand-in client may have none)
+            # (a stand-in client's result may have no timings)
+            stats.retrieve_server_s += getattr(res, "server_ms", 0.0) / 1000
+            stats.retrieve_search_s += getattr(res, "search_ms", 0.0) / 1000
+            stats.retrieve_attend_s += getattr(res, "attend_ms", 0.0) / 1000
             if log is not None:
                 log.append((layer_idx, res))
             return res

@@ -81,9 +81,12 @@ class CacheStats:
     query_sync_s: float = 0.0      # Retrieve calls: waiting for the query's device-to-host copy
     retrieve_rpc_s: float = 0.0    # Retrieve calls: the client's call, transport and daemon included
     retrieve_server_s: float = 0.0  # of which: inside the daemon's handler (its server_ms)
+    retrieve_search_s: float = 0.0  # of which: finding the keys (search_ms)
+    retrieve_attend_s: float = 0.0  # of which: attending them (attend_ms)
 
     def reset(self) -> None:
         self.retrieve_calls = self.decode_calls = self.appends = 0
         self.lookahead_searches = self.lookahead_used = self.lookahead_failed = 0
         self.lookahead_wait_s = self.query_sync_s = self.retrieve_rpc_s = self.retrieve_server_s = 0.0
+        self.retrieve_search_s = self.retrieve_attend_s = 0.0
         self.decode_s = self.retrieve_wait_s = 0.0
