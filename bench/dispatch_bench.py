@@ -54,14 +54,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gap-ms", type=float, default=2.0,
                    help="also time the calls with this pause before each (a decode step's other work): the "
                         "threads have gone idle by then")
+    p.add_argument("--chunks", default="1,2,4",
+                   help="parallel region: query heads claimed together (consecutive heads share a graph)")
+    p.add_argument("--cold-mib", type=int, default=512,
+                   help="cold-cache rows: read this much other memory before each call, as a decode's 31 other "
+                        "layers do between two searches of one layer")
     p.add_argument("--out", default="")
     return p.parse_args(argv)
 
 
-def median_us(fn: Callable[[], Any], reps: int, gap_s: float = 0.0) -> float:
+def median_us(fn: Callable[[], Any], reps: int, gap_s: float = 0.0, before: Callable[[], Any] | None = None
+              ) -> float:
     fn()
     times = []
     for _ in range(reps):
+        if before is not None:
+            before()
         if gap_s:
             time.sleep(gap_s)
         t0 = time.perf_counter()
@@ -243,6 +251,21 @@ def main(argv: list[str] | None = None) -> None:
             rows.append([f"graph search, all heads, parallel region, {args.gap_ms:g} ms pause before", t,
                          round(paused, 1)])
         result["region"] = region
+        evict = np.ones(args.cold_mib << 20, np.uint8)
+
+        def cold() -> None:
+            evict[::64].sum()  # one byte of every cache line
+
+        chunked = []
+        for chunk in [int(c) for c in args.chunks.split(",") if c]:
+            def chunk_search(chunk: int = chunk) -> None:
+                layer.index.search(torch.from_numpy(layer.next_queries()), K, 1.0,
+                                   {"schedule": "region", "chunk": str(chunk)}, stored=layer.stored)
+
+            us = median_us(chunk_search, max(20, args.reps // 4), before=cold)
+            chunked.append({"chunk": chunk, "cold_us": us})
+            rows.append([f"graph search, all heads, region, cold caches, {chunk} heads per claim", cores, round(us, 1)])
+        result["cold_chunks"] = chunked
     else:
         rows.append(["parallel regions: no thread-safe numba threading layer here", 0, 0])
 

@@ -50,14 +50,15 @@ def enabled() -> bool:
     return ENABLED
 
 
-def threads(requested: int = 0) -> int:
+def threads(requested: int = 0, chunk: int = 1) -> int:
     """Set this thread's parallel-region size (numba's setting is per calling thread) and return it:
-    `requested`, or one per core, at most numba's pool."""
+    `requested`, or one per core, at most numba's pool. Iterations are claimed `chunk` at a time (dynamic
+    schedule: their costs differ)."""
     wanted = min(requested or (os.cpu_count() or 1), numba.config.NUMBA_NUM_THREADS)
-    if getattr(_LOCAL, "threads", None) != wanted:
+    if getattr(_LOCAL, "threads", None) != (wanted, chunk):
         numba.set_num_threads(wanted)
-        numba.set_parallel_chunksize(1)  # heads are claimed one at a time: their costs differ
-        _LOCAL.threads = wanted
+        numba.set_parallel_chunksize(chunk)
+        _LOCAL.threads = (wanted, chunk)
     return wanted
 
 

@@ -20,7 +20,8 @@ store, given with every call as StoredKeys (bf16 and float32 sessions); bf16/fp3
 auto = session when the caller passes the session's keys and their dtype allows, else bf16), schedule
 (auto: region where the host allows it, else claim | region: one numba parallel region, kvd.parallel |
 claim: a search's query heads are claimed one at a time by worker-pool threads | ranges: one fixed range per
-pool thread), prefetch (1: key rows are
+pool thread), chunk (region: query heads claimed together by one thread, 1; consecutive heads share a
+KV head's graph), prefetch (1: key rows are
 requested from memory before they are scored | 0; same results); threads, schedule and prefetch can also be
 given per call.
 Presets: default = quality; pivots=32 = balanced; window=2,enhance_ef=0 = fast build.
@@ -73,7 +74,7 @@ from kvd.workers import run_claimed, run_ranges
 _CONCURRENT_GRAPHS = 4
 DEFAULTS = {"m": "32", "ef": "512", "enhance_ef": "32", "entries": "128", "per": "kv", "sample": "4096",
             "topn": "100", "insert_ef": "64", "pivots": "100000", "window": "0", "store": "auto",
-            "threads": "0", "schedule": "auto", "prefetch": "1"}
+            "threads": "0", "schedule": "auto", "prefetch": "1", "chunk": "1"}
 _STORE_DTYPES = {"bf16": np.uint16, "fp32": np.float32}  # bf16 keys are kept as their bit patterns
 _STORES = ("auto", "session", *_STORE_DTYPES)
 _SESSION_DTYPES = (torch.bfloat16, torch.float32)  # session stores the kernels read as they are
@@ -92,6 +93,8 @@ class GraphIndex(KeyIndex):
             raise ValueError("graph param 'per' must be 'kv' or 'query'")
         if self._param("store") not in _STORES:
             raise ValueError(f"graph param 'store' must be one of {list(_STORES)}")
+        if int(self._param("chunk")) < 1:
+            raise ValueError("graph param 'chunk' must be at least 1")
         if self._param("schedule") not in _SCHEDULES:
             raise ValueError(f"graph param 'schedule' must be one of {sorted(_SCHEDULES)}")
         self._mode = ""  # where the keys are read: "session" or a copy ("bf16" | "fp32"); set by the first build/add
@@ -275,7 +278,7 @@ class GraphIndex(KeyIndex):
 
         schedule = self._param("schedule", params)
         if schedule in ("auto", "region") and parallel.enabled() and threads > 1:
-            team = parallel.threads(threads)
+            team = parallel.threads(threads, max(1, int(self._param("chunk", params))))
             visited, tags = parallel.visited_scratch(self._count, team)
             gk.search_rows_parallel(key_rows, base, self._adj, self._entries, q, key_of, graph_of, self._count, ef,
                                     ids, scores, touched, visited, tags, prefetch)
