@@ -145,8 +145,9 @@ class Layer:
 def search_heads(layer: Layer, lo: int, hi: int, ef: int, visited: np.ndarray, tag: int,
                  out: tuple[np.ndarray, np.ndarray, np.ndarray]) -> int:
     index = layer.index
+    heaps = [a[0] for a in gk.search_scratch(1, max(ef, K), index._entries.shape[1], index._adj.shape[2])]
     return gk.search_rows(layer.key_rows, layer.base, index._adj, index._entries, layer.next_queries(),
-                          layer.key_of, layer.graph_of, index.count, ef, lo, hi, *out, visited, tag, True)
+                          layer.key_of, layer.graph_of, index.count, ef, lo, hi, *out, visited, tag, True, *heaps)
 
 
 def outputs(layer: Layer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -123,9 +123,11 @@ def _attend_rows(store: np.ndarray, ids: np.ndarray, scores: np.ndarray, scale: 
 
 @njit(cache=True, nogil=True, parallel=True)
 def _attend_rows_parallel(store: np.ndarray, ids: np.ndarray, scores: np.ndarray, scale: float, group: int,
-                          out: np.ndarray, lse: np.ndarray) -> None:
-    for h in prange(ids.shape[0]):
-        _attend_rows(store, ids, scores, scale, group, out, lse, h, h + 1)
+                          out: np.ndarray, lse: np.ndarray, parts: int) -> None:
+    """The heads in `parts` contiguous ranges, one per thread (scratch allocated once per range)."""
+    heads = ids.shape[0]
+    for part in prange(parts):
+        _attend_rows(store, ids, scores, scale, group, out, lse, heads * part // parts, heads * (part + 1) // parts)
 
 
 # Value rows are scattered over a large store (a cache miss each): a decode-sized call (32 heads x 100 rows)
@@ -156,8 +158,8 @@ def attend_rows(values: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor, s
     score_rows = np.ascontiguousarray(scores.float().numpy())
     chunks = min(_ATTEND_CHUNKS, max(1, ids.numel() // _ROWS_PER_CHUNK))
     if chunks > 1 and parallel.enabled():
-        parallel.threads(num_query_heads)
-        _attend_rows_parallel(store, id_rows, score_rows, float(scale), group, out, lse)
+        team = parallel.threads(num_query_heads)
+        _attend_rows_parallel(store, id_rows, score_rows, float(scale), group, out, lse, min(team, num_query_heads))
         return torch.from_numpy(out), torch.from_numpy(lse)
     run_claimed(lambda h0, h1: _attend_rows(store, id_rows, score_rows, float(scale), group, out, lse, h0, h1),
                 num_query_heads, chunks, "search", chunks=chunks)

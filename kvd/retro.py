@@ -283,10 +283,14 @@ def _attend_rows_past(kstore: np.ndarray, vstore: np.ndarray, ids: np.ndarray, s
 @njit(cache=True, nogil=True, parallel=True)
 def _attend_rows_past_parallel(kstore: np.ndarray, vstore: np.ndarray, ids: np.ndarray, scores: np.ndarray,
                                scale: float, group: int, past: np.ndarray, seen: np.ndarray, bound: np.ndarray,
-                               out: np.ndarray, lse: np.ndarray, past_out: np.ndarray, past_lse: np.ndarray) -> None:
-    for h in prange(ids.shape[0]):
+                               out: np.ndarray, lse: np.ndarray, past_out: np.ndarray, past_lse: np.ndarray,
+                               parts: int) -> None:
+    """The heads in `parts` contiguous ranges (one per thread: the kernel's scratch is allocated once per
+    range, and every malloc in a region contends for the daemon's few heap arenas)."""
+    heads = ids.shape[0]
+    for part in prange(parts):
         _attend_rows_past(kstore, vstore, ids, scores, scale, group, past, seen, bound, out, lse, past_out,
-                          past_lse, h, h + 1)
+                          past_lse, heads * part // parts, heads * (part + 1) // parts)
 
 
 def fused(keys: torch.Tensor, values: torch.Tensor) -> bool:
@@ -315,8 +319,8 @@ def attend_rows_past(keys: torch.Tensor, values: torch.Tensor, ids: torch.Tensor
             np.ascontiguousarray(scores.float().numpy()), float(scale), heads // values.shape[0],
             np.ascontiguousarray(past.queries.numpy()), seen, bound, out, lse, past_out, past_lse)
     if parallel.enabled() and (threads or 0) != 1 and heads * ids.shape[1] * (count + 1) >= 2 * WORK_PER_THREAD:
-        parallel.threads(threads or heads)  # a region's threads start within microseconds: every core helps
-        _attend_rows_past_parallel(*args)
+        team = parallel.threads(threads or heads)  # a region's threads start within microseconds: all help
+        _attend_rows_past_parallel(*args, min(team, heads))
         return torch.from_numpy(out), torch.from_numpy(lse), torch.from_numpy(past_out), torch.from_numpy(past_lse)
     if threads is None:
         threads = threads_for(heads, ids.shape[1], count)

@@ -271,17 +271,21 @@ class GraphIndex(KeyIndex):
         threads = int(self._param("threads", params)) or min(hq, os.cpu_count() or 1)
         prefetch = self._param("prefetch", params) != "0"
 
+        width, n_entries = self._adj.shape[2], self._entries.shape[1]
+
         def rows(lo: int, hi: int) -> None:
             visited, tag = _scratch(self._count, hi - lo)
+            heaps = [a[0] for a in _heap_scratch(1, ef, n_entries, width)]
             _SCRATCH.tag = gk.search_rows(key_rows, base, self._adj, self._entries, q, key_of, graph_of, self._count,
-                                          ef, lo, hi, ids, scores, touched, visited, tag, prefetch)
+                                          ef, lo, hi, ids, scores, touched, visited, tag, prefetch, *heaps)
 
         schedule = self._param("schedule", params)
         if schedule in ("auto", "region") and parallel.enabled() and threads > 1:
             team = parallel.threads(threads, max(1, int(self._param("chunk", params))))
             visited, tags = parallel.visited_scratch(self._count, team)
             gk.search_rows_parallel(key_rows, base, self._adj, self._entries, q, key_of, graph_of, self._count, ef,
-                                    ids, scores, touched, visited, tags, prefetch)
+                                    ids, scores, touched, visited, tags, prefetch,
+                                    *_heap_scratch(team, ef, n_entries, width))
         elif schedule == "ranges":
             run_ranges(rows, hq, threads, "search")
         else:
@@ -360,6 +364,16 @@ def _scratch(count: int, searches: int) -> tuple[np.ndarray, int]:
         tag = 1
         _SCRATCH.visited = visited
     return visited, tag
+
+
+def _heap_scratch(rows: int, ef: int, entries: int, width: int) -> tuple[np.ndarray, ...]:
+    """This thread's search heaps for `rows` concurrent searches (gk.search_scratch), kept between calls."""
+    key = (ef, entries, width)
+    got = getattr(_SCRATCH, "heaps", None)
+    if got is None or got[0] != key or got[1][0].shape[0] < rows:
+        got = (key, gk.search_scratch(rows, ef, entries, width))
+        _SCRATCH.heaps = got
+    return got[1]
 
 
 def _subsample(total: int, count: int) -> torch.Tensor:

@@ -123,20 +123,20 @@ def _pop(hd: np.ndarray, hi: np.ndarray, size: int) -> int:
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def beam_search(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, q: np.ndarray, ef: int, limit: int,
-                visited: np.ndarray, tag: int, prefetch: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
+def _beam(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, q: np.ndarray, ef: int, limit: int,
+          visited: np.ndarray, tag: int, prefetch: bool, cd: np.ndarray, ci: np.ndarray, rd: np.ndarray,
+          ri: np.ndarray, fresh: np.ndarray) -> tuple[int, int]:
     """Best-first search with a result queue of size ef, maximizing q.k (hnswlib's searchBaseLayer, with
     several entry points), over nodes 0..limit-1 (links to higher ids are ignored).
 
     visited: uint32 scratch of at least `limit` entries; a node counts as visited when visited[node] == tag
     (callers use a new tag per search). prefetch: request key rows before scoring them (same results).
-    Returns (ids, scores) of the best ef found by decreasing score, and how many keys were scored."""
+    Scratch from the caller (no allocation per search: in a parallel region every malloc would contend for the
+    daemon's few heap arenas): candidate heap cd/ci (grown here if it fills), result heap rd/ri (>= ef + 1),
+    fresh (>= adj width). Leaves the best ef found as the min-heap rd/ri; returns its size and how many keys
+    were scored."""
     width = adj.shape[1]
-    cap = 4 * ef + entries.shape[0] + width
-    cd = np.empty(cap, np.float32)
-    ci = np.empty(cap, np.int64)
-    rd = np.empty(ef + 1, np.float32)
-    ri = np.empty(ef + 1, np.int64)
+    cap = cd.shape[0]
     cs = 0
     rs = 0
     touched = 0
@@ -152,7 +152,6 @@ def beam_search(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, q: np.nd
         rs = _push(rd, ri, rs, s, e)
         if rs > ef:
             rs = _pop(rd, ri, rs)
-    fresh = np.empty(width, np.int64)
     while cs > 0:
         if rs >= ef and -cd[0] < rd[0]:
             break
@@ -184,8 +183,30 @@ def beam_search(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, q: np.nd
                     rs = _pop(rd, ri, rs)
         if prefetch and cs > 0:
             _prefetch_row(adj, ci[0])  # the next node to expand
+    return rs, touched
+
+
+@njit(cache=True, nogil=True)
+def beam_search(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, q: np.ndarray, ef: int, limit: int,
+                visited: np.ndarray, tag: int, prefetch: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
+    """_beam with scratch of its own: (ids, scores) of the best ef found by decreasing score, and how many keys
+    were scored."""
+    width = adj.shape[1]
+    cap = 4 * ef + entries.shape[0] + width
+    rd = np.empty(ef + 1, np.float32)
+    ri = np.empty(ef + 1, np.int64)
+    rs, touched = _beam(keys, adj, entries, q, ef, limit, visited, tag, prefetch, np.empty(cap, np.float32),
+                        np.empty(cap, np.int64), rd, ri, np.empty(width, np.int64))
     order = np.argsort(-rd[:rs])
     return ri[:rs][order], rd[:rs][order], touched
+
+
+def search_scratch(rows: int, ef: int, entries: int, width: int) -> tuple[np.ndarray, ...]:
+    """Scratch for `rows` concurrent searches (search_rows / search_rows_parallel): candidate heap keys and ids,
+    result heap keys and ids, fresh neighbours; each [rows, ...]."""
+    cap = 4 * ef + entries + width
+    return (np.empty((rows, cap), np.float32), np.empty((rows, cap), np.int64), np.empty((rows, ef + 1), np.float32),
+            np.empty((rows, ef + 1), np.int64), np.empty((rows, width), np.int64))
 
 
 @njit(cache=True, nogil=True)
@@ -202,22 +223,28 @@ def _grow(hd: np.ndarray, hi: np.ndarray, size: int) -> tuple[np.ndarray, np.nda
 def search_rows(keys: np.ndarray, key_base: int, adj: np.ndarray, entries: np.ndarray, queries: np.ndarray,
                 key_of: np.ndarray, graph_of: np.ndarray, count: int, ef: int, lo: int, hi: int,
                 ids: np.ndarray, scores: np.ndarray, touched: np.ndarray, visited: np.ndarray, tag: int,
-                prefetch: bool) -> int:
+                prefetch: bool, cd: np.ndarray, ci: np.ndarray, rd: np.ndarray, ri: np.ndarray, fresh: np.ndarray
+                ) -> int:
     """Search query rows lo..hi-1. keys [G_k, rows, d] with node i at row key_base + i, adj [G_a, cap, W],
     entries [G_a, E] (-1 padded), queries [m, d]; row i searches keys[key_of[i]] over adj[graph_of[i]] among
     the first `count` nodes.
-    Writes ids [m, k] (-1 padded), their scores [m, k] (-inf padded) and touched [m]. visited: uint32 scratch
-    (>= count) whose entries are all below `tag`; returns the next unused tag."""
+    Writes ids [m, k] (-1 padded), their scores [m, k] (-inf padded), by decreasing score, and touched [m].
+    visited: uint32 scratch (>= count) whose entries are all below `tag`; cd..fresh: one row of search_scratch
+    for ef >= max(ef, k). Returns the next unused tag."""
     k = ids.shape[1]
     for i in range(lo, hi):
         g = graph_of[i]
-        r, rs, t = beam_search(keys[key_of[i], key_base:], adj[g], entries[g], queries[i], max(ef, k), count,
-                               visited, tag, prefetch)
+        rs, t = _beam(keys[key_of[i], key_base:], adj[g], entries[g], queries[i], max(ef, k), count, visited, tag,
+                      prefetch, cd, ci, rd, ri, fresh)
         tag += 1
-        kk = min(k, r.shape[0])
-        ids[i, :kk] = r[:kk]
+        kk = min(k, rs)
+        while rs > kk:  # drop the worst of the ef found, then pop the k best in increasing order
+            rs = _pop(rd, ri, rs)
+        for j in range(kk - 1, -1, -1):
+            ids[i, j] = ri[0]
+            scores[i, j] = rd[0]
+            rs = _pop(rd, ri, rs)
         ids[i, kk:] = -1
-        scores[i, :kk] = rs[:kk]
         scores[i, kk:] = -_INF
         touched[i] = t
     return tag
@@ -227,13 +254,14 @@ def search_rows(keys: np.ndarray, key_base: int, adj: np.ndarray, entries: np.nd
 def search_rows_parallel(keys: np.ndarray, key_base: int, adj: np.ndarray, entries: np.ndarray,
                          queries: np.ndarray, key_of: np.ndarray, graph_of: np.ndarray, count: int, ef: int,
                          ids: np.ndarray, scores: np.ndarray, touched: np.ndarray, visited: np.ndarray,
-                         tags: np.ndarray, prefetch: bool) -> None:
-    """search_rows over every query row as one parallel region (kvd.parallel): visited [team, >= count] and
-    tags [team] are per thread of the region."""
+                         tags: np.ndarray, prefetch: bool, cd: np.ndarray, ci: np.ndarray, rd: np.ndarray,
+                         ri: np.ndarray, fresh: np.ndarray) -> None:
+    """search_rows over every query row as one parallel region (kvd.parallel): visited [team, >= count], tags
+    [team] and the search_scratch arrays [team, ...] are per thread of the region."""
     for i in prange(queries.shape[0]):
         t = get_thread_id()
         tags[t] = search_rows(keys, key_base, adj, entries, queries, key_of, graph_of, count, ef, i, i + 1, ids,
-                              scores, touched, visited[t], tags[t], prefetch)
+                              scores, touched, visited[t], tags[t], prefetch, cd[t], ci[t], rd[t], ri[t], fresh[t])
 
 
 # ------------------------------------------------------------------------------------------ construction
