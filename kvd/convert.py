@@ -59,7 +59,8 @@ def session_info(session: Session) -> pb.SessionInfo:
         if index is not None:
             info.indexes.append(pb.IndexStatus(layer=layer, kind=INDEX_KIND_WIRE.get(index.kind, pb.FLAT),
                                                ready=index.ready, indexed_tokens=index.indexed_tokens,
-                                               bytes=index.nbytes(), from_hints=index.from_hints))
+                                               bytes=index.nbytes(), from_hints=index.from_hints,
+                                               error=index.error))
     return info
 
 

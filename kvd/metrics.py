@@ -427,6 +427,9 @@ INDEX_BUILD_QUEUE = Gauge("kvd_index_build_queue_length", "Index builds waiting 
 INDEX_BUILD_SECONDS = Histogram("kvd_index_build_duration_seconds",
                                 "Time to build one layer's index, by kind.", ["index_kind"],
                                 buckets=BUILD_BUCKETS)
+INDEX_FAILURES = Counter("kvd_index_failures_total", "Index builds or adds of decode keys that failed (the layer "
+                         "is then served by the exact scan; GetSession's IndexStatus.error says why), by kind "
+                         "and stage.", ["index_kind", "stage"])
 RPC_REQUESTS = Counter("kvd_rpc_requests_total", "RPCs started, by method.", ["method"])
 RPC_ERRORS = Counter("kvd_rpc_errors_total", "RPCs that ended with a status other than OK, by method "
                      "and status code.", ["method", "code"])

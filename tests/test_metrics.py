@@ -164,7 +164,7 @@ def test_kvd_families_parse() -> None:
                        ("kvd_spills_total", "counter"), ("kvd_promotions_total", "counter"),
                        ("kvd_retrieve_duration_seconds", "histogram"), ("kvd_append_bytes_total", "counter"),
                        ("kvd_index_build_queue_length", "gauge"), ("kvd_rpc_errors_total", "counter"),
-                       ("kvd_shm_regions", "gauge")]:
+                       ("kvd_shm_regions", "gauge"), ("kvd_index_failures_total", "counter")]:
         assert families[name][0] == kind, name
     assert ("kvd_tier_bytes", frozenset({("tier", "memory")})) in samples
     assert ("kvd_sessions", frozenset({("tier", "disk")})) in samples

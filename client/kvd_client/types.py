@@ -61,7 +61,7 @@ class SessionInfo:
             labels=dict(options.labels), index_params=dict(options.index_params),
             indexes=[{"layer": i.layer, "kind": INDEX_NAMES.get(i.kind, ""), "ready": i.ready,
                       "indexed_tokens": i.indexed_tokens, "bytes": i.bytes,
-                      "from_hints": i.from_hints} for i in info.indexes],
+                      "from_hints": i.from_hints, "error": i.error} for i in info.indexes],
         )
 
 

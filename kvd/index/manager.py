@@ -51,11 +51,20 @@ class LayerIndex:
         self.ready = False
         self.building = False
         self.adding = False
-        self.failed = ""
+        self.failed = ""      # why the build failed (the layer is then served by the exact scan)
+        self.add_failed = ""  # why the last add of decode keys failed (they are then scanned exactly)
+        self.add_retry_at = 0  # after a failed add, the next waits until the layer's offloaded range ends here
         self.from_hints = False  # the ready index was built from the client's hints (attention-aware)
         self.hint_queries: list[torch.Tensor] = []
         self.hint_topn: list[torch.Tensor] = []
         self.lock = threading.Lock()
+
+    @property
+    def error(self) -> str:
+        """What an operator should know went wrong with this layer's index ("" when nothing did)."""
+        if self.failed:
+            return f"build failed: {self.failed}"
+        return f"adding keys failed: {self.add_failed}" if self.add_failed else ""
 
     @property
     def indexed_tokens(self) -> int:
@@ -238,6 +247,7 @@ class IndexManager:
             log.debug("index built", extra={"fields": {"session": session.session_id, "layer": layer,
                                                        "kind": slot.kind, "keys": end - begin}})
         except Exception as exc:  # a failed build leaves the layer served exactly, and says why
+            metrics.INDEX_FAILURES.labels(slot.kind, "build").inc()
             slot.failed = str(exc)
             log.exception("index build failed for session %s layer %d", session.session_id, layer)
         finally:
@@ -268,12 +278,13 @@ class IndexManager:
                 return
             length = session.layers[layer].length
             end = session.offloaded_range(length)[1]
-            if end - slot.covered_end < ADD_BATCH_TOKENS:
+            if end - slot.covered_end < ADD_BATCH_TOKENS or end < slot.add_retry_at:
                 return
             slot.adding = True
         self.pool.submit(self._add, session, layer, slot)
 
     def _add(self, session: Session, layer: int, slot: LayerIndex) -> None:
+        end = slot.covered_end
         try:
             with session.lock.read():
                 if session.tier is not Tier.MEMORY or session.deleted:
@@ -291,7 +302,12 @@ class IndexManager:
                 if slot.covered_end != start:  # rebuilt meanwhile: the next add continues from its end
                     return
                 slot.index.add(new_keys, new_values, stored=StoredKeys(keys, slot.base))
-        except Exception:
+            slot.add_failed = ""
+        except Exception as exc:  # the keys not added stay covered by the exact scan of the tail
+            metrics.INDEX_FAILURES.labels(slot.kind, "add").inc()
+            # not again at every Retrieve: once another batch of keys has arrived
+            slot.add_retry_at = end + ADD_BATCH_TOKENS
+            slot.add_failed = str(exc)
             log.exception("index add failed for session %s layer %d", session.session_id, layer)
         finally:
             slot.adding = False
