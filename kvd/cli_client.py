@@ -1,4 +1,4 @@
-"""`kvd` subcommands that talk to a running daemon: ls, stats, rm, health, export, import.
+"""`kvd` subcommands that talk to a running daemon: ls, show, stats, rm, health, export, import.
 
 Tables for people, --json for scripts. Exit codes: 0 ok, 1 other error, 3 daemon unavailable, 4 not found,
 5 not serving (health).
@@ -57,6 +57,25 @@ def cmd_ls(args: argparse.Namespace) -> int:
     rows = [[s.session_id, str(s.num_tokens), str(s.durable_tokens), s.state, s.tier, s.index_kind,
              _human(s.memory_bytes), _human(s.disk_bytes), "yes" if s.pinned else ""] for s in sessions]
     print(_table(rows, ["SESSION", "TOKENS", "DURABLE", "STATE", "TIER", "INDEX", "MEMORY", "DISK", "PINNED"]))
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """One session in full, with its layers' indexes (and why a layer's index failed, if one did)."""
+    with _client(args) as client:
+        info = client.get_session(args.session)
+    if args.json:
+        _print_json({**asdict(info), "dtype": str(info.dtype).removeprefix("torch.")})
+        return EXIT_OK
+    rows = [["session", info.session_id], ["tokens", f"{info.num_tokens} ({info.durable_tokens} durable)"],
+            ["state", f"{info.state}, {info.tier}"], ["memory", _human(info.memory_bytes)],
+            ["disk", _human(info.disk_bytes)], ["index", info.index_kind or "flat"]]
+    print(_table(rows, ["FIELD", "VALUE"]))
+    if info.indexes:
+        layers = [[str(i["layer"]), i["kind"], "yes" if i["ready"] else "no", str(i["indexed_tokens"]),
+                   _human(i["bytes"]), "yes" if i["from_hints"] else "no", i["error"]] for i in info.indexes]
+        print()
+        print(_table(layers, ["LAYER", "KIND", "READY", "TOKENS", "BYTES", "FROM HINTS", "ERROR"]))
     return EXIT_OK
 
 
@@ -155,6 +174,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     ls = parser("ls", "list sessions", cmd_ls)
     ls.add_argument("prefix", nargs="?", default="")
+    show = parser("show", "one session in full, with its layers' indexes", cmd_show)
+    show.add_argument("session")
     parser("stats", "daemon statistics", cmd_stats)
     rm = parser("rm", "delete sessions from both tiers", cmd_rm)
     rm.add_argument("session", nargs="+")

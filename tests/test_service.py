@@ -33,8 +33,19 @@ def test_cli_tables_json_and_exit_codes(kvd_daemon, tmp_path):
     assert listed.returncode == 0 and "cli-a" in listed.stdout and "SESSION" in listed.stdout
     rows = json.loads(kvd_cli("ls", "--json", *target).stdout)
     assert rows[0]["session_id"] == "cli-a" and rows[0]["num_tokens"] == 10 and rows[0]["pinned"]
+    shown = kvd_cli("show", "cli-a", *target)
+    assert shown.returncode == 0 and "cli-a" in shown.stdout and "10 (0 durable)" in shown.stdout
+    assert json.loads(kvd_cli("show", "cli-a", "--json", *target).stdout)["num_tokens"] == 10
+    assert kvd_cli("show", "nobody", *target).returncode == 4
+    client = kvd_daemon.client()
+    client.create_session("cli-g", num_layers=1, num_kv_heads=1, head_dim=8, dtype="float32", index="graph")
+    client.append("cli-g", 0, torch.randn(1, 1, 300, 8), torch.randn(1, 1, 300, 8))
+    client.retrieve("cli-g", 0, torch.randn(1, 8), k=4)  # the first query of a layer starts its index build
+    client.close()
+    graph = kvd_cli("show", "cli-g", *target).stdout
+    assert "LAYER" in graph and "FROM HINTS" in graph and "graph" in graph
     stats = json.loads(kvd_cli("stats", "--json", *target).stdout)
-    assert stats["sessions"] == 1
+    assert stats["sessions"] == 2
     assert kvd_cli("health", *target).stdout.strip() == "SERVING"
     exported = tmp_path / "cli-a.kvd"
     assert kvd_cli("export", "cli-a", str(exported), *target).returncode == 0
