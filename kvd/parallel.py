@@ -18,7 +18,6 @@ import os
 import threading
 
 import numba
-import numpy as np
 
 _LAYERS = ("omp", "tbb")
 
@@ -61,15 +60,3 @@ def threads(requested: int = 0, chunk: int = 1) -> int:
         _LOCAL.threads = (wanted, chunk)
     return wanted
 
-
-def visited_scratch(count: int, team: int) -> tuple[np.ndarray, np.ndarray]:
-    """This calling thread's graph-search scratch for a region of `team` threads: visited [team, >= count]
-    uint32 and the next free tag of each row [team] (a search uses a new tag, so nothing is cleared)."""
-    visited = getattr(_LOCAL, "visited", None)
-    tags = getattr(_LOCAL, "tags", None)
-    if visited is None or visited.shape[0] < team or visited.shape[1] < count or int(tags.max()) > 2**31:
-        # room to grow: decode adds one key per step, and each would otherwise reallocate
-        visited = np.zeros((max(team, 1), max(count + count // 8, 1024)), np.uint32)
-        tags = np.ones(max(team, 1), np.int64)
-        _LOCAL.visited, _LOCAL.tags = visited, tags
-    return visited, tags

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kvd import gather_kernels, parallel, retro, scan_kernels
+from kvd.index import graph
 from kvd.retro import PastQueries
 
 
@@ -94,9 +95,9 @@ def test_candidates_and_retro_regions_and_pool_agree_bitwise(monkeypatch: pytest
         assert torch.equal(a, b)
 
 
-def test_visited_scratch_grows_ahead_and_keeps_fresh_tags() -> None:
-    visited, tags = parallel.visited_scratch(1000, 3)
+def test_search_scratch_grows_ahead_and_keeps_fresh_tags() -> None:
+    visited, tags, _ = graph._search_scratch(1000, 3, 100, 128, 33)
     assert visited.shape[0] >= 3 and visited.shape[1] >= 1000 and visited.dtype == np.uint32
-    again, _ = parallel.visited_scratch(1001, 3)
+    again, _, _ = graph._search_scratch(1001, 3, 100, 128, 33)
     assert again is visited  # decode adds one key at a time: no reallocation per step
     assert np.all(tags >= 1)

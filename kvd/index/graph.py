@@ -274,18 +274,17 @@ class GraphIndex(KeyIndex):
         width, n_entries = self._adj.shape[2], self._entries.shape[1]
 
         def rows(lo: int, hi: int) -> None:
-            visited, tag = _scratch(self._count, hi - lo)
-            heaps = [a[0] for a in _heap_scratch(1, ef, n_entries, width)]
-            _SCRATCH.tag = gk.search_rows(key_rows, base, self._adj, self._entries, q, key_of, graph_of, self._count,
-                                          ef, lo, hi, ids, scores, touched, visited, tag, prefetch, *heaps)
+            visited, tags, heaps = _search_scratch(self._count, 1, ef, n_entries, width)
+            tags[0] = gk.search_rows(key_rows, base, self._adj, self._entries, q, key_of, graph_of, self._count, ef,
+                                     lo, hi, ids, scores, touched, visited[0], tags[0], prefetch,
+                                     *(a[0] for a in heaps))
 
         schedule = self._param("schedule", params)
         if schedule in ("auto", "region") and parallel.enabled() and threads > 1:
             team = parallel.threads(threads, max(1, int(self._param("chunk", params))))
-            visited, tags = parallel.visited_scratch(self._count, team)
+            visited, tags, heaps = _search_scratch(self._count, team, ef, n_entries, width)
             gk.search_rows_parallel(key_rows, base, self._adj, self._entries, q, key_of, graph_of, self._count, ef,
-                                    ids, scores, touched, visited, tags, prefetch,
-                                    *_heap_scratch(team, ef, n_entries, width))
+                                    ids, scores, touched, visited, tags, prefetch, *heaps)
         elif schedule == "ranges":
             run_ranges(rows, hq, threads, "search")
         else:
@@ -355,25 +354,22 @@ def _keys_array(keys: torch.Tensor) -> np.ndarray:
 _SCRATCH = threading.local()
 
 
-def _scratch(count: int, searches: int) -> tuple[np.ndarray, int]:
-    """This thread's visited array (>= count entries) and the first tag free for `searches` searches."""
-    visited = getattr(_SCRATCH, "visited", None)
-    tag = getattr(_SCRATCH, "tag", 1)
-    if visited is None or visited.shape[0] < count or tag + searches >= 2**32 - 1:
-        visited = np.zeros(max(count, 1024), dtype=np.uint32)
-        tag = 1
-        _SCRATCH.visited = visited
-    return visited, tag
-
-
-def _heap_scratch(rows: int, ef: int, entries: int, width: int) -> tuple[np.ndarray, ...]:
-    """This thread's search heaps for `rows` concurrent searches (gk.search_scratch), kept between calls."""
-    key = (ef, entries, width)
-    got = getattr(_SCRATCH, "heaps", None)
-    if got is None or got[0] != key or got[1][0].shape[0] < rows:
-        got = (key, gk.search_scratch(rows, ef, entries, width))
-        _SCRATCH.heaps = got
-    return got[1]
+def _search_scratch(count: int, rows: int, ef: int, entries: int, width: int
+                    ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
+    """This thread's scratch for `rows` concurrent searches (row t for thread t of a parallel region; the
+    worker-pool path uses row 0), kept between calls: visited [rows, >= count] uint32, the next free tag of each
+    row [rows] (a search uses a new tag, so nothing is cleared) and the heaps of gk.search_scratch."""
+    visited, tags = getattr(_SCRATCH, "visited", None), getattr(_SCRATCH, "tags", None)
+    if visited is None or visited.shape[0] < rows or visited.shape[1] < count or int(tags.max()) > 2**31:
+        # room to grow: decode adds one key per step, and each would otherwise reallocate
+        visited = np.zeros((rows, max(count + count // 8, 1024)), np.uint32)
+        tags = np.ones(rows, np.int64)
+        _SCRATCH.visited, _SCRATCH.tags = visited, tags
+    heaps = getattr(_SCRATCH, "heaps", None)
+    if heaps is None or heaps[0] != (ef, entries, width) or heaps[1][0].shape[0] < rows:
+        heaps = ((ef, entries, width), gk.search_scratch(rows, ef, entries, width))
+        _SCRATCH.heaps = heaps
+    return visited, tags, heaps[1]
 
 
 def _subsample(total: int, count: int) -> torch.Tensor:
