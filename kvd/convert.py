@@ -110,3 +110,9 @@ class TensorCodec:
             message.CopyFrom(wire.encode_inline(tensor))
         else:
             writer.write(tensor, message)
+
+    @classmethod
+    def write_sequences(cls, writer: OutputWriter | None, tensors: list[torch.Tensor], message: pb.Tensor) -> None:
+        """One tensor per sequence, written as [n, ...]: without a stacked copy for the usual single sequence
+        (writing copies it once anyway)."""
+        cls.write(writer, tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors), message)

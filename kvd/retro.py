@@ -419,16 +419,10 @@ def write_packed(codec: TensorCodec, writer: OutputWriter | None, results: list[
                  reply: pb.RetrieveResponse) -> None:
     """RetrieveResponse.packed (past.packed): the outputs and log-sum-exps of the past and current queries in one
     tensor, which the client copies to its device at once."""
-    blocks = [_packed_of(r) for r in results]
-    codec.write(writer, blocks[0].unsqueeze(0) if len(blocks) == 1 else torch.stack(blocks), reply.packed)
+    codec.write_sequences(writer, [_packed_of(r) for r in results], reply.packed)
 
 
 def write_past(codec: TensorCodec, writer: OutputWriter | None, results: list[SequenceResult],
                reply: pb.RetrieveResponse) -> None:
-    if len(results) == 1:  # the usual decode call: views, no stacked copy
-        outputs, lses = results[0].past_output.unsqueeze(0), results[0].past_lse.unsqueeze(0)  # type: ignore[union-attr]
-    else:
-        outputs = torch.stack([r.past_output for r in results])  # type: ignore[misc]
-        lses = torch.stack([r.past_lse for r in results])  # type: ignore[misc]
-    codec.write(writer, outputs, reply.past_output)
-    codec.write(writer, lses, reply.past_lse)
+    codec.write_sequences(writer, [r.past_output for r in results], reply.past_output)  # type: ignore[misc]
+    codec.write_sequences(writer, [r.past_lse for r in results], reply.past_lse)  # type: ignore[misc]

@@ -179,15 +179,15 @@ class KvdServicer(pb_grpc.KvdServicer):
         reply = pb.RetrieveResponse(counts=[r.count for r in results],
                                     index_kinds=[convert.SERVED_BY_WIRE.get(r.index_kind, pb.FLAT) for r in results],
                                     promoted=promoted)
-        codec.write(writer, _stacked([r.ids for r in results]), reply.ids)
+        codec.write_sequences(writer, [r.ids for r in results], reply.ids)
         if mode is Mode.IDS_KV:
-            codec.write(writer, _stacked([r.keys for r in results]), reply.keys)
-            codec.write(writer, _stacked([r.values for r in results]), reply.values)
+            codec.write_sequences(writer, [r.keys for r in results], reply.keys)
+            codec.write_sequences(writer, [r.values for r in results], reply.values)
         elif mode is Mode.ATTENTION and past is not None and past.packed:
             retro.write_packed(codec, writer, results, reply)
         elif mode is Mode.ATTENTION:
-            codec.write(writer, _stacked([r.output for r in results]), reply.output)
-            codec.write(writer, _stacked([r.lse for r in results]), reply.lse)
+            codec.write_sequences(writer, [r.output for r in results], reply.output)
+            codec.write_sequences(writer, [r.lse for r in results], reply.lse)
             if past is not None:
                 retro.write_past(codec, writer, results, reply)
         reply.search_ms = 1000 * sum(r.search_s for r in results)
@@ -271,7 +271,3 @@ class KvdServicer(pb_grpc.KvdServicer):
             for r in regions
         ])
 
-
-def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """torch.stack, without its copy for the usual single sequence (the reply writer copies once anyway)."""
-    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
