@@ -575,7 +575,6 @@ class KVDCache(Cache):
         client = self.client
         log = self.retrieve_log
         exact = cfg.exact
-
         stats = self.stats
 
         def call() -> Any:
