@@ -59,6 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cold-mib", type=int, default=512,
                    help="cold-cache rows: read this much other memory before each call, as a decode's 31 other "
                         "layers do between two searches of one layer")
+    p.add_argument("--variants", default="ef=512;ef=384;ef=256;group=2,ef=384;group=2,ef=256;group=4,ef=256;"
+                                          "group=4,ef=192",
+                   help="search params to compare (';' between variants, ',' between params): recall@100 against "
+                        "brute force, keys read, warm and cold-cache time, all threads")
     p.add_argument("--out", default="")
     return p.parse_args(argv)
 
@@ -147,7 +151,7 @@ def search_heads(layer: Layer, lo: int, hi: int, ef: int, visited: np.ndarray, t
     index = layer.index
     heaps = [a[0] for a in gk.search_scratch(1, max(ef, K), index._entries.shape[1], index._adj.shape[2])]
     return gk.search_rows(layer.key_rows, layer.base, index._adj, index._entries, layer.next_queries(),
-                          layer.key_of, layer.graph_of, index.count, ef, lo, hi, *out, visited, tag, True, *heaps)
+                          layer.key_of, layer.graph_of, index.count, ef, 1, lo, hi, *out, visited, tag, True, *heaps)
 
 
 def outputs(layer: Layer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -197,6 +201,32 @@ def per_head_concurrent(layer: Layer, ef: int, threads: int, rounds: int) -> flo
     for t in pool:
         t.join()
     return statistics.median(times) * 1e6
+
+
+def compare_variants(layer: Layer, spec: str, reps: int, cold: Callable[[], Any]) -> list[dict[str, Any]]:
+    """Each variant's recall@K against brute force over the layer's decode queries, the keys one search reads
+    (a group search's keys count once), and its time with warm and with cold caches."""
+    queries = layer.all_queries  # [Q, Hq, d]
+    keys = layer.keys.float()[torch.from_numpy(layer.key_of)]  # [Hq, n, d]
+    truth = [torch.einsum("hd,hnd->hn", q, keys).topk(K, dim=1).indices for q in queries]
+    out = []
+    for text in [v for v in spec.split(";") if v.strip()]:
+        params = dict(item.split("=", 1) for item in text.split(","))
+        recalls, read = [], []
+        for q, want in zip(queries, truth, strict=True):
+            res = layer.index.search(q, K, 1.0, params, stored=layer.stored)
+            recalls.append(np.mean([len(set(a.tolist()) & set(b.tolist())) / K for a, b in zip(res.ids, want,
+                                                                                            strict=True)]))
+            read.append(res.keys_touched)
+
+        def search(params: dict[str, str] = params) -> None:
+            layer.index.search(torch.from_numpy(layer.next_queries()), K, 1.0, params, stored=layer.stored)
+
+        out.append({"params": text, "recall": float(np.mean(recalls)),
+                    "keys_read_pct": 100 * float(np.mean(read)) / layer.index.count,
+                    "warm_us": median_us(search, reps), "cold_us": median_us(search, reps, before=cold)})
+        print(out[-1], flush=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -267,6 +297,10 @@ def main(argv: list[str] | None = None) -> None:
             chunked.append({"chunk": chunk, "cold_us": us})
             rows.append([f"graph search, all heads, region, cold caches, {chunk} heads per claim", cores, round(us, 1)])
         result["cold_chunks"] = chunked
+        result["variants"] = variants = compare_variants(layer, args.variants, max(20, args.reps // 4), cold)
+        for v in variants:
+            rows.append([f"search {v['params']}: recall@{K} {v['recall']:.3f}, {v['keys_read_pct']:.2f}% of keys "
+                         f"read per search, warm / cold", cores, f"{v['warm_us']:.1f} / {v['cold_us']:.1f}"])
     else:
         rows.append(["parallel regions: no thread-safe numba threading layer here", 0, 0])
 

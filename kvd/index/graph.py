@@ -22,8 +22,10 @@ auto = session when the caller passes the session's keys and their dtype allows,
 claim: a search's query heads are claimed one at a time by worker-pool threads | ranges: one fixed range per
 pool thread), chunk (region: query heads claimed together by one thread, 1; consecutive heads share a
 KV head's graph), prefetch (1: key rows are
-requested from memory before they are scored | 0; same results); threads, schedule and prefetch can also be
-given per call.
+requested from memory before they are scored | 0; same results), group (1: each query head searches alone |
+g > 1 dividing the GQA group, per=kv: g heads of one KV head search its graph together, each key read once and
+scored for all g, the frontier ordered by the best score over them, each head keeping its own ef best);
+threads, schedule, prefetch, chunk and group can also be given per call.
 Presets: default = quality; pivots=32 = balanced; window=2,enhance_ef=0 = fast build.
 Concurrency: add() and search() of one index must not overlap (the caller serializes per layer); builds and
 searches of different indexes may, and use separate worker pools.
@@ -74,7 +76,7 @@ from kvd.workers import run_claimed, run_ranges
 _CONCURRENT_GRAPHS = 4
 DEFAULTS = {"m": "32", "ef": "512", "enhance_ef": "32", "entries": "128", "per": "kv", "sample": "4096",
             "topn": "100", "insert_ef": "64", "pivots": "100000", "window": "0", "store": "auto",
-            "threads": "0", "schedule": "auto", "prefetch": "1", "chunk": "1"}
+            "threads": "0", "schedule": "auto", "prefetch": "1", "chunk": "1", "group": "1"}
 _STORE_DTYPES = {"bf16": np.uint16, "fp32": np.float32}  # bf16 keys are kept as their bit patterns
 _STORES = ("auto", "session", *_STORE_DTYPES)
 _SESSION_DTYPES = (torch.bfloat16, torch.float32)  # session stores the kernels read as they are
@@ -97,6 +99,7 @@ class GraphIndex(KeyIndex):
             raise ValueError("graph param 'chunk' must be at least 1")
         if self._param("schedule") not in _SCHEDULES:
             raise ValueError(f"graph param 'schedule' must be one of {sorted(_SCHEDULES)}")
+        self._search_group(None)  # validates 'group'
         self._mode = ""  # where the keys are read: "session" or a copy ("bf16" | "fp32"); set by the first build/add
         self._keys = np.zeros((shape.num_kv_heads, 0, shape.head_dim), dtype=np.uint16)  # the copy: [Hkv, cap, d]
         self._adj = np.zeros((self.num_graphs, 0, self._graph_params().width), dtype=np.int32)   # [G, cap, W]
@@ -119,6 +122,16 @@ class GraphIndex(KeyIndex):
         return GraphParams(m=self._m, enhance_ef=int(self._param("enhance_ef")),
                            n_entries=int(self._param("entries")), window=int(self._param("window")),
                            pivots=int(self._param("pivots")), threads=int(self.params.get("threads", 0)))
+
+    def _search_group(self, params: dict[str, str] | None) -> int:
+        """Query heads searched together (one beam over their KV head's graph, each key read once)."""
+        group = self._param("group", params)
+        if not group.isdigit() or int(group) < 1 or self.shape.group_size % int(group):
+            raise ValueError(f"graph param 'group' must divide the GQA group size {self.shape.group_size}, "
+                             f"not {group!r}")
+        if int(group) > 1 and self._param("per") == "query":
+            raise ValueError("graph param 'group' > 1 needs per=kv (the group's heads share one graph)")
+        return int(group)
 
     def _graph_of_query_head(self) -> np.ndarray:
         heads = np.arange(self.shape.num_query_heads)
@@ -270,25 +283,27 @@ class GraphIndex(KeyIndex):
         touched = np.zeros(hq, dtype=np.int64)
         threads = int(self._param("threads", params)) or min(hq, os.cpu_count() or 1)
         prefetch = self._param("prefetch", params) != "0"
+        group = self._search_group(params)
+        searches = hq // group
 
         width, n_entries = self._adj.shape[2], self._entries.shape[1]
 
         def rows(lo: int, hi: int) -> None:
-            visited, tags, heaps = _search_scratch(self._count, 1, ef, n_entries, width)
+            visited, tags, heaps = _search_scratch(self._count, 1, ef, n_entries, width, group)
             tags[0] = gk.search_rows(key_rows, base, self._adj, self._entries, q, key_of, graph_of, self._count, ef,
-                                     lo, hi, ids, scores, touched, visited[0], tags[0], prefetch,
+                                     group, lo, hi, ids, scores, touched, visited[0], tags[0], prefetch,
                                      *(a[0] for a in heaps))
 
         schedule = self._param("schedule", params)
         if schedule in ("auto", "region") and parallel.enabled() and threads > 1:
             team = parallel.threads(threads, max(1, int(self._param("chunk", params))))
-            visited, tags, heaps = _search_scratch(self._count, team, ef, n_entries, width)
+            visited, tags, heaps = _search_scratch(self._count, team, ef, n_entries, width, group)
             gk.search_rows_parallel(key_rows, base, self._adj, self._entries, q, key_of, graph_of, self._count, ef,
-                                    ids, scores, touched, visited, tags, prefetch, *heaps)
+                                    group, ids, scores, touched, visited, tags, prefetch, *heaps)
         elif schedule == "ranges":
-            run_ranges(rows, hq, threads, "search")
+            run_ranges(rows, searches, threads, "search")
         else:
-            run_claimed(rows, hq, threads, "search")
+            run_claimed(rows, searches, threads, "search")
         return SearchResult(ids=torch.from_numpy(ids), keys_touched=round(float(touched.mean())),
                             scores=torch.from_numpy(scores),
                             scores_from=torch.bfloat16 if key_rows.dtype == np.uint16 else torch.float32)
@@ -354,7 +369,7 @@ def _keys_array(keys: torch.Tensor) -> np.ndarray:
 _SCRATCH = threading.local()
 
 
-def _search_scratch(count: int, rows: int, ef: int, entries: int, width: int
+def _search_scratch(count: int, rows: int, ef: int, entries: int, width: int, group: int = 1
                     ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
     """This thread's scratch for `rows` concurrent searches (row t for thread t of a parallel region; the
     worker-pool path uses row 0), kept between calls: visited [rows, >= count] uint32, the next free tag of each
@@ -366,8 +381,8 @@ def _search_scratch(count: int, rows: int, ef: int, entries: int, width: int
         tags = np.ones(rows, np.int64)
         _SCRATCH.visited, _SCRATCH.tags = visited, tags
     heaps = getattr(_SCRATCH, "heaps", None)
-    if heaps is None or heaps[0] != (ef, entries, width) or heaps[1][0].shape[0] < rows:
-        heaps = ((ef, entries, width), gk.search_scratch(rows, ef, entries, width))
+    if heaps is None or heaps[0] != (ef, entries, width, group) or heaps[1][0].shape[0] < rows:
+        heaps = ((ef, entries, width, group), gk.search_scratch(rows, ef, entries, width, group))
         _SCRATCH.heaps = heaps
     return visited, tags, heaps[1]
 

@@ -186,6 +186,108 @@ def _beam(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, q: np.ndarray,
     return rs, touched
 
 
+@njit(cache=True, nogil=True, fastmath=True)
+def _beam_group(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, qs: np.ndarray, ef: int, limit: int,
+                visited: np.ndarray, tag: int, prefetch: bool, cd: np.ndarray, ci: np.ndarray, rd: np.ndarray,
+                ri: np.ndarray, sizes: np.ndarray, fresh: np.ndarray, s: np.ndarray) -> int:
+    """_beam for a group of queries qs [g, d] over one graph (the query heads of one KV head): every key is
+    read once and scored for all g queries; each query keeps its own result heap rd[h]/ri[h] (size in
+    sizes[h]) of its best ef, and the frontier is ordered by a key's best score over the group. The search
+    stops when no candidate can enter any query's results. s: float32 scratch [g]. Returns the keys scored
+    (each for all g queries)."""
+    g = qs.shape[0]
+    width = adj.shape[1]
+    cap = cd.shape[0]
+    cs = 0
+    touched = 0
+    for h in range(g):
+        sizes[h] = 0
+    for e in entries:
+        if e < 0 or e >= limit or visited[e] == tag:
+            continue
+        visited[e] = tag
+        touched += 1
+        best = _score_group(keys[e], qs, s)
+        for h in range(g):
+            sizes[h] = _push(rd[h], ri[h], sizes[h], s[h], e)
+            if sizes[h] > ef:
+                sizes[h] = _pop(rd[h], ri[h], sizes[h])
+        if cs == cap:
+            cd, ci, cap = _grow(cd, ci, cs)
+        cs = _push(cd, ci, cs, -best, e)
+    while cs > 0:
+        floor = _INF  # the lowest score that still enters some query's results
+        for h in range(g):
+            if sizes[h] < ef:
+                floor = -_INF
+                break
+            floor = min(floor, rd[h, 0])
+        if -cd[0] < floor:
+            break
+        node = ci[0]
+        cs = _pop(cd, ci, cs)
+        count = 0
+        for j in range(width):
+            nb = adj[node, j]
+            if nb < 0:
+                break
+            if nb >= limit or visited[nb] == tag:
+                continue
+            visited[nb] = tag
+            fresh[count] = nb
+            count += 1
+            if prefetch:
+                _prefetch_row(keys, nb)
+        for j in range(count):
+            nb = fresh[j]
+            best = _score_group(keys[nb], qs, s)
+            touched += 1
+            entered = False
+            for h in range(g):
+                if sizes[h] < ef or s[h] > rd[h, 0]:
+                    sizes[h] = _push(rd[h], ri[h], sizes[h], s[h], nb)
+                    if sizes[h] > ef:
+                        sizes[h] = _pop(rd[h], ri[h], sizes[h])
+                    entered = True
+            if entered:
+                if cs == cap:
+                    cd, ci, cap = _grow(cd, ci, cs)
+                cs = _push(cd, ci, cs, -best, nb)
+        if prefetch and cs > 0:
+            _prefetch_row(adj, ci[0])
+    return touched
+
+
+@njit(cache=True, nogil=True, fastmath=True, inline="always")
+def _score_group(key: np.ndarray, qs: np.ndarray, s: np.ndarray) -> np.float32:
+    """s[h] = key . qs[h] for every query of the group; returns the best. Groups of 2 and 4 read the key once
+    per element, into as many accumulators (vectorized along the key)."""
+    g = qs.shape[0]
+    if g == 4:
+        s0 = s1 = s2 = s3 = np.float32(0.0)
+        for i in range(key.shape[0]):
+            x = _widen(key[i])
+            s0 += x * qs[0, i]
+            s1 += x * qs[1, i]
+            s2 += x * qs[2, i]
+            s3 += x * qs[3, i]
+        s[0], s[1], s[2], s[3] = s0, s1, s2, s3
+    elif g == 2:
+        s0 = s1 = np.float32(0.0)
+        for i in range(key.shape[0]):
+            x = _widen(key[i])
+            s0 += x * qs[0, i]
+            s1 += x * qs[1, i]
+        s[0], s[1] = s0, s1
+    else:
+        for h in range(g):
+            s[h] = _dot(key, qs[h])
+    best = s[0]
+    for h in range(1, g):
+        best = max(best, s[h])
+    return best
+
+
 @njit(cache=True, nogil=True)
 def beam_search(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, q: np.ndarray, ef: int, limit: int,
                 visited: np.ndarray, tag: int, prefetch: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
@@ -201,12 +303,14 @@ def beam_search(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, q: np.nd
     return ri[:rs][order], rd[:rs][order], touched
 
 
-def search_scratch(rows: int, ef: int, entries: int, width: int) -> tuple[np.ndarray, ...]:
-    """Scratch for `rows` concurrent searches (search_rows / search_rows_parallel): candidate heap keys and ids,
-    result heap keys and ids, fresh neighbours; each [rows, ...]."""
+def search_scratch(rows: int, ef: int, entries: int, width: int, group: int = 1) -> tuple[np.ndarray, ...]:
+    """Scratch for `rows` concurrent searches of `group` queries each (search_rows / search_rows_parallel):
+    candidate heap keys and ids, result heap keys and ids [rows, group, ef + 1], result heap sizes and scores
+    [rows, group], fresh neighbours."""
     cap = 4 * ef + entries + width
-    return (np.empty((rows, cap), np.float32), np.empty((rows, cap), np.int64), np.empty((rows, ef + 1), np.float32),
-            np.empty((rows, ef + 1), np.int64), np.empty((rows, width), np.int64))
+    return (np.empty((rows, cap), np.float32), np.empty((rows, cap), np.int64),
+            np.empty((rows, group, ef + 1), np.float32), np.empty((rows, group, ef + 1), np.int64),
+            np.empty((rows, group), np.int64), np.empty((rows, group), np.float32), np.empty((rows, width), np.int64))
 
 
 @njit(cache=True, nogil=True)
@@ -221,47 +325,65 @@ def _grow(hd: np.ndarray, hi: np.ndarray, size: int) -> tuple[np.ndarray, np.nda
 
 @njit(cache=True, nogil=True)
 def search_rows(keys: np.ndarray, key_base: int, adj: np.ndarray, entries: np.ndarray, queries: np.ndarray,
-                key_of: np.ndarray, graph_of: np.ndarray, count: int, ef: int, lo: int, hi: int,
+                key_of: np.ndarray, graph_of: np.ndarray, count: int, ef: int, group: int, lo: int, hi: int,
                 ids: np.ndarray, scores: np.ndarray, touched: np.ndarray, visited: np.ndarray, tag: int,
-                prefetch: bool, cd: np.ndarray, ci: np.ndarray, rd: np.ndarray, ri: np.ndarray, fresh: np.ndarray
-                ) -> int:
-    """Search query rows lo..hi-1. keys [G_k, rows, d] with node i at row key_base + i, adj [G_a, cap, W],
-    entries [G_a, E] (-1 padded), queries [m, d]; row i searches keys[key_of[i]] over adj[graph_of[i]] among
-    the first `count` nodes.
-    Writes ids [m, k] (-1 padded), their scores [m, k] (-inf padded), by decreasing score, and touched [m].
-    visited: uint32 scratch (>= count) whose entries are all below `tag`; cd..fresh: one row of search_scratch
-    for ef >= max(ef, k). Returns the next unused tag."""
+                prefetch: bool, cd: np.ndarray, ci: np.ndarray, rd: np.ndarray, ri: np.ndarray, sizes: np.ndarray,
+                s: np.ndarray, fresh: np.ndarray) -> int:
+    """Search the query rows of groups lo..hi-1, group i being rows i*group .. i*group+group-1 (one search for
+    the group, _beam_group, which must share a graph and key head; group 1: _beam per row). keys [G_k, rows, d]
+    with node i at row key_base + i, adj [G_a, cap, W], entries [G_a, E] (-1 padded), queries [m, d]; row i
+    searches keys[key_of[i]] over adj[graph_of[i]] among the first `count` nodes.
+    Writes ids [m, k] (-1 padded), their scores [m, k] (-inf padded), by decreasing score, and touched [m] (keys
+    scored, by the row's search). visited: uint32 scratch (>= count) whose entries are all below `tag`; cd..fresh:
+    one row of search_scratch(.., group) for ef >= max(ef, k). Returns the next unused tag."""
     k = ids.shape[1]
-    for i in range(lo, hi):
-        g = graph_of[i]
-        rs, t = _beam(keys[key_of[i], key_base:], adj[g], entries[g], queries[i], max(ef, k), count, visited, tag,
-                      prefetch, cd, ci, rd, ri, fresh)
+    width = max(ef, k)
+    for grp in range(lo, hi):
+        first = grp * group
+        g = graph_of[first]
+        kv = keys[key_of[first], key_base:]
+        if group == 1:
+            sizes[0], t = _beam(kv, adj[g], entries[g], queries[first], width, count, visited, tag, prefetch, cd,
+                                ci, rd[0], ri[0], fresh)
+        else:
+            t = _beam_group(kv, adj[g], entries[g], queries[first:first + group], width, count, visited, tag,
+                            prefetch, cd, ci, rd, ri, sizes, fresh, s)
         tag += 1
-        kk = min(k, rs)
-        while rs > kk:  # drop the worst of the ef found, then pop the k best in increasing order
-            rs = _pop(rd, ri, rs)
-        for j in range(kk - 1, -1, -1):
-            ids[i, j] = ri[0]
-            scores[i, j] = rd[0]
-            rs = _pop(rd, ri, rs)
-        ids[i, kk:] = -1
-        scores[i, kk:] = -_INF
-        touched[i] = t
+        for h in range(group):
+            _write_top(rd[h], ri[h], sizes[h], ids[first + h], scores[first + h])
+            touched[first + h] = t
     return tag
+
+
+@njit(cache=True, nogil=True)
+def _write_top(rd: np.ndarray, ri: np.ndarray, rs: int, ids: np.ndarray, scores: np.ndarray) -> None:
+    """The k = len(ids) best of the min-heap rd/ri (size rs) into ids/scores by decreasing score (-1 / -inf
+    padded); consumes the heap."""
+    k = ids.shape[0]
+    kk = min(k, rs)
+    while rs > kk:  # drop the worst of the ef found, then pop the k best in increasing order
+        rs = _pop(rd, ri, rs)
+    for j in range(kk - 1, -1, -1):
+        ids[j] = ri[0]
+        scores[j] = rd[0]
+        rs = _pop(rd, ri, rs)
+    ids[kk:] = -1
+    scores[kk:] = -_INF
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def search_rows_parallel(keys: np.ndarray, key_base: int, adj: np.ndarray, entries: np.ndarray,
                          queries: np.ndarray, key_of: np.ndarray, graph_of: np.ndarray, count: int, ef: int,
-                         ids: np.ndarray, scores: np.ndarray, touched: np.ndarray, visited: np.ndarray,
+                         group: int, ids: np.ndarray, scores: np.ndarray, touched: np.ndarray, visited: np.ndarray,
                          tags: np.ndarray, prefetch: bool, cd: np.ndarray, ci: np.ndarray, rd: np.ndarray,
-                         ri: np.ndarray, fresh: np.ndarray) -> None:
-    """search_rows over every query row as one parallel region (kvd.parallel): visited [team, >= count], tags
-    [team] and the search_scratch arrays [team, ...] are per thread of the region."""
-    for i in prange(queries.shape[0]):
+                         ri: np.ndarray, sizes: np.ndarray, s: np.ndarray, fresh: np.ndarray) -> None:
+    """search_rows over every group of query rows as one parallel region (kvd.parallel): visited [team, >= count],
+    tags [team] and the search_scratch arrays [team, ...] are per thread of the region."""
+    for i in prange(queries.shape[0] // group):
         t = get_thread_id()
-        tags[t] = search_rows(keys, key_base, adj, entries, queries, key_of, graph_of, count, ef, i, i + 1, ids,
-                              scores, touched, visited[t], tags[t], prefetch, cd[t], ci[t], rd[t], ri[t], fresh[t])
+        tags[t] = search_rows(keys, key_base, adj, entries, queries, key_of, graph_of, count, ef, group, i, i + 1,
+                              ids, scores, touched, visited[t], tags[t], prefetch, cd[t], ci[t], rd[t], ri[t],
+                              sizes[t], s[t], fresh[t])
 
 
 # ------------------------------------------------------------------------------------------ construction
