@@ -26,6 +26,7 @@ import statistics
 import sys
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compare-lookahead", default="",
                    help="comma-separated candidate counts: after the timed steps, time as many more of the same "
                         "cache with lookahead on, once per count, and report them beside the plain ones")
+    p.add_argument("--search-params", default="",
+                   help="k=v,... sent with every decode Retrieve (e.g. ef=384 or group=4,ef=256 for the graph; "
+                        "threads=N for the daemon's regions)")
+    p.add_argument("--lookahead-params", default="", help="k=v,... sent with the lookahead searches")
+    p.add_argument("--compare-search", default="",
+                   help="variants (';' between them) timed after the plain steps on the same cache, as many steps "
+                        "each: k=v,... search params; lookahead=N turns lookahead on with N candidates; la.k=v is "
+                        "a lookahead search param. E.g. 'ef=384;group=4,ef=256;lookahead=512,threads=4,la.threads=12'")
     p.add_argument("--compare-switch-interval", type=float, default=0.0,
                    help="after the timed steps, time as many more with sys.setswitchinterval(this) in the client "
                         "process (how long the model's thread may hold the GIL while kvd's reply waits for it)")
@@ -229,7 +238,9 @@ def run_kvd(model: Any, cfg: LlamaConfig, client: Any, ctx: int, synthetic: bool
              "flush_tokens": args.flush, "index": index, "exact": args.exact, "overlap": args.overlap,
              "hint_samples": args.hint_samples, "index_params": parse_params(args.index_params) or None,
              "lookahead": args.lookahead > 0 and not isinstance(client, StubRetrieval),
-             "lookahead_candidates": args.lookahead or 512}
+             "lookahead_candidates": args.lookahead or 512,
+             "search_params": parse_params(args.search_params) or None,
+             "lookahead_params": parse_params(args.lookahead_params) or None}
     res: dict[str, Any] = {"ctx": ctx, "mode": label, "fill": "synthetic" if synthetic else "prefill",
                            "index": index or "default"}
     reset_peak(device)
@@ -311,6 +322,9 @@ def run_kvd(model: Any, cfg: LlamaConfig, client: Any, ctx: int, synthetic: bool
             "used_per_token": round(st.lookahead_used / steps, 2)})
         res[f"lookahead{count}_decode_ms_median"] = median
         cache.set_lookahead(None)
+    if real:
+        for text in [v.strip() for v in args.compare_search.split(";") if v.strip()]:
+            res.setdefault("search_variants", []).append(time_variant(cache, text, more_steps, steps))
     if compare_client is not None:
         cache.client = compare_client
         res["grpc_decode_ms_median"], res["grpc_kvd_wait_ms_per_token"] = more_steps()
@@ -324,6 +338,36 @@ def run_kvd(model: Any, cfg: LlamaConfig, client: Any, ctx: int, synthetic: bool
         with contextlib.suppress(Exception):
             client.delete_session(sid)
     return res
+
+
+def time_variant(cache: KVDCache, text: str, more_steps: Any, steps: int) -> dict[str, Any]:
+    """More steps of the same cache with one --compare-search variant's params, then the cache's own back."""
+    params = parse_params(text)
+    candidates = int(params.pop("lookahead", 0))
+    lookahead = {k.removeprefix("la."): v for k, v in params.items() if k.startswith("la.")}
+    search = {k: v for k, v in params.items() if not k.startswith("la.")}
+    before = cache.config
+    cache.config = replace(before, search_params=search or None, lookahead_params=lookahead or None)
+    if candidates:
+        cache.set_lookahead(candidates)
+    try:
+        median, wait = more_steps()
+    finally:
+        if candidates:
+            cache.set_lookahead(None)
+        cache.config = before
+    st = cache.stats
+    row = {"variant": text, "decode_ms_median": median, "kvd_wait_ms_per_token": wait,
+           "attention_other_ms_per_token": round(1000 * (st.decode_s - st.retrieve_wait_s) / steps, 2),
+           "kvd_rpc_ms_per_token": round(1000 * st.retrieve_rpc_s / steps, 2),
+           "kvd_server_ms_per_token": round(1000 * st.retrieve_server_s / steps, 2),
+           "kvd_search_ms_per_token": round(1000 * st.retrieve_search_s / steps, 2),
+           "kvd_attend_ms_per_token": round(1000 * st.retrieve_attend_s / steps, 2)}
+    if candidates:
+        row["lookahead_search_wait_ms_per_token"] = round(1000 * st.lookahead_wait_s / steps, 2)
+        row["lookahead_used_per_token"] = round(st.lookahead_used / steps, 2)
+    print(f"  variant {text}: {median} ms/token", flush=True)
+    return row
 
 
 def process_memory_gib(pid: int) -> dict[str, float]:
@@ -390,6 +434,15 @@ def exactness_check(client: KvdClient, device: torch.device) -> dict[str, Any]:
 # --- report ----------------------------------------------------------------------------------------------------
 def lookahead_counts(rows: list[dict[str, Any]]) -> list[int]:
     return sorted({entry["candidates"] for row in rows for entry in row.get("lookahead", [])})
+
+
+def variant_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The --compare-search variants of every kvd row, each with its ratio to that row's plain steps."""
+    out = []
+    for row in rows:
+        for v in row.get("search_variants", []):
+            out.append({"ctx": row["ctx"], **v, "vs_plain": round(v["decode_ms_median"] / row["decode_ms_median"], 3)})
+    return out
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -499,6 +552,14 @@ def main(argv: list[str] | None = None) -> int:
     save()
     print(f"\nwrote {out}\n")
     print(f"rpc floor (decode-shaped Retrieve over 1K tokens): {env.get('rpc_floor_ms_median')} ms")
+    variants = variant_rows(rows)
+    if variants:
+        print(markdown_table(variants, [("ctx", "ctx"), ("variant", "search variant (same cache)"),
+                                        ("decode_ms_median", "decode ms/tok"), ("vs_plain", "x plain"),
+                                        ("kvd_wait_ms_per_token", "kvd wait ms"),
+                                        ("kvd_server_ms_per_token", "server ms"), ("kvd_search_ms_per_token",
+                                                                                  "search ms")]))
+        print()
     print(table(rows))
     return 0
 

@@ -35,6 +35,7 @@ from kvd.validate import (
     MAX_HEADS,
     MAX_K,
     MAX_LAYERS,
+    MAX_THREADS,
     QUERY_DTYPES,
     STORAGE_DTYPES,
     check_dtype,
@@ -289,7 +290,11 @@ class Engine:
         if ranges is not None and len(ranges) != len(sessions):
             raise InvalidArgument(f"{len(ranges)} ranges given for {len(sessions)} sequences")
         scale = check_scale(scale) or default_scale(first.head_dim)
-        spec = RetrieveSpec(layer=layer, k=k, mode=mode, scale=scale, exact=exact, params=params, pool=self.scan_pool)
+        threads = params.get("threads", "0")
+        if not threads.isdigit() or int(threads) > MAX_THREADS:
+            raise InvalidArgument(f"search param threads must be an integer in [0, {MAX_THREADS}], not {threads!r}")
+        spec = RetrieveSpec(layer=layer, k=k, mode=mode, scale=scale, exact=exact, params=params, pool=self.scan_pool,
+                            threads=int(threads))
         promoted = [False] * len(sessions)
         while True:
             for i, session in enumerate(sessions):

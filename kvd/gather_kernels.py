@@ -146,10 +146,11 @@ def score_rows(keys: torch.Tensor, queries: torch.Tensor, ids: torch.Tensor) -> 
     return torch.from_numpy(out)
 
 
-def attend_rows(values: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor, scale: float
+def attend_rows(values: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor, scale: float, threads: int = 0
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax(scale * scores) over values [Hkv, n, d] at ids [Hq, m] (-1 ignored) -> output float32 [Hq, d],
-    lse [Hq] (lse -inf and output 0 for a head without keys). Equals kvd_client.attention_from_scores."""
+    lse [Hq] (lse -inf and output 0 for a head without keys). Equals kvd_client.attention_from_scores.
+    threads: a parallel region's size (0: one per core, at most one per head)."""
     num_query_heads = ids.shape[0]
     group = num_query_heads // values.shape[0]
     out = np.empty((num_query_heads, values.shape[2]), np.float32)
@@ -158,7 +159,7 @@ def attend_rows(values: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor, s
     score_rows = np.ascontiguousarray(scores.float().numpy())
     chunks = min(_ATTEND_CHUNKS, max(1, ids.numel() // _ROWS_PER_CHUNK))
     if chunks > 1 and parallel.enabled():
-        team = parallel.threads(num_query_heads)
+        team = parallel.threads(min(threads or num_query_heads, num_query_heads))
         _attend_rows_parallel(store, id_rows, score_rows, float(scale), group, out, lse, min(team, num_query_heads))
         return torch.from_numpy(out), torch.from_numpy(lse)
     run_claimed(lambda h0, h1: _attend_rows(store, id_rows, score_rows, float(scale), group, out, lse, h0, h1),

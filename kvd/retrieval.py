@@ -51,6 +51,7 @@ class RetrieveSpec:
     exact: bool
     params: dict[str, str]
     pool: Executor | None = None     # parallel chunks of exact scans
+    threads: int = 0                 # params["threads"]: candidate scoring's and attention's threads (0 = all)
 
 
 def resolve_range(session: Session, length: int, requested: tuple[int, int] | None) -> tuple[int, int]:
@@ -93,7 +94,7 @@ def retrieve_sequence(session: Session, queries: torch.Tensor, spec: RetrieveSpe
         begin, end = resolve_range(session, length, requested_range)
         started = time.perf_counter()
         if candidates is not None:
-            ids, scores = candidate_topk(queries, keys, candidates, spec.k, begin, end)
+            ids, scores = candidate_topk(queries, keys, candidates, spec.k, begin, end, spec.threads)
             estimate, kind = None, "candidates"
         else:
             ids, scores, estimate, kind = _search(session, queries, keys, spec, begin, end)
@@ -111,7 +112,7 @@ def retrieve_sequence(session: Session, queries: torch.Tensor, spec: RetrieveSpe
             output, lse, result.past_output, result.past_lse = retro.attend_rows_past(
                 keys, values, ids, scores, spec.scale, past)
         elif gather_kernels.supported(values):
-            output, lse = gather_kernels.attend_rows(values, ids, scores, spec.scale)
+            output, lse = gather_kernels.attend_rows(values, ids, scores, spec.scale, spec.threads)
         else:
             output, lse = attention_from_scores(scores * spec.scale, _gather(values, ids, shape.group_size),
                                                 valid=ids >= 0)
@@ -138,12 +139,12 @@ def _search(session: Session, queries: torch.Tensor, keys: torch.Tensor, spec: R
 
 
 def candidate_topk(queries: torch.Tensor, keys: torch.Tensor, candidates: torch.Tensor, k: int, begin: int,
-                   end: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   end: int, threads: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best of given positions by exact float32 q.k: candidates int64 [Hq, C] (-1 = none; positions
     outside [begin, end) are left out, a repeated one counts once) -> (ids [Hq, min(k, C)] by decreasing
     score, -1 padded; scores, -inf padded). Compiled for bf16/fp32 stores (kvd.scan_kernels)."""
     if gather_kernels.supported(keys):
-        return scan_kernels.candidate_topk(queries, keys, candidates, k, begin, end)
+        return scan_kernels.candidate_topk(queries, keys, candidates, k, begin, end, threads)
     ids = torch.sort(candidates, dim=1).values
     valid = (ids >= begin) & (ids < end)
     valid[:, 1:] &= ids[:, 1:] != ids[:, :-1]

@@ -119,10 +119,11 @@ def _candidate_heads_parallel(store: np.ndarray, queries: np.ndarray, candidates
 
 
 def candidate_topk(queries: torch.Tensor, keys: torch.Tensor, candidates: torch.Tensor, k: int, begin: int,
-                   end: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   end: int, threads: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best of given positions by exact float32 q.k over a bf16/fp32 store [Hkv, n, d]: candidates int64
     [Hq, C] (-1 = none; outside [begin, end) left out; a repeated one counts once) -> (ids [Hq, min(k, C)]
-    by decreasing score, -1 padded; scores, -inf padded). Query heads are shared by the search threads."""
+    by decreasing score, -1 padded; scores, -inf padded). Query heads are shared by the search threads (a
+    parallel region of `threads`, 0 = one per core)."""
     num_query_heads, count = candidates.shape[0], min(k, candidates.shape[1])
     heap_scores = np.empty((num_query_heads, count), np.float32)
     heap_ids = np.empty((num_query_heads, count), np.int64)
@@ -131,7 +132,7 @@ def candidate_topk(queries: torch.Tensor, keys: torch.Tensor, candidates: torch.
     group = num_query_heads // keys.shape[0]
     chunks = max(1, min(_CANDIDATE_CHUNKS, candidates.numel() // _MIN_CANDIDATE_ROWS))
     if chunks > 1 and parallel.enabled():
-        parallel.threads(num_query_heads)
+        parallel.threads(min(threads or num_query_heads, num_query_heads))
         _candidate_heads_parallel(store, q, cand, group, begin, end, heap_scores, heap_ids)
     else:
         run_claimed(lambda h0, h1: _candidate_heads(store, q, cand, group, begin, end, heap_scores, heap_ids, h0, h1),

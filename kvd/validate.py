@@ -14,6 +14,7 @@ MAX_HEADS = 4096
 MAX_HEAD_DIM = 4096
 MAX_K = 1 << 16
 MAX_CANDIDATES = 1 << 16   # candidate positions per query head of one Retrieve
+MAX_THREADS = 1024         # a Retrieve's search param "threads"
 STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 QUERY_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

@@ -102,6 +102,12 @@ def test_k_and_layer_out_of_range(stub):
     expect(IA, stub.Retrieve, retrieve(ranges=[pb.TokenRange(begin=10, end=99)]), "range")
 
 
+def test_bad_thread_count(stub):
+    expect(IA, stub.Retrieve, retrieve(search_params={"threads": "many"}), "threads", "'many'")
+    expect(IA, stub.Retrieve, retrieve(search_params={"threads": "-2"}), "threads")
+    expect(IA, stub.Retrieve, retrieve(search_params={"threads": str(10**6)}), "threads")
+
+
 def test_layer_not_appended_yet(stub):
     expect(FP, stub.Retrieve, retrieve(session_ids=["empty"]), "no tokens")
 

@@ -110,3 +110,28 @@ def test_bad_lookahead_settings_are_refused(shared_daemon: Any) -> None:
         KVDCache(client, lookahead=True, retro=True)
     with pytest.raises(ValueError, match="sibling"):
         KVDCache(LocalKvdClient(), lookahead=True)
+
+
+def test_search_params_reach_the_daemon(shared_daemon: Any) -> None:
+    """search_params go with every decode Retrieve, lookahead_params with the lookahead searches: valid thread
+    counts change no result; a bad one is refused by the daemon (the decode fails; a failed lookahead search
+    falls back to a normal Retrieve)."""
+    model = tiny_llama()
+    ids = torch.randint(1, 97, (1, 96 + 12))
+    ref = full_attention_steps(model, ids, 96)
+    knobs = {"top_k": 4096, "lookahead": True, "lookahead_candidates": 4096, "index": "flat", **SMALL}
+    cache = KVDCache(shared_daemon.client(), session=sid("look-params"), search_params={"threads": "2"},
+                     lookahead_params={"threads": "1"}, **knobs)
+    got = kvd_steps(model, cache, ids, 96)
+    assert torch.allclose(got, ref, atol=2e-5, rtol=1e-5), (got - ref).abs().max()
+    assert cache.stats.lookahead_used >= 11 and cache.stats.lookahead_failed == 0
+    cache.close()
+    cache = KVDCache(shared_daemon.client(), session=sid("look-badla"), lookahead_params={"threads": "x"}, **knobs)
+    got = kvd_steps(model, cache, ids, 96)
+    assert torch.allclose(got, ref, atol=2e-5, rtol=1e-5), (got - ref).abs().max()
+    assert cache.stats.lookahead_failed >= 11 and cache.stats.lookahead_used == 0
+    cache.close()
+    cache = KVDCache(shared_daemon.client(), session=sid("look-bad"), search_params={"threads": "x"}, **knobs)
+    with pytest.raises(Exception, match="threads"):
+        kvd_steps(model, cache, ids, 96)
+    cache.close()

@@ -91,7 +91,8 @@ class KVDCache(Cache):
         self.retro = RetroState(cfg.retro_window) if cfg.retro else None
         self._appender = ThreadPoolExecutor(1, thread_name_prefix="kvd-append") if cfg.async_append else None
         self._retriever = ThreadPoolExecutor(1, thread_name_prefix="kvd-retrieve") if cfg.overlap else None
-        self.lookahead = LookaheadState(client, cfg.lookahead_candidates, self.stats) if cfg.lookahead else None
+        self.lookahead = LookaheadState(client, cfg.lookahead_candidates, self.stats,
+                                        cfg.lookahead_params) if cfg.lookahead else None
         self._finalizer = weakref.finalize(self, _shutdown, self._appender, self._retriever,
                                            None if self.lookahead is None else self.lookahead.worker)
         self._ids: list[tuple[int, torch.Tensor]] = []  # recorded token ids (start position, [B, n])
@@ -584,7 +585,7 @@ class KVDCache(Cache):
             queries = q_host if below is None else torch.cat([below, q_host.unsqueeze(1)], dim=1)
             synced = time.perf_counter()
             res = client.retrieve(sids, layer_idx, queries, k=cfg.top_k, mode="attention", ranges=ranges,
-                                  scale=scale, exact=exact, **extra)
+                                  scale=scale, exact=exact, search_params=cfg.search_params, **extra)
             stats.query_sync_s += synced - started
             stats.retrieve_rpc_s += time.perf_counter() - synced
             # (a stand-in client's result may have no timings)
@@ -644,7 +645,7 @@ class KVDCache(Cache):
                               lookahead_candidates=candidates or self.config.lookahead_candidates)
         self.config.validate()
         if candidates is not None:
-            self.lookahead = LookaheadState(self.client, candidates, self.stats)
+            self.lookahead = LookaheadState(self.client, candidates, self.stats, self.config.lookahead_params)
 
     def wants_lookahead(self, layer_idx: int) -> bool:
         """Whether a lookahead search for layer `layer_idx` can start now (before this decode step reaches it):

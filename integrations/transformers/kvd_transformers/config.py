@@ -41,6 +41,10 @@ class KVDConfig:
     #                                  layer l runs; layer l + 1 then picks its top-k among those candidates
     #                                  (kvd_transformers.lookahead); needs enable() and a KvdClient
     lookahead_candidates: int = 512  # positions the lookahead search returns per query head (>= top_k)
+    search_params: dict[str, str] | None = None     # sent with every decode Retrieve: the index kind's search
+    #                                  params (graph: ef, group, threads, ...) and threads for the daemon's
+    #                                  candidate scoring and attention
+    lookahead_params: dict[str, str] | None = None  # sent with the lookahead searches instead
 
     def validate(self) -> None:
         if self.sink_tokens < 0 or self.window_tokens < 1:

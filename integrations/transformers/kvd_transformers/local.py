@@ -117,9 +117,10 @@ class LocalKvdClient:
 
     def retrieve(self, session_ids: str | list[str], layer: int, queries: Any, *, k: int,
                  mode: str = "attention", ranges: list[tuple[int, int]] | None = None,
-                 scale: float | None = None, exact: bool = False, past_queries: Any = None,
-                 past_seen_ids: Any = None, past_seen_from: Any = None, packed: bool = False,
-                 past_in_queries: int = 0) -> LocalRetrieveResult:
+                 scale: float | None = None, exact: bool = False, search_params: dict[str, Any] | None = None,
+                 past_queries: Any = None, past_seen_ids: Any = None, past_seen_from: Any = None,
+                 packed: bool = False, past_in_queries: int = 0) -> LocalRetrieveResult:
+        """search_params: accepted for KvdClient's signature; retrieval here is always exact."""
         self.calls["retrieve"] += 1
         if isinstance(session_ids, str):
             session_ids = [session_ids]

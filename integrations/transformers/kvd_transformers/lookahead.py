@@ -33,13 +33,15 @@ from kvd_transformers.layer import QueryStage
 class LookaheadState:
     """A cache's lookahead searches: their connection, worker thread, staging buffers and results in flight."""
 
-    def __init__(self, client: Any, candidates: int, stats: CacheStats) -> None:
+    def __init__(self, client: Any, candidates: int, stats: CacheStats, params: dict[str, str] | None = None
+                 ) -> None:
         sibling = getattr(client, "sibling", None)
         if sibling is None:
             raise ValueError("lookahead needs a client with sibling() (kvd_client.KvdClient): its searches "
                              "overlap the decode step's own Retrieve on a second connection")
         self.client = sibling()
         self.candidates = candidates
+        self.params = params  # the searches' params (e.g. fewer threads than the decode's own Retrieves)
         self.stats = stats
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="kvd-lookahead")
         self._pending: dict[int, tuple[Future[Any], int]] = {}  # layer -> (search, offloaded end it covered)
@@ -49,12 +51,12 @@ class LookaheadState:
               end: int) -> None:
         """Search layer `layer_idx` with an approximate query [B, Hq, 1, D] over `ranges` (offloaded up to end)."""
         host, event = self._staging.setdefault(layer_idx, QueryStage()).put(query[:, :, 0])
-        client, k = self.client, self.candidates
+        client, k, params = self.client, self.candidates, self.params
 
         def search() -> torch.Tensor:
             if event is not None:
                 event.synchronize()
-            return client.retrieve(sids, layer_idx, host, k=k, mode="ids", ranges=ranges).ids
+            return client.retrieve(sids, layer_idx, host, k=k, mode="ids", ranges=ranges, search_params=params).ids
 
         self._pending[layer_idx] = (self.worker.submit(search), end)
         self.stats.lookahead_searches += 1
