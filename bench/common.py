@@ -65,6 +65,22 @@ def wait_indexes(client: Any, sid: str, timeout: float) -> float | None:
         time.sleep(0.5)
 
 
+def kvd_time_split(stats: Any, steps: int) -> dict[str, float]:
+    """Where a KVDCache's decode time went, ms per token over `steps` (CacheStats): blocked on kvd, the rest of
+    the attention function, the query's copy to the host, the calls (transport + client), the daemon's share,
+    and of that the search and the attention."""
+    def per_token(seconds: float) -> float:
+        return round(1000 * seconds / max(1, steps), 2)
+
+    return {"kvd_wait_ms_per_token": per_token(stats.retrieve_wait_s),
+            "attention_other_ms_per_token": per_token(stats.decode_s - stats.retrieve_wait_s),
+            "kvd_query_sync_ms_per_token": per_token(stats.query_sync_s),
+            "kvd_rpc_ms_per_token": per_token(stats.retrieve_rpc_s),
+            "kvd_server_ms_per_token": per_token(stats.retrieve_server_s),
+            "kvd_search_ms_per_token": per_token(stats.retrieve_search_s),
+            "kvd_attend_ms_per_token": per_token(stats.retrieve_attend_s)}
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], cols: Sequence[tuple[str, str]],
                    missing: Callable[[dict[str, Any], str], Any] = lambda row, key: "") -> str:
     """cols: (key, header) pairs; a cell a row lacks shows missing(row, key)."""

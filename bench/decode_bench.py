@@ -43,7 +43,14 @@ from kvd_client import KvdClient  # noqa: E402
 from kvd_transformers import KVDCache, ops  # noqa: E402
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from bench.common import chunked_prefill, markdown_table, random_llama, sync, wait_indexes  # noqa: E402
+from bench.common import (  # noqa: E402
+    chunked_prefill,
+    kvd_time_split,
+    markdown_table,
+    random_llama,
+    sync,
+    wait_indexes,
+)
 from bench.daemon import Daemon  # noqa: E402
 
 
@@ -282,14 +289,7 @@ def run_kvd(model: Any, cfg: LlamaConfig, client: Any, ctx: int, synthetic: bool
     res.update({
         "decode_ms_median": round(1000 * statistics.median(times), 2),
         "decode_ms_min": round(1000 * min(times), 2),
-        "kvd_wait_ms_per_token": round(1000 * st.retrieve_wait_s / steps, 2),
-        "attention_other_ms_per_token": round(1000 * (st.decode_s - st.retrieve_wait_s) / steps, 2),
-        # where the kvd wait goes: the query's copy to the host, the call (transport + client), the daemon
-        "kvd_query_sync_ms_per_token": round(1000 * st.query_sync_s / steps, 2),
-        "kvd_rpc_ms_per_token": round(1000 * st.retrieve_rpc_s / steps, 2),
-        "kvd_server_ms_per_token": round(1000 * st.retrieve_server_s / steps, 2),
-        "kvd_search_ms_per_token": round(1000 * st.retrieve_search_s / steps, 2),
-        "kvd_attend_ms_per_token": round(1000 * st.retrieve_attend_s / steps, 2),
+        **kvd_time_split(st, steps),
         "retrieves_per_token": round(st.retrieve_calls / steps, 1),
         "appends_per_token": round(st.appends / steps, 3),
         "gpu_peak_gib": peak_gib(device),
@@ -351,18 +351,13 @@ def time_variant(cache: KVDCache, text: str, more_steps: Any, steps: int) -> dic
     if candidates:
         cache.set_lookahead(candidates)
     try:
-        median, wait = more_steps()
+        median, _ = more_steps()
     finally:
         if candidates:
             cache.set_lookahead(None)
         cache.config = before
     st = cache.stats
-    row = {"variant": text, "decode_ms_median": median, "kvd_wait_ms_per_token": wait,
-           "attention_other_ms_per_token": round(1000 * (st.decode_s - st.retrieve_wait_s) / steps, 2),
-           "kvd_rpc_ms_per_token": round(1000 * st.retrieve_rpc_s / steps, 2),
-           "kvd_server_ms_per_token": round(1000 * st.retrieve_server_s / steps, 2),
-           "kvd_search_ms_per_token": round(1000 * st.retrieve_search_s / steps, 2),
-           "kvd_attend_ms_per_token": round(1000 * st.retrieve_attend_s / steps, 2)}
+    row = {"variant": text, "decode_ms_median": median, **kvd_time_split(st, steps)}
     if candidates:
         row["lookahead_search_wait_ms_per_token"] = round(1000 * st.lookahead_wait_s / steps, 2)
         row["lookahead_used_per_token"] = round(st.lookahead_used / steps, 2)

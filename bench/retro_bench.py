@@ -48,7 +48,7 @@ from kvd_client import KvdClient  # noqa: E402
 from kvd_transformers import KVDCache  # noqa: E402
 from transformers import LlamaConfig  # noqa: E402
 
-from bench.common import markdown_table, random_llama, sync, wait_indexes  # noqa: E402
+from bench.common import kvd_time_split, markdown_table, random_llama, sync, wait_indexes  # noqa: E402
 from bench.daemon import Daemon  # noqa: E402
 
 
@@ -269,9 +269,9 @@ def decode_run(model: Any, client: Any, prompt: torch.Tensor, steps: int, window
     st = cache.stats
     res.update({"steps": steps, "ms_per_token_median": round(1000 * statistics.median(timed), 3),
                 "ms_per_token_mean": round(1000 * statistics.mean(timed), 3),
-                "kvd_wait_ms_per_token": round(1000 * st.retrieve_wait_s / max(1, len(timed)), 3),
                 # the integration's decode attention (RPC wait included): the rest of a step is the model itself
-                "attention_ms_per_token": round(1000 * st.decode_s / max(1, len(timed)), 3)})
+                "attention_ms_per_token": round(1000 * st.decode_s / max(1, len(timed)), 3),
+                **kvd_time_split(st, len(timed))})
     if cache.retro is not None:
         heads = model.config.num_attention_heads * prompt.shape[0] * model.config.num_hidden_layers
         res["past_heads_with_new_keys_pct"] = round(100 * cache.retro.corrections / max(1, cache.retro.rerun_rows
@@ -331,8 +331,8 @@ def interleaved_runs(model: Any, client: Any, prompt: torch.Tensor, windows: lis
         st = caches[w].stats
         rows[w].update({"steps": steps, "ms_per_token_median": round(1000 * statistics.median(timed), 3),
                         "ms_per_token_mean": round(1000 * statistics.mean(timed), 3),
-                        "kvd_wait_ms_per_token": round(1000 * st.retrieve_wait_s / len(timed), 3),
-                        "attention_ms_per_token": round(1000 * st.decode_s / len(timed), 3)})
+                        "attention_ms_per_token": round(1000 * st.decode_s / len(timed), 3),
+                        **kvd_time_split(st, len(timed))})
         if w > 1:
             diffs = [b - a for a, b in zip(base, timed, strict=True)]
             rows[w]["paired_overhead_pct"] = round(100 * statistics.median(diffs) / statistics.median(base), 2)
@@ -456,7 +456,9 @@ def table(rows: list[dict[str, Any]]) -> str:
             ("ms_per_token_median", "ms/token"),
             ("overhead_pct", "overhead %"), ("paired_overhead_pct", "paired overhead %"),
             ("kvd_wait_ms_per_token", "kvd wait ms"),
-            ("attention_ms_per_token", "attention ms"),
+            ("attention_ms_per_token", "attention ms"), ("kvd_rpc_ms_per_token", "call ms"),
+            ("kvd_server_ms_per_token", "server ms"), ("kvd_search_ms_per_token", "search ms"),
+            ("kvd_attend_ms_per_token", "attend ms"),
             ("attn_err_own_step_pct", "attn err at own step %"), ("attn_err_corrected_pct", "attn err corrected %"),
             ("hidden_err_pct", "hidden err %"), ("past_heads_with_new_keys_pct", "past heads w/ new keys %"),
             ("retrieved_keys_covered_x_k", "keys covered (x k)")]
