@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--index-params", default=None,
                    help="index params of the sessions, comma-separated key=value (create_session's index_params), "
                         "e.g. window=2,enhance_ef=0 with --index graph")
+    p.add_argument("--search-params", default=None,
+                   help="comma-separated key=value sent with every decode Retrieve (KVDConfig.search_params), e.g. "
+                        "threads=12")
     p.add_argument("--repeat", type=int, default=1,
                    help="speed phase: run base and every window this many times, alternately (shows the noise)")
     p.add_argument("--interleave", action="store_true",
@@ -216,6 +219,8 @@ def knobs(args: argparse.Namespace, window: int) -> dict[str, Any]:
                            "top_k": args.top_k, "index": args.index, "exact": args.exact, "overlap": args.overlap}
     if args.index_params:
         got["index_params"] = dict(item.split("=", 1) for item in args.index_params.split(",") if item)
+    if args.search_params:
+        got["search_params"] = dict(item.split("=", 1) for item in args.search_params.split(",") if item)
     if window > 1:
         got.update(retro=True, retro_window=window)
     return got

@@ -51,7 +51,8 @@ class RetrieveSpec:
     exact: bool
     params: dict[str, str]
     pool: Executor | None = None     # parallel chunks of exact scans
-    threads: int = 0                 # params["threads"]: candidate scoring's and attention's threads (0 = all)
+    threads: int = 0                 # params["threads"]: the exact scan's, candidate scoring's and attention's
+    #                                  parallel regions (0 = one thread per core); the graph reads it from params
 
 
 def resolve_range(session: Session, length: int, requested: tuple[int, int] | None) -> tuple[int, int]:
@@ -110,7 +111,7 @@ def retrieve_sequence(session: Session, queries: torch.Tensor, spec: RetrieveSpe
         # The search already scored the chosen keys exactly in float32: no second gather of K.
         if past is not None and retro.fused(keys, values):
             output, lse, result.past_output, result.past_lse = retro.attend_rows_past(
-                keys, values, ids, scores, spec.scale, past)
+                keys, values, ids, scores, spec.scale, past, spec.threads or None)
         elif gather_kernels.supported(values):
             output, lse = gather_kernels.attend_rows(values, ids, scores, spec.scale, spec.threads)
         else:
@@ -134,7 +135,7 @@ def _search(session: Session, queries: torch.Tensor, keys: torch.Tensor, spec: R
         if found is not None:
             return found
     norms = session.layers[spec.layer].max_key_norm
-    ids, scores = exact_topk(queries, keys, spec.k, begin, end, pool=spec.pool, key_norms=norms)
+    ids, scores = exact_topk(queries, keys, spec.k, begin, end, pool=spec.pool, key_norms=norms, threads=spec.threads)
     return ids, scores, None, "flat"
 
 

@@ -141,11 +141,11 @@ def candidate_topk(queries: torch.Tensor, keys: torch.Tensor, candidates: torch.
     return torch.gather(torch.from_numpy(heap_ids), 1, order), top
 
 
-def scan_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, begin: int, end: int
+def scan_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, begin: int, end: int, threads: int = 0
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k by float32 q.k over keys [begin, end) of a bf16/fp32 store [Hkv, n, d] (stride(-1) == 1):
     queries [Hq, d] -> (ids int64 [Hq, k'] absolute, scores float32 [Hq, k']) by decreasing score,
-    k' = min(k, end - begin)."""
+    k' = min(k, end - begin). threads: a parallel region's size (0 = one per core)."""
     num_kv_heads = keys.shape[0]
     num_query_heads = queries.shape[0]
     group = num_query_heads // num_kv_heads
@@ -170,7 +170,7 @@ def scan_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, begin: int, end
 
     total = num_kv_heads * chunks
     if region and rows >= min_rows and total > 1:
-        parallel.threads(total)
+        parallel.threads(min(threads or total, total))
         _scan_tasks_parallel(store, q, np.array(bounds, np.int64), heap_scores, heap_ids)
     else:
         run_claimed(tasks, total, 1 if rows < min_rows else min(total, workers), "search")

@@ -95,20 +95,23 @@ def test_candidates_and_retro_regions_and_pool_agree_bitwise(monkeypatch: pytest
         assert torch.equal(a, b)
 
 
-def test_thread_counts_change_no_candidate_or_attention_result() -> None:
-    """A Retrieve's search param `threads` sizes the candidate scoring's and the attention's regions: each head is
-    still computed the same way."""
+def test_thread_counts_change_no_scan_candidate_or_attention_result() -> None:
+    """A Retrieve's search param `threads` sizes the exact scan's, the candidate scoring's and the attention's
+    regions: each head is still computed the same way."""
     keys, values = _store(4000, torch.bfloat16, 10), _store(4000, torch.bfloat16, 11)
     gen = torch.Generator().manual_seed(12)
     queries = torch.randn(32, 64, generator=gen)
     candidates = torch.randint(-1, 4000, (32, 512), generator=gen)
     want_ids, want_scores = scan_kernels.candidate_topk(queries, keys, candidates, 100, 0, 4000)
     want_out, want_lse = gather_kernels.attend_rows(values, want_ids, want_scores, 0.125)
+    want_scan = scan_kernels.scan_topk(queries, keys, 100, 5, 3990)
     for threads in (1, 2, 3, 64):
         ids, scores = scan_kernels.candidate_topk(queries, keys, candidates, 100, 0, 4000, threads)
         out, lse = gather_kernels.attend_rows(values, ids, scores, 0.125, threads)
         assert torch.equal(ids, want_ids) and torch.equal(scores, want_scores)
         assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+        scan = scan_kernels.scan_topk(queries, keys, 100, 5, 3990, threads)
+        assert torch.equal(scan[0], want_scan[0]) and torch.equal(scan[1], want_scan[1])
 
 
 def test_search_scratch_grows_ahead_and_keeps_fresh_tags() -> None:

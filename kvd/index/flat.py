@@ -44,7 +44,7 @@ def scores_at(queries: torch.Tensor, keys: torch.Tensor, ids: torch.Tensor) -> t
 
 
 def exact_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, begin: int = 0, end: int | None = None,
-               pool: Executor | None = None, key_norms: torch.Tensor | None = None
+               pool: Executor | None = None, key_norms: torch.Tensor | None = None, threads: int = 0
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k positions (absolute, ordered by decreasing exact float32 score) and their scores in [begin, end).
 
@@ -52,7 +52,8 @@ def exact_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, begin: int = 0
     coarse scores in 16-bit pick candidates chunk by chunk (in parallel on `pool`), candidates are rescored in
     float32, and a bound on the coarse error proves that no key outside the candidates can be in the top-k; a
     head for which the proof fails is rescanned in float32.
-    key_norms: max |k| per KV head over the scanned keys (computed here when not given)."""
+    key_norms: max |k| per KV head over the scanned keys (computed here when not given). threads: the compiled
+    pass's parallel region size (0 = one per core)."""
     end = keys.shape[1] if end is None else end
     n = max(0, end - begin)
     count = min(k, n)
@@ -60,7 +61,7 @@ def exact_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, begin: int = 0
         empty = torch.empty((queries.shape[0], 0))
         return empty.long(), empty
     if gather_kernels.supported(keys):
-        return scan_kernels.scan_topk(queries, keys, count, begin, end)
+        return scan_kernels.scan_topk(queries, keys, count, begin, end, threads)
     num_kv_heads, _, head_dim = keys.shape
     num_query_heads = queries.shape[0]
     group = num_query_heads // num_kv_heads
