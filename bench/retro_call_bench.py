@@ -59,6 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "same calls, interleaved: an A/B of two trees on one loaded machine")
     p.add_argument("--kernel", default=None,
                    help="comma-separated thread counts: time kvd.retro.attend_rows_past in-process instead")
+    p.add_argument("--seen-overlap", type=float, default=0.0,
+                   help="--kernel: the fraction of each call's retrieved keys that the past queries saw already "
+                        "(0: the previous call's random keys, nearly all new, as with random weights; a trained "
+                        "model's consecutive steps retrieve mostly the same keys)")
     p.add_argument("--packed", action=argparse.BooleanOptionalAction, default=True,
                    help="ask for the packed reply (RetrieveResult.packed), as the integration does")
     p.add_argument("--stacked", action=argparse.BooleanOptionalAction, default=True,
@@ -152,7 +156,9 @@ def kernel(args: argparse.Namespace, counts: list[int]) -> list[dict[str, Any]]:
                            for _ in range(HEADS)])
         scores = gather_kernels.score_rows(keys[layer], torch.randn(HEADS, DIM, generator=gen), ids)
         p, threads = variants[i % len(variants)]
-        seen = (ids if prev is None else prev).unsqueeze(0).expand(p, HEADS, K).contiguous()
+        seen_before = round(args.seen_overlap * K)  # of this call's keys, the past queries saw these already
+        seen = torch.cat([ids[:, :seen_before], (ids if prev is None else prev)[:, seen_before:]], dim=1)
+        seen = seen.unsqueeze(0).expand(p, HEADS, K).contiguous()
         past = retro.PastQueries(torch.randn(p, HEADS, DIM, generator=gen), seen,
                                  torch.full((p,), args.tokens - WINDOW))
         started = time.perf_counter()

@@ -193,6 +193,7 @@ def _attend_rows_past(kstore: np.ndarray, vstore: np.ndarray, ids: np.ndarray, s
     count = past.shape[0]
     tables = np.empty((count, _table_size(seen.shape[2])), np.int64)
     new = np.empty((count, m), np.bool_)
+    wanted = np.empty(m, np.bool_)      # some past query has not seen key j: its key row is read
     weights = np.empty((count + 1, m))  # row 0: the current query; the past rows hold scaled scores first
     live = np.empty(m, np.int64)        # the positions j whose value row some query weighs
     top = np.empty(count + 1)
@@ -208,22 +209,32 @@ def _attend_rows_past(kstore: np.ndarray, vstore: np.ndarray, ids: np.ndarray, s
             total[q] = 0.0
         for p in range(count):
             _fill_table(tables[p], seen[p, h])
-        for j in range(m):  # every line of the rows this head may read, first: independent loads, overlapped
+        # every line of the rows this head may read, first: independent loads, overlapped. Value rows of all
+        # the retrieved keys; key rows only where some past query has not seen the key (the current query's
+        # scores come with the call, and consecutive steps retrieve mostly the same keys)
+        for j in range(m):
+            key = ids[h, j]
+            fresh = False
+            for p in range(count):
+                new[p, j] = key >= 0 and _is_new(tables[p], key, bound[p])
+                fresh = fresh or new[p, j]
+            wanted[j] = fresh
+        for j in range(m):  # loads only, nothing else in the loop: as many misses in flight as the core allows
             key = ids[h, j]
             if key >= 0:
                 for c in range(0, d, line):
-                    touched += vstore[kv, key, c] + kstore[kv, key, c]
+                    touched += vstore[kv, key, c]
+                if wanted[j]:
+                    for c in range(0, d, line):
+                        touched += kstore[kv, key, c]
         for j in range(m):
             key = ids[h, j]
             if key < 0:
-                for p in range(count):
-                    new[p, j] = False
                 continue
             if scores[h, j] * scale > top[0]:
                 top[0] = scores[h, j] * scale
             fresh = False
             for p in range(count):
-                new[p, j] = _is_new(tables[p], key, bound[p])
                 fresh = fresh or new[p, j]
             if not fresh:
                 continue
