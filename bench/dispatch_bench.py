@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 from bench import qkdata  # noqa: E402
 from bench.common import markdown_table  # noqa: E402
-from kvd import parallel, workers  # noqa: E402
+from kvd import hugepages, parallel, workers  # noqa: E402
 from kvd.index import graph_kernels as gk  # noqa: E402
 from kvd.index.base import BuildHints, IndexShape, StoredKeys  # noqa: E402
 from kvd.index.graph import GraphIndex  # noqa: E402
@@ -61,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "layers do between two searches of one layer")
     p.add_argument("--variants", default="ef=512;ef=384;ef=256;group=2,ef=384;group=2,ef=256;group=4,ef=256;"
                                           "group=4,ef=192",
+                   # (set --variants '' to skip; the huge-page comparison always runs with the cold rows)
                    help="search params to compare (';' between variants, ',' between params): recall@100 against "
                         "brute force, keys read, warm and cold-cache time, all threads")
     p.add_argument("--out", default="")
@@ -229,6 +230,42 @@ def compare_variants(layer: Layer, spec: str, reps: int, cold: Callable[[], Any]
     return out
 
 
+def compare_huge_pages(layer: Layer, reps: int, cold: Callable[[], Any]) -> dict[str, Any]:
+    """The default search with the layer's keys and graph rows in memory that asked for transparent huge pages
+    (kvd.hugepages) against copies that did not, alternating, with cold caches."""
+    def copy(source: torch.Tensor | np.ndarray, huge: bool) -> Any:
+        target = torch.empty_like(source) if isinstance(source, torch.Tensor) else np.empty_like(source)
+        if huge:
+            hugepages.advise(target)
+        target[...] = source
+        return target
+
+    index = layer.index
+    setups = {huge: (StoredKeys(copy(layer.keys, huge), 0), copy(index._adj, huge)) for huge in (False, True)}
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(2 * reps):
+        huge = bool(i % 2)
+        stored, index._adj = setups[huge]
+        query = torch.from_numpy(layer.next_queries())
+        cold()
+        started = time.perf_counter()
+        index.search(query, K, 1.0, {"schedule": "region"}, stored=stored)
+        times[huge].append(time.perf_counter() - started)
+    index._adj = setups[True][1]
+    return {"thp_enabled": Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+            if Path("/sys/kernel/mm/transparent_hugepage/enabled").exists() else "",
+            "anon_huge_kib": anon_huge_kib(),
+            "cold_us_4k": statistics.median(times[False]) * 1e6, "cold_us_huge": statistics.median(times[True]) * 1e6}
+
+
+def anon_huge_kib() -> int:
+    rollup = Path("/proc/self/smaps_rollup")
+    for line in rollup.read_text().splitlines() if rollup.exists() else []:
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    return -1
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
@@ -297,6 +334,11 @@ def main(argv: list[str] | None = None) -> None:
             chunked.append({"chunk": chunk, "cold_us": us})
             rows.append([f"graph search, all heads, region, cold caches, {chunk} heads per claim", cores, round(us, 1)])
         result["cold_chunks"] = chunked
+        result["huge_pages"] = huge = compare_huge_pages(layer, max(20, args.reps // 4), cold)
+        rows.append([f"graph search, cold caches, keys + rows on 4 KiB pages (THP {huge['thp_enabled']})", cores,
+                     round(huge["cold_us_4k"], 1)])
+        rows.append([f"graph search, cold caches, keys + rows asked for huge pages ({huge['anon_huge_kib']} KiB "
+                     "AnonHugePages in the process)", cores, round(huge["cold_us_huge"], 1)])
         result["variants"] = variants = compare_variants(layer, args.variants, max(20, args.reps // 4), cold)
         for v in variants:
             rows.append([f"search {v['params']}: recall@{K} {v['recall']:.3f}, {v['keys_read_pct']:.2f}% of keys "

@@ -81,6 +81,7 @@ class StorageConfig:
     sync_interval_seconds: float = 1.0
     default_ttl_seconds: int = 0  # idle sessions expire after this; 0 = never
     persist_on_shutdown: bool = True
+    huge_pages: bool = True       # ask for transparent huge pages on KV stores and graph rows (kvd.hugepages)
 
 
 @dataclass

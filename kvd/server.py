@@ -20,7 +20,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kvd import __version__, auth, metrics, sdnotify
+from kvd import __version__, auth, hugepages, metrics, sdnotify
 from kvd.config import Config
 from kvd.engine import Engine
 from kvd.fastlane import FastLaneServer
@@ -90,6 +90,7 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
 class Daemon:
     def __init__(self, config: Config) -> None:
         _limit_malloc_arenas()
+        hugepages.ENABLED = hugepages.ENABLED and config.storage.huge_pages
         self.config = config
         self.engine = Engine(config)
         workers = config.server.workers or os.cpu_count() or 2

@@ -65,7 +65,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from kvd import parallel
+from kvd import hugepages, parallel
 from kvd.gather_kernels import store_array
 from kvd.index import graph_kernels as gk
 from kvd.index.base import BuildHints, IndexShape, KeyIndex, SearchResult, StoredKeys
@@ -182,7 +182,10 @@ class GraphIndex(KeyIndex):
                                                             self._lists(g, keys, hints), self._graph_params()),
                                       range(self.num_graphs)))
         width = max(e.shape[0] for _, e in results)
-        self._adj = np.stack([a for a, _ in results])
+        self._adj = np.empty((len(results), *results[0][0].shape), dtype=np.int32)
+        hugepages.advise(self._adj)
+        for g, (rows, _) in enumerate(results):
+            self._adj[g] = rows
         self._entries = np.full((self.num_graphs, width), -1, dtype=np.int64)
         for g, (_, e) in enumerate(results):
             self._entries[g, : e.shape[0]] = e
@@ -263,7 +266,9 @@ class GraphIndex(KeyIndex):
             keys = np.zeros((self._keys.shape[0], new_cap, self._keys.shape[2]), dtype=self._keys.dtype)
             keys[:, : self._count] = self._keys[:, : self._count]
             self._keys = keys
-        adj = np.full((self._adj.shape[0], new_cap, self._adj.shape[2]), -1, dtype=np.int32)
+        adj = np.empty((self._adj.shape[0], new_cap, self._adj.shape[2]), dtype=np.int32)
+        hugepages.advise(adj)  # before the first write: searches read rows at random
+        adj.fill(-1)
         adj[:, : self._count] = self._adj[:, : self._count]
         self._adj = adj
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kvd import ingest_kernels
+from kvd import hugepages, ingest_kernels
 
 _MIN_GROWTH_TOKENS = 1024
 _GROWTH_FACTOR = 1.5
@@ -57,6 +57,8 @@ class LayerKV:
     def _reallocate(self, capacity: int) -> None:
         keys = torch.empty((self.num_kv_heads, capacity, self.head_dim), dtype=self.dtype)
         values = torch.empty_like(keys)
+        hugepages.advise(keys)  # before the first write: retrieval reads their rows at random
+        hugepages.advise(values)
         keys[:, : self.length].copy_(self._keys[:, : self.length])
         values[:, : self.length].copy_(self._values[:, : self.length])
         self._keys, self._values = keys, values
