@@ -37,6 +37,9 @@ def _available_layer() -> str | None:
     return None
 
 
+# once: os.cpu_count() reads /sys at every call, which is slow in some sandboxes, and every Retrieve sizes its
+# parallel work by it
+CORES = os.cpu_count() or 1
 LAYER = _available_layer()
 if LAYER is not None and os.environ.get("NUMBA_THREADING_LAYER") is None:
     numba.config.THREADING_LAYER = LAYER
@@ -53,7 +56,7 @@ def threads(requested: int = 0, chunk: int = 1) -> int:
     """Set this thread's parallel-region size (numba's setting is per calling thread) and return it:
     `requested`, or one per core, at most numba's pool. Iterations are claimed `chunk` at a time (dynamic
     schedule: their costs differ)."""
-    wanted = min(requested or (os.cpu_count() or 1), numba.config.NUMBA_NUM_THREADS)
+    wanted = min(requested or CORES, numba.config.NUMBA_NUM_THREADS)
     if getattr(_LOCAL, "threads", None) != (wanted, chunk):
         numba.set_num_threads(wanted)
         numba.set_parallel_chunksize(chunk)

@@ -353,7 +353,7 @@ def max_threads() -> int:
     half serve the gRPC threads, the searches of other calls and, on the same host, the client): 1 on a
     2-core machine."""
     env = os.environ.get("KVD_RETRO_THREADS", "")
-    return max(1, int(env) if env.isdigit() else min(MAX_THREADS, (os.cpu_count() or 1) // 2))
+    return max(1, int(env) if env.isdigit() else min(MAX_THREADS, parallel.CORES // 2))
 
 
 def threads_for(heads: int, rows: int, count: int) -> int:

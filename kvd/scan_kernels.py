@@ -9,8 +9,6 @@ keys (at 128K tokens, 8 KV heads and head dim 128: 256 MiB of bf16).
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 from numba import njit, prange
@@ -151,7 +149,7 @@ def scan_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, begin: int, end
     group = num_query_heads // num_kv_heads
     n = end - begin
     count = min(k, n)
-    workers = os.cpu_count() or 1
+    workers = parallel.CORES
     rows = n * num_kv_heads
     region = parallel.enabled()
     min_rows, min_task = (_MIN_PARALLEL_ROWS_REGION, _MIN_TASK_KEYS_REGION) if region else \

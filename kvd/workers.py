@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+_CORES = os.cpu_count() or 1  # once: os.cpu_count() reads /sys at every call
 _POOLS: dict[str, ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
 
@@ -39,7 +40,7 @@ def run_claimed(fn: Callable[[int, int], object], total: int, workers: int, purp
     fewer ranges instead of holding up a fixed share, as a static split does when another process keeps a core
     busy. With one worker, fn(0, total) runs on the caller."""
     chunks = max(1, min(total if chunks is None else chunks, total))
-    workers = max(1, min(workers, chunks, os.cpu_count() or 1))
+    workers = max(1, min(workers, chunks, _CORES))
     if workers == 1:
         fn(0, total)
         return

@@ -58,7 +58,6 @@ Why (recall@100 vs fraction of keys scored; realistic = bench.qkdata.realistic, 
 
 from __future__ import annotations
 
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -286,7 +285,7 @@ class GraphIndex(KeyIndex):
         key_of = np.arange(hq) // self.shape.group_size
         graph_of = self._graph_of_query_head()
         touched = np.zeros(hq, dtype=np.int64)
-        threads = int(self._param("threads", params)) or min(hq, os.cpu_count() or 1)
+        threads = int(self._param("threads", params)) or min(hq, parallel.CORES)
         prefetch = self._param("prefetch", params) != "0"
         group = self._search_group(params)
         searches = hq // group
