@@ -122,6 +122,26 @@ def _pop(hd: np.ndarray, hi: np.ndarray, size: int) -> int:
 # ------------------------------------------------------------------------------------------------ search
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _fresh_neighbours(keys: np.ndarray, adj: np.ndarray, node: int, limit: int, visited: np.ndarray, tag: int,
+                      prefetch: bool, fresh: np.ndarray) -> int:
+    """Mark node's unvisited neighbours (ids below limit) visited, list them in fresh and (prefetch) request their
+    key rows at once, to be scored in the same order; returns how many."""
+    count = 0
+    for j in range(adj.shape[1]):
+        nb = adj[node, j]
+        if nb < 0:
+            break
+        if nb >= limit or visited[nb] == tag:
+            continue
+        visited[nb] = tag
+        fresh[count] = nb
+        count += 1
+        if prefetch:
+            _prefetch_row(keys, nb)
+    return count
+
+
 @njit(cache=True, nogil=True, fastmath=True)
 def _beam(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, q: np.ndarray, ef: int, limit: int,
           visited: np.ndarray, tag: int, prefetch: bool, cd: np.ndarray, ci: np.ndarray, rd: np.ndarray,
@@ -135,7 +155,6 @@ def _beam(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, q: np.ndarray,
     daemon's few heap arenas): candidate heap cd/ci (grown here if it fills), result heap rd/ri (>= ef + 1),
     fresh (>= adj width). Leaves the best ef found as the min-heap rd/ri; returns its size and how many keys
     were scored."""
-    width = adj.shape[1]
     cap = cd.shape[0]
     cs = 0
     rs = 0
@@ -157,19 +176,7 @@ def _beam(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, q: np.ndarray,
             break
         node = ci[0]
         cs = _pop(cd, ci, cs)
-        # the unvisited neighbours first, their key rows requested at once, then scored in the same order
-        count = 0
-        for j in range(width):
-            nb = adj[node, j]
-            if nb < 0:
-                break
-            if nb >= limit or visited[nb] == tag:
-                continue
-            visited[nb] = tag
-            fresh[count] = nb
-            count += 1
-            if prefetch:
-                _prefetch_row(keys, nb)
+        count = _fresh_neighbours(keys, adj, node, limit, visited, tag, prefetch, fresh)
         for j in range(count):
             nb = fresh[j]
             s = _dot(keys[nb], q)
@@ -196,7 +203,6 @@ def _beam_group(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, qs: np.n
     stops when no candidate can enter any query's results. s: float32 scratch [g]. Returns the keys scored
     (each for all g queries)."""
     g = qs.shape[0]
-    width = adj.shape[1]
     cap = cd.shape[0]
     cs = 0
     touched = 0
@@ -226,18 +232,7 @@ def _beam_group(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, qs: np.n
             break
         node = ci[0]
         cs = _pop(cd, ci, cs)
-        count = 0
-        for j in range(width):
-            nb = adj[node, j]
-            if nb < 0:
-                break
-            if nb >= limit or visited[nb] == tag:
-                continue
-            visited[nb] = tag
-            fresh[count] = nb
-            count += 1
-            if prefetch:
-                _prefetch_row(keys, nb)
+        count = _fresh_neighbours(keys, adj, node, limit, visited, tag, prefetch, fresh)
         for j in range(count):
             nb = fresh[j]
             best = _score_group(keys[nb], qs, s)
