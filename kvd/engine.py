@@ -295,6 +295,9 @@ class Engine:
             raise InvalidArgument(f"search param threads must be an integer in [0, {MAX_THREADS}], not {threads!r}")
         spec = RetrieveSpec(layer=layer, k=k, mode=mode, scale=scale, exact=exact, params=params, pool=self.scan_pool,
                             threads=int(threads))
+        if not exact and candidates is None:
+            for session in sessions:
+                self.indexes.check_search_params(session, params)
         promoted = [False] * len(sessions)
         while True:
             for i, session in enumerate(sessions):

@@ -26,6 +26,9 @@ def daemon(tmp_path_factory):
     client.create_session("good", num_layers=2, num_kv_heads=2, num_query_heads=4, head_dim=8, dtype="fp16")
     client.append("good", 0, torch.randn(2, 2, 50, 8).half(), torch.randn(2, 2, 50, 8).half())
     client.create_session("empty", num_layers=2, num_kv_heads=2, num_query_heads=4, head_dim=8, dtype="fp16")
+    client.create_session("graph", num_layers=1, num_kv_heads=2, num_query_heads=4, head_dim=8, dtype="bf16",
+                          index="graph", index_params={"window": "2", "enhance_ef": "0"})
+    client.append("graph", 0, torch.randn(1, 2, 40, 8).bfloat16(), torch.randn(1, 2, 40, 8).bfloat16())
     client.close()
     yield d
     d.stop()
@@ -106,6 +109,16 @@ def test_bad_thread_count(stub):
     expect(IA, stub.Retrieve, retrieve(search_params={"threads": "many"}), "threads", "'many'")
     expect(IA, stub.Retrieve, retrieve(search_params={"threads": "-2"}), "threads")
     expect(IA, stub.Retrieve, retrieve(search_params={"threads": str(10**6)}), "threads")
+
+
+def test_bad_graph_search_params(stub):
+    """Refused whether or not the layer's graph is built yet (the first Retrieve only starts its build)."""
+    graph = {"session_ids": ["graph"]}
+    expect(IA, stub.Retrieve, retrieve(**graph, search_params={"group": "3"}), "group", "'3'")
+    expect(IA, stub.Retrieve, retrieve(**graph, search_params={"ef": "wide"}), "ef", "'wide'")
+    expect(IA, stub.Retrieve, retrieve(**graph, search_params={"schedule": "random"}), "schedule")
+    ok = stub.Retrieve(retrieve(**graph, search_params={"group": "2", "ef": "64"}))
+    assert len(ok.index_kinds) == 1
 
 
 def test_layer_not_appended_yet(stub):

@@ -100,6 +100,11 @@ class KeyIndex(ABC):
                stored: StoredKeys | None = None) -> SearchResult:
         """queries: float32 [num_query_heads, head_dim]."""
 
+    def check_search_params(self, params: dict[str, str]) -> None:
+        """Raise ValueError for per-call search params this index cannot use (checked before a search, so that
+        a caller's mistake is reported as such and not as a failed search). Kinds without checks accept all."""
+        return
+
     @property
     @abstractmethod
     def count(self) -> int:

@@ -122,6 +122,14 @@ class GraphIndex(KeyIndex):
                            n_entries=int(self._param("entries")), window=int(self._param("window")),
                            pivots=int(self._param("pivots")), threads=int(self.params.get("threads", 0)))
 
+    def check_search_params(self, params: dict[str, str]) -> None:
+        for name in ("ef", "threads", "chunk"):
+            if name in params and not params[name].isdigit():
+                raise ValueError(f"graph search param {name!r} must be a non-negative integer, not {params[name]!r}")
+        if params.get("schedule", "auto") not in _SCHEDULES:
+            raise ValueError(f"graph search param 'schedule' must be one of {sorted(_SCHEDULES)}")
+        self._search_group(params)
+
     def _search_group(self, params: dict[str, str] | None) -> int:
         """Query heads searched together (one beam over their KV head's graph, each key read once)."""
         group = self._param("group", params)

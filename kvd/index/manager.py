@@ -162,6 +162,21 @@ class IndexManager:
         except (ValueError, TypeError, KeyError) as exc:
             raise InvalidArgument(f"{kind} index_params: {exc}") from None
 
+    @staticmethod
+    def check_search_params(session: Session, params: dict[str, str]) -> None:
+        """Refuse per-call search params the session's index kind cannot use, whether or not its index is
+        built yet (a bad value must not pass while the exact scan serves and fail once the index is ready)."""
+        kind = session.options.index_kind
+        if not params or kind not in KINDS:
+            return
+        shape = session.shape
+        try:
+            index = index_class(kind)(IndexShape(shape.num_kv_heads, shape.num_query_heads, shape.head_dim),
+                                      dict(session.options.index_params))
+            index.check_search_params(params)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise InvalidArgument(f"{kind} search_params: {exc}") from None
+
     def _slot(self, session: Session, layer: int) -> LayerIndex | None:
         kind = session.options.index_kind
         if kind not in KINDS:
