@@ -78,7 +78,8 @@ def kvd_time_split(stats: Any, steps: int) -> dict[str, float]:
             "kvd_rpc_ms_per_token": per_token(stats.retrieve_rpc_s),
             "kvd_server_ms_per_token": per_token(stats.retrieve_server_s),
             "kvd_search_ms_per_token": per_token(stats.retrieve_search_s),
-            "kvd_attend_ms_per_token": per_token(stats.retrieve_attend_s)}
+            "kvd_attend_ms_per_token": per_token(stats.retrieve_attend_s),
+            "kvd_search_kernel_ms_per_token": per_token(getattr(stats, "retrieve_search_kernel_s", 0.0))}
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], cols: Sequence[tuple[str, str]],

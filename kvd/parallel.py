@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import os
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numba
 
@@ -63,3 +66,21 @@ def threads(requested: int = 0, chunk: int = 1) -> int:
         _LOCAL.threads = (wanted, chunk)
     return wanted
 
+
+
+@contextmanager
+def timed() -> Iterator[None]:
+    """Time one parallel region on this thread (added up until `take_seconds`): the compiled kernel alone,
+    without the Python around it, e.g. RetrieveResponse.search_kernel_ms."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        _LOCAL.region_s = getattr(_LOCAL, "region_s", 0.0) + time.perf_counter() - started
+
+
+def take_seconds() -> float:
+    """Seconds this thread spent in `timed` regions since the last call."""
+    seconds = getattr(_LOCAL, "region_s", 0.0)
+    _LOCAL.region_s = 0.0
+    return seconds

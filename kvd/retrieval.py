@@ -11,7 +11,7 @@ from enum import Enum
 import torch
 from kvd_client.attention import attention_from_scores, merge_attention
 
-from kvd import gather_kernels, retro, scan_kernels
+from kvd import gather_kernels, parallel, retro, scan_kernels
 from kvd.errors import FailedPrecondition, InvalidArgument
 from kvd.index.flat import exact_topk, pad_ids, scores_at
 from kvd.store.session import Session, Tier
@@ -40,6 +40,8 @@ class SequenceResult:
     past_lse: torch.Tensor | None = None     # float32 [P, Hq]
     search_s: float = 0.0   # time spent finding the keys (index search, exact scan or candidate scoring)
     attend_s: float = 0.0   # time spent attending them (mode ATTENTION)
+    search_kernel_s: float = 0.0  # of search_s / attend_s: inside compiled parallel regions (kvd.parallel.timed)
+    attend_kernel_s: float = 0.0
 
 
 @dataclass
@@ -94,6 +96,7 @@ def retrieve_sequence(session: Session, queries: torch.Tensor, spec: RetrieveSpe
             raise FailedPrecondition(f"session {session.session_id!r}: layer {spec.layer} has no tokens appended")
         begin, end = resolve_range(session, length, requested_range)
         started = time.perf_counter()
+        parallel.take_seconds()
         if candidates is not None:
             ids, scores = candidate_topk(queries, keys, candidates, spec.k, begin, end, spec.threads)
             estimate, kind = None, "candidates"
@@ -101,7 +104,8 @@ def retrieve_sequence(session: Session, queries: torch.Tensor, spec: RetrieveSpe
             ids, scores, estimate, kind = _search(session, queries, keys, spec, begin, end)
         searched = time.perf_counter()
         count = int((ids[0] >= 0).sum()) if ids.numel() else 0
-        result = SequenceResult(ids=pad_ids(ids, spec.k), count=count, index_kind=kind, search_s=searched - started)
+        result = SequenceResult(ids=pad_ids(ids, spec.k), count=count, index_kind=kind, search_s=searched - started,
+                                search_kernel_s=parallel.take_seconds())
         if spec.mode is Mode.IDS:
             return result
         if spec.mode is Mode.IDS_KV:
@@ -123,6 +127,7 @@ def retrieve_sequence(session: Session, queries: torch.Tensor, spec: RetrieveSpe
             output, lse = merge_attention(output, lse, estimate[0], estimate[1])
         result.output, result.lse = output, lse
         result.attend_s = time.perf_counter() - searched
+        result.attend_kernel_s = parallel.take_seconds()
         return result
 
 

@@ -331,7 +331,8 @@ def attend_rows_past(keys: torch.Tensor, values: torch.Tensor, ids: torch.Tensor
             np.ascontiguousarray(past.queries.numpy()), seen, bound, out, lse, past_out, past_lse)
     if parallel.enabled() and (threads or 0) != 1 and heads * ids.shape[1] * (count + 1) >= 2 * WORK_PER_THREAD:
         team = parallel.threads(threads or heads)  # a region's threads start within microseconds: all help
-        _attend_rows_past_parallel(*args, min(team, heads))
+        with parallel.timed():
+            _attend_rows_past_parallel(*args, min(team, heads))
         return torch.from_numpy(out), torch.from_numpy(lse), torch.from_numpy(past_out), torch.from_numpy(past_lse)
     if threads is None:
         threads = threads_for(heads, ids.shape[1], count)

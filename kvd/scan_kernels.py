@@ -131,7 +131,8 @@ def candidate_topk(queries: torch.Tensor, keys: torch.Tensor, candidates: torch.
     chunks = max(1, min(_CANDIDATE_CHUNKS, candidates.numel() // _MIN_CANDIDATE_ROWS))
     if chunks > 1 and parallel.enabled():
         parallel.threads(min(threads or num_query_heads, num_query_heads))
-        _candidate_heads_parallel(store, q, cand, group, begin, end, heap_scores, heap_ids)
+        with parallel.timed():
+            _candidate_heads_parallel(store, q, cand, group, begin, end, heap_scores, heap_ids)
     else:
         run_claimed(lambda h0, h1: _candidate_heads(store, q, cand, group, begin, end, heap_scores, heap_ids, h0, h1),
                     num_query_heads, chunks, "search", chunks=chunks)
@@ -169,7 +170,8 @@ def scan_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, begin: int, end
     total = num_kv_heads * chunks
     if region and rows >= min_rows and total > 1:
         parallel.threads(min(threads or total, total))
-        _scan_tasks_parallel(store, q, np.array(bounds, np.int64), heap_scores, heap_ids)
+        with parallel.timed():
+            _scan_tasks_parallel(store, q, np.array(bounds, np.int64), heap_scores, heap_ids)
     else:
         run_claimed(tasks, total, 1 if rows < min_rows else min(total, workers), "search")
     # [Hkv, chunks, group, count] -> [Hq, chunks * count], then the k best of every query head

@@ -192,6 +192,8 @@ class KvdServicer(pb_grpc.KvdServicer):
                 retro.write_past(codec, writer, results, reply)
         reply.search_ms = 1000 * sum(r.search_s for r in results)
         reply.attend_ms = 1000 * sum(r.attend_s for r in results)
+        reply.search_kernel_ms = 1000 * sum(r.search_kernel_s for r in results)
+        reply.attend_kernel_ms = 1000 * sum(r.attend_kernel_s for r in results)
         reply.server_ms = (time.perf_counter() - started) * 1000
         return reply
 

@@ -95,6 +95,23 @@ def test_partial_attention_over_top_k_matches_reference(shared_daemon):
     client.close()
 
 
+def test_kernel_times_are_parts_of_the_search_and_attention_times(shared_daemon):
+    """A decode-sized Retrieve runs its exact scan and its attention as parallel regions: their kernel times
+    are reported, each within its step's time."""
+    client = shared_daemon.client()
+    sid = "kernel-times"
+    client.create_session(sid, num_layers=1, num_kv_heads=8, num_query_heads=32, head_dim=64, dtype="bf16")
+    keys, values = make_kv(7, 1, 8, 4096, 64, torch.bfloat16)
+    client.append(sid, 0, keys, values)
+    q = torch.randn(32, 64, generator=torch.Generator().manual_seed(8))
+    for _ in range(3):
+        result = client.retrieve(sid, 0, q, k=100, ranges=[(0, 4096)])
+        assert 0 < result.search_kernel_ms <= result.search_ms
+        assert 0 < result.attend_kernel_ms <= result.attend_ms
+    client.delete_session(sid)
+    client.close()
+
+
 def test_batched_retrieve_over_sessions_of_different_lengths(shared_daemon):
     client = shared_daemon.client()
     sessions, data = [], []

@@ -163,7 +163,7 @@ def retrieve_result(reply: pb.RetrieveResponse, placer: Placer, single: bool) ->
         server_ms=reply.server_ms, promoted=list(reply.promoted), keys=read(reply.keys), values=read(reply.values),
         output=read(reply.output), lse=read(reply.lse), past_output=read(reply.past_output),
         past_lse=read(reply.past_lse), packed=read(reply.packed), search_ms=reply.search_ms,
-        attend_ms=reply.attend_ms,
+        attend_ms=reply.attend_ms, search_kernel_ms=reply.search_kernel_ms, attend_kernel_ms=reply.attend_kernel_ms,
     )
 
 

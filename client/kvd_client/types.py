@@ -94,6 +94,8 @@ class RetrieveResult:
     packed: torch.Tensor | None = None
     search_ms: float = 0.0  # of server_ms: finding the keys (index search or exact scan), summed over sequences
     attend_ms: float = 0.0  # of server_ms: attending them
+    search_kernel_ms: float = 0.0  # of search_ms / attend_ms: inside the daemon's compiled parallel regions
+    attend_kernel_ms: float = 0.0
 
 
 @dataclass

@@ -310,8 +310,9 @@ class GraphIndex(KeyIndex):
         if schedule in ("auto", "region") and parallel.enabled() and threads > 1:
             team = parallel.threads(threads, max(1, int(self._param("chunk", params))))
             visited, tags, heaps = _search_scratch(self._count, team, ef, n_entries, width, group)
-            gk.search_rows_parallel(key_rows, base, self._adj, self._entries, q, key_of, graph_of, self._count, ef,
-                                    group, ids, scores, touched, visited, tags, prefetch, *heaps)
+            with parallel.timed():
+                gk.search_rows_parallel(key_rows, base, self._adj, self._entries, q, key_of, graph_of, self._count,
+                                        ef, group, ids, scores, touched, visited, tags, prefetch, *heaps)
         elif schedule == "ranges":
             run_ranges(rows, searches, threads, "search")
         else:
