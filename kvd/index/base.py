@@ -64,6 +64,7 @@ class SearchResult:
     # precision (the caller may then skip rescoring them from the session when that copy is exact)
     scores: torch.Tensor | None = None
     scores_from: torch.dtype | None = None
+    ranked: bool = False            # ids are ordered by decreasing score, invalid ones (-1, -inf) last
 
 
 @dataclass(frozen=True)

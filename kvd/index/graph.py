@@ -104,6 +104,8 @@ class GraphIndex(KeyIndex):
         self._adj = np.zeros((self.num_graphs, 0, self._graph_params().width), dtype=np.int32)   # [G, cap, W]
         self._entries = np.full((self.num_graphs, 1), -1, dtype=np.int64)                       # [G, E]
         self._count = 0
+        # per query head: its KV head (key rows) and its graph
+        self._heads = (np.arange(shape.num_query_heads) // shape.group_size, self._graph_of_query_head())
 
     # --------------------------------------------------------------------------------------- params
     def _param(self, name: str, params: dict[str, str] | None = None) -> str:
@@ -290,8 +292,7 @@ class GraphIndex(KeyIndex):
         scores = np.empty((hq, k), dtype=np.float32)
         ef = max(int(self._param("ef", params)), k)
         q = np.ascontiguousarray(queries.float().numpy())
-        key_of = np.arange(hq) // self.shape.group_size
-        graph_of = self._graph_of_query_head()
+        key_of, graph_of = self._heads
         touched = np.zeros(hq, dtype=np.int64)
         threads = int(self._param("threads", params)) or min(hq, parallel.CORES)
         prefetch = self._param("prefetch", params) != "0"
@@ -317,9 +318,10 @@ class GraphIndex(KeyIndex):
             run_ranges(rows, searches, threads, "search")
         else:
             run_claimed(rows, searches, threads, "search")
-        return SearchResult(ids=torch.from_numpy(ids), keys_touched=round(float(touched.mean())),
+        return SearchResult(ids=torch.from_numpy(ids), keys_touched=round(int(touched.sum()) / hq),
                             scores=torch.from_numpy(scores),
-                            scores_from=torch.bfloat16 if key_rows.dtype == np.uint16 else torch.float32)
+                            scores_from=torch.bfloat16 if key_rows.dtype == np.uint16 else torch.float32,
+                            ranked=True)
 
     # ---------------------------------------------------------------------------------- bookkeeping
     @property

@@ -97,21 +97,20 @@ class LayerIndex:
             scores = found.scores  # scored from an exact copy of these keys: no second pass over them
         else:
             scores = scores_at(queries, keys, ids.clamp(min=0))
+        extra = [(lo, hi) for lo, hi in ((begin, self.base), (covered_end, end)) if hi > lo]
+        estimate = None if found.estimate is None else (found.estimate.output, found.estimate.lse)
+        if not extra and found.ranked and scores is found.scores and ids.shape[1] <= k:
+            return ids, scores, estimate, self.kind  # already the top-k in order, -inf after the last valid one
         scores = scores.masked_fill(~valid, float("-inf"))
-        extra = [(begin, self.base), (covered_end, end)]
         for lo, hi in extra:
-            if hi > lo:
-                tail_scores = exact_scores(queries, keys, lo, hi)
-                tail_ids = torch.arange(lo, hi).expand(queries.shape[0], -1)
-                ids = torch.cat([ids, tail_ids], dim=1)
-                scores = torch.cat([scores, tail_scores], dim=1)
+            tail_scores = exact_scores(queries, keys, lo, hi)
+            tail_ids = torch.arange(lo, hi).expand(queries.shape[0], -1)
+            ids = torch.cat([ids, tail_ids], dim=1)
+            scores = torch.cat([scores, tail_scores], dim=1)
         count = min(k, ids.shape[1])
         top_scores, order = torch.topk(scores, count, dim=1)
         ids = torch.gather(ids, 1, order)
         ids = ids.masked_fill(torch.isneginf(top_scores), -1)
-        estimate = None
-        if found.estimate is not None:
-            estimate = (found.estimate.output, found.estimate.lse)
         return ids, top_scores, estimate, self.kind
 
 
