@@ -1,7 +1,9 @@
 """Where a decode Retrieve's time goes on this host, below the daemon: thread hand-offs, the graph search's
 per-head cost alone and under concurrency, the search spread over the worker pool (kvd.workers) against one
 numba parallel region (kvd.parallel: OpenMP threads that spin between calls), each also after a pause (a
-decode step's other work), and a process-to-process socket round trip.
+decode step's other work), and a process-to-process socket round trip. With cold caches: the layer's keys and
+graph rows on 4 KiB pages against huge pages (kvd.hugepages), and search variants (--variants: ef, group, ...)
+with their recall@100 against brute force.
 
     python -m bench.dispatch_bench --tokens 131072                  # one 128K layer, 8 KV x 32 query heads
     python -m bench.dispatch_bench --tokens 16384 --reps 50         # quick CPU run
@@ -61,9 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "layers do between two searches of one layer")
     p.add_argument("--variants", default="ef=512;ef=384;ef=256;group=2,ef=384;group=2,ef=256;group=4,ef=256;"
                                           "group=4,ef=192",
-                   # (set --variants '' to skip; the huge-page comparison always runs with the cold rows)
                    help="search params to compare (';' between variants, ',' between params): recall@100 against "
-                        "brute force, keys read, warm and cold-cache time, all threads")
+                        "brute force, keys read, warm and cold-cache time, all threads ('' skips them)")
     p.add_argument("--out", default="")
     return p.parse_args(argv)
 
