@@ -31,8 +31,9 @@ def _anon_huge_kib() -> int:
 def test_large_buffers_ask_and_small_ones_do_not(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not hugepages.advise(torch.empty(1 << 20, dtype=torch.uint8))   # 1 MiB: below MIN_BYTES
     big = torch.empty(64 << 20, dtype=torch.uint8)
-    assert hugepages.advise(big)
+    accepted = hugepages.advise(big)  # never raises, also where the kernel has no THP
     if "[always]" in _thp_mode() or "[madvise]" in _thp_mode():  # CI's and this machine's kernels: madvise
+        assert accepted
         before = _anon_huge_kib()
         big.fill_(1)  # first touch: 2 MiB pages where the kernel finds free ones
         assert _anon_huge_kib() > before
