@@ -137,8 +137,9 @@ def test_prefill_hints_are_exact_topn_over_final_keys() -> None:
     ids = torch.randint(0, 97, (1, 100))
     kvd_transformers.enable(model)
     client = LocalKvdClient()
+    # inline appends: what kvd holds is checked between forwards (background appends could still be in flight)
     cache = KVDCache(client, sink_tokens=4, window_tokens=16, flush_tokens=8, top_k=1000, hint_samples=12,
-                     hint_topn=5)
+                     hint_topn=5, async_append=False)
     with torch.no_grad():
         for a in range(0, 96, 32):
             model(ids[:, a:a + 32], past_key_values=cache)
