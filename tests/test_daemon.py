@@ -206,6 +206,7 @@ def test_async_client_overlaps_calls(shared_daemon):
             await client.append("async", 0, keys, values)
             q = torch.randn(1, 8)
             results = await asyncio.gather(*[client.retrieve("async", 0, q, k=5, mode="ids") for _ in range(4)])
+            assert client.sync.uses_fast_lane  # the synchronous client underneath takes the fast lane too
             return q, keys, results
 
     q, keys, results = asyncio.run(main())
