@@ -159,10 +159,9 @@ def attend_rows(values: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor, s
     score_rows = np.ascontiguousarray(scores.float().numpy())
     chunks = min(_ATTEND_CHUNKS, max(1, ids.numel() // _ROWS_PER_CHUNK))
     if chunks > 1 and parallel.enabled():
-        team = parallel.threads(min(threads or num_query_heads, num_query_heads))
+        team = parallel.threads(threads, limit=num_query_heads)
         with parallel.timed():
-            _attend_rows_parallel(store, id_rows, score_rows, float(scale), group, out, lse,
-                                  min(team, num_query_heads))
+            _attend_rows_parallel(store, id_rows, score_rows, float(scale), group, out, lse, team)
         return torch.from_numpy(out), torch.from_numpy(lse)
     run_claimed(lambda h0, h1: _attend_rows(store, id_rows, score_rows, float(scale), group, out, lse, h0, h1),
                 num_query_heads, chunks, "search", chunks=chunks)

@@ -55,11 +55,14 @@ def enabled() -> bool:
     return ENABLED
 
 
-def threads(requested: int = 0, chunk: int = 1) -> int:
+def threads(requested: int = 0, chunk: int = 1, limit: int = 0) -> int:
     """Set this thread's parallel-region size (numba's setting is per calling thread) and return it:
-    `requested`, or one per core, at most numba's pool. Iterations are claimed `chunk` at a time (dynamic
-    schedule: their costs differ)."""
-    wanted = min(requested or CORES, numba.config.NUMBA_NUM_THREADS)
+    `requested`, or one per core, at most `limit` (the region's tasks, when given) and numba's pool. Iterations
+    are claimed `chunk` at a time (dynamic schedule: their costs differ)."""
+    wanted = requested or limit or CORES
+    if limit:
+        wanted = min(wanted, limit)
+    wanted = min(wanted, numba.config.NUMBA_NUM_THREADS)
     if getattr(_LOCAL, "threads", None) != (wanted, chunk):
         numba.set_num_threads(wanted)
         numba.set_parallel_chunksize(chunk)

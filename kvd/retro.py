@@ -330,9 +330,9 @@ def attend_rows_past(keys: torch.Tensor, values: torch.Tensor, ids: torch.Tensor
             np.ascontiguousarray(scores.float().numpy()), float(scale), heads // values.shape[0],
             np.ascontiguousarray(past.queries.numpy()), seen, bound, out, lse, past_out, past_lse)
     if parallel.enabled() and (threads or 0) != 1 and heads * ids.shape[1] * (count + 1) >= 2 * WORK_PER_THREAD:
-        team = parallel.threads(threads or heads)  # a region's threads start within microseconds: all help
+        team = parallel.threads(threads or 0, limit=heads)  # a region's threads start within microseconds: all help
         with parallel.timed():
-            _attend_rows_past_parallel(*args, min(team, heads))
+            _attend_rows_past_parallel(*args, team)
         return torch.from_numpy(out), torch.from_numpy(lse), torch.from_numpy(past_out), torch.from_numpy(past_lse)
     if threads is None:
         threads = threads_for(heads, ids.shape[1], count)

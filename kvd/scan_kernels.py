@@ -130,7 +130,7 @@ def candidate_topk(queries: torch.Tensor, keys: torch.Tensor, candidates: torch.
     group = num_query_heads // keys.shape[0]
     chunks = max(1, min(_CANDIDATE_CHUNKS, candidates.numel() // _MIN_CANDIDATE_ROWS))
     if chunks > 1 and parallel.enabled():
-        parallel.threads(min(threads or num_query_heads, num_query_heads))
+        parallel.threads(threads, limit=num_query_heads)
         with parallel.timed():
             _candidate_heads_parallel(store, q, cand, group, begin, end, heap_scores, heap_ids)
     else:
@@ -169,7 +169,7 @@ def scan_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, begin: int, end
 
     total = num_kv_heads * chunks
     if region and rows >= min_rows and total > 1:
-        parallel.threads(min(threads or total, total))
+        parallel.threads(threads, limit=total)
         with parallel.timed():
             _scan_tasks_parallel(store, q, np.array(bounds, np.int64), heap_scores, heap_ids)
     else:
