@@ -125,7 +125,7 @@ class GraphIndex(KeyIndex):
                            pivots=int(self._param("pivots")), threads=int(self.params.get("threads", 0)))
 
     def check_search_params(self, params: dict[str, str]) -> None:
-        for name in ("ef", "threads", "chunk"):
+        for name in ("ef", "chunk"):  # threads: checked by the engine for every kind
             if name in params and not params[name].isdigit():
                 raise ValueError(f"graph search param {name!r} must be a non-negative integer, not {params[name]!r}")
         if params.get("schedule", "auto") not in _SCHEDULES:

@@ -31,6 +31,7 @@ log = logging.getLogger("kvd.index")
 KINDS = {"hnsw": "kvd.index.hnsw:HnswIndex", "graph": "kvd.index.graph:GraphIndex", "wave": "kvd.index.wave:WaveIndex"}
 # Tail keys (offloaded after the build) are added to the index once this many have accumulated.
 ADD_BATCH_TOKENS = 512
+_ACCEPTED_PARAMS_KEPT = 1024  # remembered valid search-param sets (cleared when full)
 _BLOB_HEADER = struct.Struct("<I")
 
 
@@ -124,6 +125,7 @@ class IndexManager:
         self._build_slots = threading.BoundedSemaphore(max(1, min(threads, config.concurrent_builds)))
         self._queued = 0
         self._queue_lock = threading.Lock()
+        self._accepted_params: set[tuple] = set()  # (kind, shape, index params, search params) checked
 
     # -- validation and hooks --------------------------------------------------------------------------
 
@@ -161,20 +163,27 @@ class IndexManager:
         except (ValueError, TypeError, KeyError) as exc:
             raise InvalidArgument(f"{kind} index_params: {exc}") from None
 
-    @staticmethod
-    def check_search_params(session: Session, params: dict[str, str]) -> None:
+    def check_search_params(self, session: Session, params: dict[str, str]) -> None:
         """Refuse per-call search params the session's index kind cannot use, whether or not its index is
-        built yet (a bad value must not pass while the exact scan serves and fail once the index is ready)."""
+        built yet (a bad value must not pass while the exact scan serves and fail once the index is ready).
+        A decode sends the same params with every Retrieve: accepted ones are remembered."""
         kind = session.options.index_kind
         if not params or kind not in KINDS:
             return
         shape = session.shape
+        key = (kind, shape.num_kv_heads, shape.num_query_heads, shape.head_dim,
+               tuple(sorted(session.options.index_params.items())), tuple(sorted(params.items())))
+        if key in self._accepted_params:
+            return
         try:
             index = index_class(kind)(IndexShape(shape.num_kv_heads, shape.num_query_heads, shape.head_dim),
                                       dict(session.options.index_params))
             index.check_search_params(params)
         except (ValueError, TypeError, KeyError) as exc:
             raise InvalidArgument(f"{kind} search_params: {exc}") from None
+        if len(self._accepted_params) >= _ACCEPTED_PARAMS_KEPT:
+            self._accepted_params.clear()
+        self._accepted_params.add(key)
 
     def _slot(self, session: Session, layer: int) -> LayerIndex | None:
         kind = session.options.index_kind
