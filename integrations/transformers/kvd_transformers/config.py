@@ -42,8 +42,8 @@ class KVDConfig:
     #                                  (kvd_transformers.lookahead); needs enable() and a KvdClient
     lookahead_candidates: int = 512  # positions the lookahead search returns per query head (>= top_k)
     search_params: dict[str, str] | None = None     # sent with every decode Retrieve: the index kind's search
-    #                                  params (graph: ef, group, threads, ...) and threads for the daemon's
-    #                                  candidate scoring and attention
+    #                                  params (graph: ef, group, ...) and threads, which sizes every parallel
+    #                                  region of the daemon's retrieval
     lookahead_params: dict[str, str] | None = None  # sent with the lookahead searches instead
 
     def validate(self) -> None:
