@@ -156,16 +156,23 @@ def through_daemon(client: KvdClient, grpc_client: KvdClient, data: qkdata.QKDat
     row: dict[str, Any] = {}
     for label, caller in (("daemon", client), ("grpc", grpc_client)):
         server: list[float] = []
+        parts: dict[str, list[float]] = {name: [] for name in SERVER_PARTS}
 
-        def call(i: int, caller: KvdClient = caller, server: list[float] = server) -> Any:
+        def call(i: int, caller: KvdClient = caller, server: list[float] = server,
+                 parts: dict[str, list[float]] = parts) -> Any:
             result = caller.retrieve(sid, 0, queries[i % queries.shape[0]], k=K)
             server.append(result.server_ms)
+            for name, times in parts.items():
+                times.append(getattr(result, name))
             return result
 
         ms, result = timed(call, args.calls)
         server_ms = statistics.median(server[10:])
         row[f"{label}_ms"], row[f"{label}_server_ms"] = round(ms, 3), round(server_ms, 3)
         row[f"{label}_transport_ms"] = round(ms - server_ms, 3)
+        if label == "daemon":
+            for name, times in parts.items():
+                row[name] = round(statistics.median(times[10:]), 3)
         row[f"{label}_served_by"] = result.index_kinds[0]
     row["fast_lane"] = client.uses_fast_lane
     variants = {}
@@ -185,10 +192,16 @@ def through_daemon(client: KvdClient, grpc_client: KvdClient, data: qkdata.QKDat
     return row
 
 
+# the daemon's split of its server time (fast lane), medians: what is not kernel is Python around the kernels
+SERVER_PARTS = ("search_ms", "search_kernel_ms", "attend_ms", "attend_kernel_ms")
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     cols = [("tokens", "tokens"), ("kind", "kind"), ("served_by", "served by"), ("in_process_ms", "in-process ms"),
             ("daemon_ms", "fast lane ms"), ("daemon_server_ms", "of which server"),
-            ("daemon_transport_ms", "transport+client"), ("grpc_ms", "gRPC ms"), ("grpc_server_ms", "of which server"),
+            ("daemon_transport_ms", "transport+client"), ("search_ms", "search"),
+            ("search_kernel_ms", "of which kernel"), ("attend_ms", "attend"), ("attend_kernel_ms", "of which kernel"),
+            ("grpc_ms", "gRPC ms"), ("grpc_server_ms", "of which server"),
             ("grpc_transport_ms", "transport+client"), ("index_build_s", "build s")]
     return markdown_table(rows, cols)
 
