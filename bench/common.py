@@ -68,7 +68,7 @@ def wait_indexes(client: Any, sid: str, timeout: float) -> float | None:
 def kvd_time_split(stats: Any, steps: int) -> dict[str, float]:
     """Where a KVDCache's decode time went, ms per token over `steps` (CacheStats): blocked on kvd, the rest of
     the attention function, the query's copy to the host, the calls (transport + client), the daemon's share,
-    and of that the search and the attention."""
+    and of that the search and the attention (each also as its compiled kernel alone)."""
     def per_token(seconds: float) -> float:
         return round(1000 * seconds / max(1, steps), 2)
 
@@ -79,7 +79,8 @@ def kvd_time_split(stats: Any, steps: int) -> dict[str, float]:
             "kvd_server_ms_per_token": per_token(stats.retrieve_server_s),
             "kvd_search_ms_per_token": per_token(stats.retrieve_search_s),
             "kvd_attend_ms_per_token": per_token(stats.retrieve_attend_s),
-            "kvd_search_kernel_ms_per_token": per_token(getattr(stats, "retrieve_search_kernel_s", 0.0))}
+            "kvd_search_kernel_ms_per_token": per_token(getattr(stats, "retrieve_search_kernel_s", 0.0)),
+            "kvd_attend_kernel_ms_per_token": per_token(getattr(stats, "retrieve_attend_kernel_s", 0.0))}
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], cols: Sequence[tuple[str, str]],

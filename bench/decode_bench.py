@@ -178,14 +178,18 @@ def rpc_floor(client: KvdClient, cfg: LlamaConfig, dtype: torch.dtype, calls: in
     client.append(sid, 0, torch.randn(1, hkv, 1024, d).to(dtype), torch.randn(1, hkv, 1024, d).to(dtype))
     q = torch.randn(1, hq, d)
     times = []
+    parts: dict[str, list[float]] = {name: [] for name in ("server_ms", "search_ms", "search_kernel_ms", "attend_ms",
+                                                           "attend_kernel_ms")}
     for i in range(calls + 10):
         t = time.perf_counter()
         res = client.retrieve([sid], 0, q, k=100, mode="attention", ranges=[(16, 1000)])
         if i >= 10:
             times.append(time.perf_counter() - t)
+            for name, values in parts.items():
+                values.append(float(getattr(res, name, 0.0)))
     client.delete_session(sid)
     out = {"rpc_floor_ms_median": round(1000 * statistics.median(times), 3),
-           "rpc_floor_server_ms": round(float(getattr(res, "server_ms", 0.0)), 3)}
+           **{f"rpc_floor_{name}": round(statistics.median(values), 3) for name, values in parts.items()}}
     print(json.dumps(out), flush=True)
     return out
 
@@ -446,7 +450,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             ("attention_other_ms_per_token", "attn other ms"), ("kvd_query_sync_ms_per_token", "q copy ms"),
             ("kvd_rpc_ms_per_token", "call ms"), ("kvd_server_ms_per_token", "of which server ms"),
             ("kvd_search_ms_per_token", "search ms"), ("kvd_search_kernel_ms_per_token", "of which kernel ms"),
-            ("kvd_attend_ms_per_token", "attend ms"), ("prefill_s", "prefill s"),
+            ("kvd_attend_ms_per_token", "attend ms"), ("kvd_attend_kernel_ms_per_token", "of which kernel ms"),
+            ("prefill_s", "prefill s"),
             ("fill_s", "synth fill s"), ("index_ready_s", "index wait s"), ("gpu_peak_gib", "GPU peak GiB"),
             ("gpu_kv_fraction_pct", "KV on GPU %"), ("grpc_decode_ms_median", "over gRPC ms/tok"),
             *[(f"lookahead{c}_decode_ms_median", f"lookahead {c} ms/tok") for c in lookahead_counts(rows)],
@@ -546,7 +551,9 @@ def main(argv: list[str] | None = None) -> int:
             daemon.stop()
     save()
     print(f"\nwrote {out}\n")
-    print(f"rpc floor (decode-shaped Retrieve over 1K tokens): {env.get('rpc_floor_ms_median')} ms")
+    print(f"rpc floor (decode-shaped Retrieve over 1K tokens): {env.get('rpc_floor_ms_median')} ms, server "
+          f"{env.get('rpc_floor_server_ms')} ms (search kernel {env.get('rpc_floor_search_kernel_ms')}, attend kernel "
+          f"{env.get('rpc_floor_attend_kernel_ms')})")
     variants = variant_rows(rows)
     if variants:
         print(markdown_table(variants, [("ctx", "ctx"), ("variant", "search variant (same cache)"),

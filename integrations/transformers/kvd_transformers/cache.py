@@ -593,6 +593,7 @@ class KVDCache(Cache):
             stats.retrieve_search_s += getattr(res, "search_ms", 0.0) / 1000
             stats.retrieve_attend_s += getattr(res, "attend_ms", 0.0) / 1000
             stats.retrieve_search_kernel_s += getattr(res, "search_kernel_ms", 0.0) / 1000
+            stats.retrieve_attend_kernel_s += getattr(res, "attend_kernel_ms", 0.0) / 1000
             if log is not None:
                 log.append((layer_idx, res))
             return res

@@ -88,10 +88,12 @@ class CacheStats:
     retrieve_search_s: float = 0.0  # of which: finding the keys (search_ms)
     retrieve_attend_s: float = 0.0  # of which: attending them (attend_ms)
     retrieve_search_kernel_s: float = 0.0  # of retrieve_search_s: the compiled search kernel alone
+    retrieve_attend_kernel_s: float = 0.0  # of retrieve_attend_s: the compiled attention kernel alone
 
     def reset(self) -> None:
         self.retrieve_calls = self.decode_calls = self.appends = 0
         self.lookahead_searches = self.lookahead_used = self.lookahead_failed = 0
         self.lookahead_wait_s = self.query_sync_s = self.retrieve_rpc_s = self.retrieve_server_s = 0.0
         self.retrieve_search_s = self.retrieve_attend_s = self.retrieve_search_kernel_s = 0.0
+        self.retrieve_attend_kernel_s = 0.0
         self.decode_s = self.retrieve_wait_s = 0.0
