@@ -148,12 +148,12 @@ class Layer:
         return self.all_queries[self.turn].numpy()
 
 
-def search_heads(layer: Layer, lo: int, hi: int, ef: int, visited: np.ndarray, tag: int,
-                 out: tuple[np.ndarray, np.ndarray, np.ndarray]) -> int:
+def search_heads(layer: Layer, lo: int, hi: int, ef: int, visited: np.ndarray,
+                 out: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
     index = layer.index
     heaps = [a[0] for a in gk.search_scratch(1, max(ef, K), index._entries.shape[1], index._adj.shape[2])]
-    return gk.search_rows(layer.key_rows, layer.base, index._adj, index._entries, layer.next_queries(),
-                          layer.key_of, layer.graph_of, index.count, ef, 1, lo, hi, *out, visited, tag, True, *heaps)
+    gk.search_rows(layer.key_rows, layer.base, index._adj, index._entries, layer.next_queries(), layer.key_of,
+                   layer.graph_of, index.count, ef, 1, lo, hi, *out, visited, True, *heaps)
 
 
 def outputs(layer: Layer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -164,13 +164,12 @@ def outputs(layer: Layer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def per_head_alone(layer: Layer, ef: int, reps: int) -> tuple[float, float]:
     """Median single-head search time on one thread, and the sum over all query heads (a serial call); each
     call takes the next decode query."""
-    visited = np.zeros(layer.index.count, np.uint32)
+    visited = np.zeros(gk.visited_words(layer.index.count), np.uint64)
     out = outputs(layer)
-    state = {"tag": 1}
     per_head = []
     for h in range(layer.shape.num_query_heads):
         def one(h: int = h) -> None:
-            state["tag"] = search_heads(layer, h, h + 1, ef, visited, state["tag"], out)
+            search_heads(layer, h, h + 1, ef, visited, out)
         per_head.append(median_us(one, max(5, reps // 10)))
     return statistics.median(per_head), sum(per_head)
 
@@ -184,15 +183,14 @@ def per_head_concurrent(layer: Layer, ef: int, threads: int, rounds: int) -> flo
     hq = layer.shape.num_query_heads
 
     def worker(offset: int) -> None:
-        visited = np.zeros(layer.index.count, np.uint32)
+        visited = np.zeros(gk.visited_words(layer.index.count), np.uint64)
         out = outputs(layer)
-        tag = 1
         mine = []
         barrier.wait()
         for r in range(rounds):
             h = (offset + r) % hq
             t0 = time.perf_counter()
-            tag = search_heads(layer, h, h + 1, ef, visited, tag, out)
+            search_heads(layer, h, h + 1, ef, visited, out)
             mine.append(time.perf_counter() - t0)
         with lock:
             times.extend(mine)

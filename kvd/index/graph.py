@@ -302,18 +302,17 @@ class GraphIndex(KeyIndex):
         width, n_entries = self._adj.shape[2], self._entries.shape[1]
 
         def rows(lo: int, hi: int) -> None:
-            visited, tags, heaps = _search_scratch(self._count, 1, ef, n_entries, width, group)
-            tags[0] = gk.search_rows(key_rows, base, self._adj, self._entries, q, key_of, graph_of, self._count, ef,
-                                     group, lo, hi, ids, scores, touched, visited[0], tags[0], prefetch,
-                                     *(a[0] for a in heaps))
+            visited, heaps = _search_scratch(self._count, 1, ef, n_entries, width, group)
+            gk.search_rows(key_rows, base, self._adj, self._entries, q, key_of, graph_of, self._count, ef, group, lo,
+                           hi, ids, scores, touched, visited[0], prefetch, *(a[0] for a in heaps))
 
         schedule = self._param("schedule", params)
         if schedule in ("auto", "region") and parallel.enabled() and threads > 1:
             team = parallel.threads(threads, max(1, int(self._param("chunk", params))))
-            visited, tags, heaps = _search_scratch(self._count, team, ef, n_entries, width, group)
+            visited, heaps = _search_scratch(self._count, team, ef, n_entries, width, group)
             with parallel.timed():
                 gk.search_rows_parallel(key_rows, base, self._adj, self._entries, q, key_of, graph_of, self._count,
-                                        ef, group, ids, scores, touched, visited, tags, prefetch, *heaps)
+                                        ef, group, ids, scores, touched, visited, prefetch, *heaps)
         elif schedule == "ranges":
             run_ranges(rows, searches, threads, "search")
         else:
@@ -385,21 +384,20 @@ _SCRATCH = threading.local()
 
 
 def _search_scratch(count: int, rows: int, ef: int, entries: int, width: int, group: int = 1
-                    ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
+                    ) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
     """This thread's scratch for `rows` concurrent searches (row t for thread t of a parallel region; the
-    worker-pool path uses row 0), kept between calls: visited [rows, >= count] uint32, the next free tag of each
-    row [rows] (a search uses a new tag, so nothing is cleared) and the heaps of gk.search_scratch."""
-    visited, tags = getattr(_SCRATCH, "visited", None), getattr(_SCRATCH, "tags", None)
-    if visited is None or visited.shape[0] < rows or visited.shape[1] < count or int(tags.max()) > 2**31:
+    worker-pool path uses row 0), kept between calls: visited bitsets [rows, >= visited_words(count)] uint64
+    (each search clears its own) and the heaps of gk.search_scratch."""
+    visited = getattr(_SCRATCH, "visited", None)
+    if visited is None or visited.shape[0] < rows or visited.shape[1] < gk.visited_words(count):
         # room to grow: decode adds one key per step, and each would otherwise reallocate
-        visited = np.zeros((rows, max(count + count // 8, 1024)), np.uint32)
-        tags = np.ones(rows, np.int64)
-        _SCRATCH.visited, _SCRATCH.tags = visited, tags
+        visited = np.zeros((rows, gk.visited_words(max(count + count // 8, 1024))), np.uint64)
+        _SCRATCH.visited = visited
     heaps = getattr(_SCRATCH, "heaps", None)
     if heaps is None or heaps[0] != (ef, entries, width, group) or heaps[1][0].shape[0] < rows:
         heaps = ((ef, entries, width, group), gk.search_scratch(rows, ef, entries, width, group))
         _SCRATCH.heaps = heaps
-    return visited, tags, heaps[1]
+    return visited, heaps[1]
 
 
 def _subsample(total: int, count: int) -> torch.Tensor:

@@ -122,8 +122,30 @@ def _pop(hd: np.ndarray, hi: np.ndarray, size: int) -> int:
 # ------------------------------------------------------------------------------------------------ search
 
 
+@njit(cache=True, nogil=True)
+def visited_words(count: int) -> int:
+    """uint64 words of a visited bitset over `count` nodes."""
+    return (count + 63) >> 6
+
+
 @njit(cache=True, nogil=True, inline="always")
-def _fresh_neighbours(keys: np.ndarray, adj: np.ndarray, node: int, limit: int, visited: np.ndarray, tag: int,
+def _first_visit(visited: np.ndarray, node: int) -> bool:
+    """Mark node visited in the bitset; whether it was not visited before."""
+    word = node >> 6
+    bit = np.uint64(1) << np.uint64(node & 63)
+    if visited[word] & bit:
+        return False
+    visited[word] |= bit
+    return True
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _clear_visited(visited: np.ndarray, limit: int) -> None:
+    visited[:(limit + 63) >> 6] = 0
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _fresh_neighbours(keys: np.ndarray, adj: np.ndarray, node: int, limit: int, visited: np.ndarray,
                       prefetch: bool, fresh: np.ndarray) -> int:
     """Mark node's unvisited neighbours (ids below limit) visited, list them in fresh and (prefetch) request their
     key rows at once, to be scored in the same order; returns how many."""
@@ -132,9 +154,8 @@ def _fresh_neighbours(keys: np.ndarray, adj: np.ndarray, node: int, limit: int, 
         nb = adj[node, j]
         if nb < 0:
             break
-        if nb >= limit or visited[nb] == tag:
+        if nb >= limit or not _first_visit(visited, nb):
             continue
-        visited[nb] = tag
         fresh[count] = nb
         count += 1
         if prefetch:
@@ -144,13 +165,14 @@ def _fresh_neighbours(keys: np.ndarray, adj: np.ndarray, node: int, limit: int, 
 
 @njit(cache=True, nogil=True, fastmath=True)
 def _beam(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, q: np.ndarray, ef: int, limit: int,
-          visited: np.ndarray, tag: int, prefetch: bool, cd: np.ndarray, ci: np.ndarray, rd: np.ndarray,
+          visited: np.ndarray, prefetch: bool, cd: np.ndarray, ci: np.ndarray, rd: np.ndarray,
           ri: np.ndarray, fresh: np.ndarray) -> tuple[int, int]:
     """Best-first search with a result queue of size ef, maximizing q.k (hnswlib's searchBaseLayer, with
     several entry points), over nodes 0..limit-1 (links to higher ids are ignored).
 
-    visited: uint32 scratch of at least `limit` entries; a node counts as visited when visited[node] == tag
-    (callers use a new tag per search). prefetch: request key rows before scoring them (same results).
+    visited: uint64 scratch of at least visited_words(limit) words, a bitset cleared here: it stays in the
+    nearest cache, where a per-node array (4 bytes a key) went cold between a decode's layers. prefetch: request
+    key rows before scoring them (same results).
     Scratch from the caller (no allocation per search: in a parallel region every malloc would contend for the
     daemon's few heap arenas): candidate heap cd/ci (grown here if it fills), result heap rd/ri (>= ef + 1),
     fresh (>= adj width). Leaves the best ef found as the min-heap rd/ri; returns its size and how many keys
@@ -159,10 +181,10 @@ def _beam(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, q: np.ndarray,
     cs = 0
     rs = 0
     touched = 0
+    _clear_visited(visited, limit)
     for e in entries:
-        if e < 0 or e >= limit or visited[e] == tag:
+        if e < 0 or e >= limit or not _first_visit(visited, e):
             continue
-        visited[e] = tag
         s = _dot(keys[e], q)
         touched += 1
         if cs == cap:
@@ -176,7 +198,7 @@ def _beam(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, q: np.ndarray,
             break
         node = ci[0]
         cs = _pop(cd, ci, cs)
-        count = _fresh_neighbours(keys, adj, node, limit, visited, tag, prefetch, fresh)
+        count = _fresh_neighbours(keys, adj, node, limit, visited, prefetch, fresh)
         for j in range(count):
             nb = fresh[j]
             s = _dot(keys[nb], q)
@@ -195,7 +217,7 @@ def _beam(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, q: np.ndarray,
 
 @njit(cache=True, nogil=True, fastmath=True)
 def _beam_group(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, qs: np.ndarray, ef: int, limit: int,
-                visited: np.ndarray, tag: int, prefetch: bool, cd: np.ndarray, ci: np.ndarray, rd: np.ndarray,
+                visited: np.ndarray, prefetch: bool, cd: np.ndarray, ci: np.ndarray, rd: np.ndarray,
                 ri: np.ndarray, sizes: np.ndarray, fresh: np.ndarray, s: np.ndarray) -> int:
     """_beam for a group of queries qs [g, d] over one graph (the query heads of one KV head): every key is
     read once and scored for all g queries; each query keeps its own result heap rd[h]/ri[h] (size in
@@ -208,10 +230,10 @@ def _beam_group(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, qs: np.n
     touched = 0
     for h in range(g):
         sizes[h] = 0
+    _clear_visited(visited, limit)
     for e in entries:
-        if e < 0 or e >= limit or visited[e] == tag:
+        if e < 0 or e >= limit or not _first_visit(visited, e):
             continue
-        visited[e] = tag
         touched += 1
         best = _score_group(keys[e], qs, s)
         for h in range(g):
@@ -232,7 +254,7 @@ def _beam_group(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, qs: np.n
             break
         node = ci[0]
         cs = _pop(cd, ci, cs)
-        count = _fresh_neighbours(keys, adj, node, limit, visited, tag, prefetch, fresh)
+        count = _fresh_neighbours(keys, adj, node, limit, visited, prefetch, fresh)
         for j in range(count):
             nb = fresh[j]
             best = _score_group(keys[nb], qs, s)
@@ -285,14 +307,14 @@ def _score_group(key: np.ndarray, qs: np.ndarray, s: np.ndarray) -> np.float32:
 
 @njit(cache=True, nogil=True)
 def beam_search(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, q: np.ndarray, ef: int, limit: int,
-                visited: np.ndarray, tag: int, prefetch: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
+                visited: np.ndarray, prefetch: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
     """_beam with scratch of its own: (ids, scores) of the best ef found by decreasing score, and how many keys
     were scored."""
     width = adj.shape[1]
     cap = 4 * ef + entries.shape[0] + width
     rd = np.empty(ef + 1, np.float32)
     ri = np.empty(ef + 1, np.int64)
-    rs, touched = _beam(keys, adj, entries, q, ef, limit, visited, tag, prefetch, np.empty(cap, np.float32),
+    rs, touched = _beam(keys, adj, entries, q, ef, limit, visited, prefetch, np.empty(cap, np.float32),
                         np.empty(cap, np.int64), rd, ri, np.empty(width, np.int64))
     order = np.argsort(-rd[:rs])
     return ri[:rs][order], rd[:rs][order], touched
@@ -321,16 +343,16 @@ def _grow(hd: np.ndarray, hi: np.ndarray, size: int) -> tuple[np.ndarray, np.nda
 @njit(cache=True, nogil=True)
 def search_rows(keys: np.ndarray, key_base: int, adj: np.ndarray, entries: np.ndarray, queries: np.ndarray,
                 key_of: np.ndarray, graph_of: np.ndarray, count: int, ef: int, group: int, lo: int, hi: int,
-                ids: np.ndarray, scores: np.ndarray, touched: np.ndarray, visited: np.ndarray, tag: int,
-                prefetch: bool, cd: np.ndarray, ci: np.ndarray, rd: np.ndarray, ri: np.ndarray, sizes: np.ndarray,
-                s: np.ndarray, fresh: np.ndarray) -> int:
+                ids: np.ndarray, scores: np.ndarray, touched: np.ndarray, visited: np.ndarray, prefetch: bool,
+                cd: np.ndarray, ci: np.ndarray, rd: np.ndarray, ri: np.ndarray, sizes: np.ndarray, s: np.ndarray,
+                fresh: np.ndarray) -> None:
     """Search the query rows of groups lo..hi-1, group i being rows i*group .. i*group+group-1 (one search for
     the group, _beam_group, which must share a graph and key head; group 1: _beam per row). keys [G_k, rows, d]
     with node i at row key_base + i, adj [G_a, cap, W], entries [G_a, E] (-1 padded), queries [m, d]; row i
     searches keys[key_of[i]] over adj[graph_of[i]] among the first `count` nodes.
     Writes ids [m, k] (-1 padded), their scores [m, k] (-inf padded), by decreasing score, and touched [m] (keys
-    scored, by the row's search). visited: uint32 scratch (>= count) whose entries are all below `tag`; cd..fresh:
-    one row of search_scratch(.., group) for ef >= max(ef, k). Returns the next unused tag."""
+    scored, by the row's search). visited: uint64 bitset scratch (>= visited_words(count)); cd..fresh: one row of
+    search_scratch(.., group) for ef >= max(ef, k)."""
     k = ids.shape[1]
     width = max(ef, k)
     for grp in range(lo, hi):
@@ -338,16 +360,14 @@ def search_rows(keys: np.ndarray, key_base: int, adj: np.ndarray, entries: np.nd
         g = graph_of[first]
         kv = keys[key_of[first], key_base:]
         if group == 1:
-            sizes[0], t = _beam(kv, adj[g], entries[g], queries[first], width, count, visited, tag, prefetch, cd,
-                                ci, rd[0], ri[0], fresh)
+            sizes[0], t = _beam(kv, adj[g], entries[g], queries[first], width, count, visited, prefetch, cd, ci,
+                                rd[0], ri[0], fresh)
         else:
-            t = _beam_group(kv, adj[g], entries[g], queries[first:first + group], width, count, visited, tag,
-                            prefetch, cd, ci, rd, ri, sizes, fresh, s)
-        tag += 1
+            t = _beam_group(kv, adj[g], entries[g], queries[first:first + group], width, count, visited, prefetch,
+                            cd, ci, rd, ri, sizes, fresh, s)
         for h in range(group):
             _write_top(rd[h], ri[h], sizes[h], ids[first + h], scores[first + h])
             touched[first + h] = t
-    return tag
 
 
 @njit(cache=True, nogil=True)
@@ -370,15 +390,14 @@ def _write_top(rd: np.ndarray, ri: np.ndarray, rs: int, ids: np.ndarray, scores:
 def search_rows_parallel(keys: np.ndarray, key_base: int, adj: np.ndarray, entries: np.ndarray,
                          queries: np.ndarray, key_of: np.ndarray, graph_of: np.ndarray, count: int, ef: int,
                          group: int, ids: np.ndarray, scores: np.ndarray, touched: np.ndarray, visited: np.ndarray,
-                         tags: np.ndarray, prefetch: bool, cd: np.ndarray, ci: np.ndarray, rd: np.ndarray,
-                         ri: np.ndarray, sizes: np.ndarray, s: np.ndarray, fresh: np.ndarray) -> None:
-    """search_rows over every group of query rows as one parallel region (kvd.parallel): visited [team, >= count],
-    tags [team] and the search_scratch arrays [team, ...] are per thread of the region."""
+                         prefetch: bool, cd: np.ndarray, ci: np.ndarray, rd: np.ndarray, ri: np.ndarray,
+                         sizes: np.ndarray, s: np.ndarray, fresh: np.ndarray) -> None:
+    """search_rows over every group of query rows as one parallel region (kvd.parallel): visited
+    [team, >= visited_words(count)] and the search_scratch arrays [team, ...] are per thread of the region."""
     for i in prange(queries.shape[0] // group):
         t = get_thread_id()
-        tags[t] = search_rows(keys, key_base, adj, entries, queries, key_of, graph_of, count, ef, group, i, i + 1,
-                              ids, scores, touched, visited[t], tags[t], prefetch, cd[t], ci[t], rd[t], ri[t],
-                              sizes[t], s[t], fresh[t])
+        search_rows(keys, key_base, adj, entries, queries, key_of, graph_of, count, ef, group, i, i + 1, ids, scores,
+                    touched, visited[t], prefetch, cd[t], ci[t], rd[t], ri[t], sizes[t], s[t], fresh[t])
 
 
 # ------------------------------------------------------------------------------------------ construction
@@ -548,10 +567,10 @@ def enhance_nodes(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, count:
                   lo: int, hi: int, out: np.ndarray) -> None:
     """Connectivity enhancement for nodes lo..hi-1: each beam-searches the graph (first `count` keys) with its
     own key as the query and keeps an RNG-pruned set (at most `degree`) of what it found: out[i] (int32)."""
-    visited = np.zeros(count, np.uint32)
+    visited = np.zeros(visited_words(count), np.uint64)
     sel = np.empty(degree, np.int64)
     for v in range(lo, hi):
-        found, _, _ = beam_search(keys, adj, entries, keys[v], ef, count, visited, v - lo + 1)
+        found, _, _ = beam_search(keys, adj, entries, keys[v], ef, count, visited)
         kept = _prune_found(keys, v, found, degree, sel)
         out[v, :] = -1
         for j in range(kept):
@@ -590,9 +609,9 @@ def insert_nodes(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, lo: int
     reachable. Returns the number of keys scored."""
     touched = 0
     sel = np.empty(degree, np.int64)
-    visited = np.zeros(hi, np.uint32)
+    visited = np.zeros(visited_words(hi), np.uint64)
     for v in range(lo, hi):
-        found, _, t = beam_search(keys, adj, entries, keys[v], ef, v, visited, v - lo + 1)
+        found, _, t = beam_search(keys, adj, entries, keys[v], ef, v, visited)
         touched += t
         kept = _prune_found(keys, v, found, degree, sel)
         adj[v, :] = -1

@@ -98,8 +98,8 @@ def replay_touched(s: HnswStructure, query: np.ndarray, ef: int) -> int:
             if scores[best] > cur_d:
                 cur, cur_d, changed = int(links[best]), float(scores[best]), True
     n = s.vectors.shape[0]
-    visited = np.zeros(n, dtype=np.uint32)
-    _, _, base = gk.beam_search(s.vectors, s.adj, np.array([cur], dtype=np.int64), query, ef, n, visited, 1)
+    visited = np.zeros(gk.visited_words(n), dtype=np.uint64)
+    _, _, base = gk.beam_search(s.vectors, s.adj, np.array([cur], dtype=np.int64), query, ef, n, visited)
     return touched + int(base)
 
 
