@@ -9,6 +9,7 @@ import sys
 
 from kvd import __version__
 from kvd.config import ConfigError, load
+from kvd.parallel_size import region_threads
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
 
@@ -45,16 +46,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Before torch is imported: one OpenMP thread per worker thread (see kvd.server.Daemon).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
-    from kvd import logs
-    from kvd.auth import TokenFileError
-    from kvd.server import StartupError, serve
-    from kvd.store.disk import FormatError
-
     try:
         config = load(args.config, _overrides(args))
     except ConfigError as exc:
         print(f"kvd: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    # Before numba is imported (it sizes its thread pool once, at import): see kvd.parallel_size.
+    if config.server.region_threads:
+        os.environ["NUMBA_NUM_THREADS"] = str(config.server.region_threads)
+    else:
+        os.environ.setdefault("NUMBA_NUM_THREADS", str(region_threads(os.cpu_count() or 1)))
+    from kvd import logs
+    from kvd.auth import TokenFileError
+    from kvd.server import StartupError, serve
+    from kvd.store.disk import FormatError
+
     logs.setup(config.log.level, config.log.format)
     # Compiled kernels are cached beside their sources; next to the data when those are read-only.
     package_dir = os.path.dirname(os.path.abspath(__file__))

@@ -70,6 +70,11 @@ def threads(requested: int = 0, chunk: int = 1, limit: int = 0) -> int:
     return wanted
 
 
+def region_team() -> int:
+    """Threads of this process's parallel regions at most (numba's pool; kvd.parallel_size); 0 when the kernels
+    run on the worker pool instead."""
+    return int(numba.config.NUMBA_NUM_THREADS) if ENABLED else 0
+
 
 @contextmanager
 def timed() -> Iterator[None]:

@@ -20,7 +20,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kvd import __version__, auth, hugepages, metrics, sdnotify
+from kvd import __version__, auth, hugepages, metrics, parallel, sdnotify
 from kvd.config import Config
 from kvd.engine import Engine
 from kvd.fastlane import FastLaneServer
@@ -173,7 +173,8 @@ class Daemon:
             self.watchdog = asyncio.create_task(sdnotify.watchdog_loop(interval, lambda: not self.stopping.is_set()))
         log.info("kvd serving", extra={"fields": {"version": __version__, "addresses": self.addresses,
                                                   "memory_budget": self.engine.registry.memory_budget_bytes,
-                                                  "data_dir": self.config.storage.data_dir}})
+                                                  "data_dir": self.config.storage.data_dir,
+                                                  "region_threads": parallel.region_team()}})
 
     def _start_fast_lane(self) -> None:
         cfg = self.config.server

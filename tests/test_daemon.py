@@ -112,6 +112,23 @@ def test_kernel_times_are_parts_of_the_search_and_attention_times(shared_daemon)
     client.close()
 
 
+def test_region_threads_size_the_kernels_pool_and_results_stay_exact(daemon_factory):
+    """server.region_threads sizes the parallel regions (numba reads it once, before its import): the daemon
+    says so at startup, and a decode-sized Retrieve over 3 region threads on this host still equals brute
+    force."""
+    daemon = daemon_factory(["--set", "server.region_threads=3"], tcp=False)
+    assert "region_threads=3" in daemon.log()
+    client = daemon.client()
+    client.create_session("threads", num_layers=1, num_kv_heads=8, num_query_heads=32, head_dim=64, dtype="bf16")
+    keys, values = make_kv(9, 1, 8, 4096, 64, torch.bfloat16)
+    client.append("threads", 0, keys, values)
+    q = torch.randn(32, 64, generator=torch.Generator().manual_seed(10))
+    result = client.retrieve("threads", 0, q, k=50, mode="ids", ranges=[(0, 4096)])
+    assert result.ids.tolist() == brute_topk(q, keys[0].float(), 50)
+    assert result.search_kernel_ms > 0, "the scan ran as a parallel region"
+    client.close()
+
+
 def test_batched_retrieve_over_sessions_of_different_lengths(shared_daemon):
     client = shared_daemon.client()
     sessions, data = [], []
