@@ -95,7 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compare-search", default="",
                    help="variants (';' between them) timed after the plain steps on the same cache, as many steps "
                         "each: k=v,... search params; lookahead=N turns lookahead on with N candidates; la.k=v is "
-                        "a lookahead search param. E.g. 'ef=384;group=4,ef=256;lookahead=512,threads=4,la.threads=12'")
+                        "a lookahead search param; overlap=0/1 switches the Retrieve worker thread. E.g. "
+                        "'ef=384;group=4,ef=256;lookahead=512,threads=4,la.threads=12;overlap=0'")
     p.add_argument("--compare-switch-interval", type=float, default=0.0,
                    help="after the timed steps, time as many more with sys.setswitchinterval(this) in the client "
                         "process (how long the model's thread may hold the GIL while kvd's reply waits for it)")
@@ -348,17 +349,22 @@ def time_variant(cache: KVDCache, text: str, more_steps: Any, steps: int) -> dic
     """More steps of the same cache with one --compare-search variant's params, then the cache's own back."""
     params = parse_params(text)
     candidates = int(params.pop("lookahead", 0))
+    overlap = params.pop("overlap", None)
     lookahead = {k.removeprefix("la."): v for k, v in params.items() if k.startswith("la.")}
     search = {k: v for k, v in params.items() if not k.startswith("la.")}
     before = cache.config
     cache.config = replace(before, search_params=search or None, lookahead_params=lookahead or None)
     if candidates:
         cache.set_lookahead(candidates)
+    if overlap is not None:
+        cache.set_overlap(overlap != "0")
     try:
         median, _ = more_steps()
     finally:
         if candidates:
             cache.set_lookahead(None)
+        if overlap is not None:
+            cache.set_overlap(before.overlap)
         cache.config = before
     st = cache.stats
     row = {"variant": text, "decode_ms_median": median, **kvd_time_split(st, steps)}

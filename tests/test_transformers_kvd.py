@@ -101,6 +101,30 @@ def test_large_k_equals_full_attention(shared_daemon: Any) -> None:
     cache.close()
 
 
+def test_overlap_switched_between_steps_keeps_full_attention_logits(shared_daemon: Any) -> None:
+    """set_overlap turns the Retrieve worker thread on and off between forwards; either way every step equals
+    full attention (k >= offloaded tokens)."""
+    model = tiny_llama()
+    ids = torch.randint(1, 97, (1, 96 + 24))
+    ref = full_attention_steps(model, ids, 96)
+    cache = KVDCache(shared_daemon.client(), session=sid("overlap"), top_k=4096, index="flat", overlap=True,
+                     **SMALL)
+    kvd_transformers.enable(model)
+    threads_seen = set()
+    with torch.no_grad():
+        out = [model(ids[:, :96], past_key_values=cache).logits[:, -1]]
+        for t in range(96, ids.shape[1]):
+            if t % 8 == 0:
+                cache.set_overlap(not cache.config.overlap)
+                assert (cache._retriever is not None) == cache.config.overlap
+            threads_seen.add(cache.config.overlap)
+            out.append(model(ids[:, t:t + 1], past_key_values=cache).logits[:, -1])
+    got = torch.stack(out, dim=1)
+    assert threads_seen == {True, False}
+    assert torch.allclose(got, ref, atol=2e-5, rtol=1e-5), (got - ref).abs().max()
+    cache.close()
+
+
 class ProbeCache(KVDCache):
     """Records, per attention call, the query, the output and the device layout (sink/window)."""
 

@@ -638,6 +638,18 @@ class KVDCache(Cache):
         stats.decode_s += time.perf_counter() - t0
         return out
 
+    def set_overlap(self, on: bool) -> None:
+        """Turn the Retrieve worker thread (config.overlap) on or off between forwards. Off, the calling thread
+        launches the window attention first and then makes the call itself: the device still computes the window
+        meanwhile, and the call skips two thread hand-offs."""
+        if on and self._retriever is None:
+            self._retriever = ThreadPoolExecutor(1, thread_name_prefix="kvd-retrieve")
+            weakref.finalize(self, _shutdown, self._retriever)
+        elif not on and self._retriever is not None:
+            self._retriever.shutdown(wait=True)
+            self._retriever = None
+        self.config = replace(self.config, overlap=on)
+
     def set_lookahead(self, candidates: int | None) -> None:
         """Turn lookahead on (with this many candidates per query head) or off (None) between forwards."""
         if self.lookahead is not None:
