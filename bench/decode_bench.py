@@ -41,6 +41,7 @@ import kvd_transformers  # noqa: E402
 import transformers  # noqa: E402
 from kvd_client import KvdClient  # noqa: E402
 from kvd_transformers import KVDCache, ops  # noqa: E402
+from kvd_transformers.config import KVDConfig  # noqa: E402
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from bench.common import (  # noqa: E402
@@ -74,7 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--index-params", default="",
                    help="index params of the sessions, k=v,... (e.g. window=2,enhance_ef=0,ef=256 for graph)")
     p.add_argument("--exact", action="store_true", help="force kvd's exact scan")
-    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=KVDConfig.overlap,
+                   help="the Retrieve in a worker thread (default: KVDCache's own default, off: two thread "
+                        "hand-offs per layer cost more than the window attention's launch they overlap)")
     p.add_argument("--hint-samples", type=int, default=256)
     p.add_argument("--index-wait", type=float, default=300.0,
                    help="seconds to wait for the session's indexes after the prefill before timing decode")

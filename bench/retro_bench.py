@@ -46,6 +46,7 @@ import kvd_transformers  # noqa: E402
 import transformers  # noqa: E402
 from kvd_client import KvdClient  # noqa: E402
 from kvd_transformers import KVDCache  # noqa: E402
+from kvd_transformers.config import KVDConfig  # noqa: E402
 from transformers import LlamaConfig  # noqa: E402
 
 from bench.common import kvd_time_split, markdown_table, random_llama, sync, wait_indexes  # noqa: E402
@@ -85,7 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--exact", action="store_true", help="force kvd's exact scan")
     p.add_argument("--index-wait", type=float, default=240.0,
                    help="seconds to wait for the sessions' indexes after the prefill (non-flat kinds)")
-    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=KVDConfig.overlap,
+                   help="the Retrieve in a worker thread (default: KVDCache's own default, off: two thread "
+                        "hand-offs per layer cost more than the window attention's launch they overlap)")
     p.add_argument("--prefill-chunk", type=int, default=4096)
     p.add_argument("--target", default=None, help="an existing daemon; default: start one")
     p.add_argument("--memory-budget", default=None, help="memory budget of the started daemon")
