@@ -9,7 +9,6 @@ import sys
 
 from kvd import __version__
 from kvd.config import ConfigError, load
-from kvd.parallel_size import region_threads
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
 
@@ -51,11 +50,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"kvd: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    # Before numba is imported (it sizes its thread pool once, at import): see kvd.parallel_size.
+    # Before numba is imported: it sizes its thread pool once, at import (default: one thread per core).
     if config.server.region_threads:
         os.environ["NUMBA_NUM_THREADS"] = str(config.server.region_threads)
-    else:
-        os.environ.setdefault("NUMBA_NUM_THREADS", str(region_threads(os.cpu_count() or 1)))
     from kvd import logs
     from kvd.auth import TokenFileError
     from kvd.server import StartupError, serve

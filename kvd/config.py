@@ -66,7 +66,7 @@ class ServerConfig:
     metrics: str = ""             # "host:port" of the Prometheus endpoint; empty = off
     max_message_mb: int = 1024
     workers: int = 0              # retrieval threads; 0 = CPU count
-    region_threads: int = 0       # threads of the kernels' parallel regions; 0 = auto (kvd.parallel.region_threads)
+    region_threads: int = 0       # threads of the kernels' parallel regions; 0 = one per core
     grace_seconds: float = 10.0   # drain time for in-flight calls on shutdown
     fast_lane: bool = True        # Retrieve/Append/Fetch over a plain socket at <socket>.fast (local clients)
     fast_lane_connections: int = 64
@@ -123,7 +123,7 @@ class Config:
         if bool(self.server.tls_cert) != bool(self.server.tls_key):
             raise ConfigError("server.tls_cert and server.tls_key go together")
         if not 0 <= self.server.region_threads <= 1024:
-            raise ConfigError("server.region_threads must be in [0, 1024] (0 = automatic)")
+            raise ConfigError("server.region_threads must be in [0, 1024] (0 = one per core)")
         if self.server.max_message_mb < 4:
             raise ConfigError("server.max_message_mb must be at least 4")
         if self.server.fast_lane_connections < 1:

@@ -71,8 +71,8 @@ def threads(requested: int = 0, chunk: int = 1, limit: int = 0) -> int:
 
 
 def region_team() -> int:
-    """Threads of this process's parallel regions at most (numba's pool; kvd.parallel_size); 0 when the kernels
-    run on the worker pool instead."""
+    """Threads of this process's parallel regions at most (numba's pool: `server.region_threads` in the
+    daemon); 0 when the kernels run on the worker pool instead."""
     return int(numba.config.NUMBA_NUM_THREADS) if ENABLED else 0
 
 

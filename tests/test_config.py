@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from kvd.config import ConfigError, load, parse_bytes
-from kvd.parallel_size import region_threads
 
 
 def test_defaults_need_no_file():
@@ -41,11 +40,6 @@ def test_bad_files_say_what_is_wrong(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load(str(path), environ={})
-
-
-def test_region_threads_leave_a_core_on_larger_hosts():
-    """Automatic region size: every core on small hosts, one left to the model's process from 8 cores on."""
-    assert [region_threads(cores) for cores in (1, 2, 4, 7, 8, 16, 128)] == [1, 2, 4, 7, 7, 15, 127]
 
 
 def test_parse_bytes_units():
