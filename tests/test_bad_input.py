@@ -117,6 +117,7 @@ def test_bad_graph_search_params(stub):
     expect(IA, stub.Retrieve, retrieve(**graph, search_params={"group": "3"}), "group", "'3'")
     expect(IA, stub.Retrieve, retrieve(**graph, search_params={"ef": "wide"}), "ef", "'wide'")
     expect(IA, stub.Retrieve, retrieve(**graph, search_params={"schedule": "random"}), "schedule")
+    expect(IA, stub.Retrieve, retrieve(**graph, search_params={"touched": "some"}), "touched")
     ok = stub.Retrieve(retrieve(**graph, search_params={"group": "2", "ef": "64"}))
     assert len(ok.index_kinds) == 1
 

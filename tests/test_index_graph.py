@@ -122,6 +122,8 @@ def test_keys_touched_is_exact(data: tuple, built: GraphIndex) -> None:
         assert ids[:20] == res.ids[h].tolist()
         total += touched
     assert res.keys_touched == round(total / SHAPE.num_query_heads), "average over query heads"
+    quiet = built.search(q, 20, 1.0, {"ef": "40", "touched": "off"})  # how the daemon serves: no count
+    assert quiet.keys_touched == 0 and torch.equal(quiet.ids, res.ids)
 
 
 def python_beam(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, q: np.ndarray, ef: int
@@ -323,7 +325,9 @@ def test_reading_the_session_store_equals_a_key_copy(data: tuple, dtype: torch.d
     assert reading.nbytes() == copying.nbytes() - key_bytes
     for q in dec[:6]:
         a, b = reading.search(q, 20, 1.0, stored=stored), copying.search(q, 20, 1.0)
-        assert torch.equal(a.ids, b.ids) and torch.equal(a.scores, b.scores)
+        # with the store, ids come back as store positions (local id + the store's base 5)
+        assert a.id_base == 5 and b.id_base == 0
+        assert torch.equal(a.ids, torch.where(b.ids >= 0, b.ids + 5, b.ids)) and torch.equal(a.scores, b.scores)
         assert a.keys_touched == b.keys_touched and a.scores_from == b.scores_from == dtype
 
 

@@ -57,7 +57,7 @@ class Estimate:
 
 @dataclass
 class SearchResult:
-    ids: torch.Tensor               # int64 [Hq, k], local ids, -1 padded
+    ids: torch.Tensor               # int64 [Hq, k], local ids + id_base, -1 padded
     estimate: Estimate | None = None
     keys_touched: int = 0           # keys scored, averaged over query heads (fraction touched = this / count)
     # float32 q.k of every valid id, when the index scored them from a copy of the keys in `scores_from`
@@ -65,6 +65,7 @@ class SearchResult:
     scores: torch.Tensor | None = None
     scores_from: torch.dtype | None = None
     ranked: bool = False            # ids are ordered by decreasing score, invalid ones (-1, -inf) last
+    id_base: int = 0                # added to every valid id already (a kind may return session positions)
 
 
 @dataclass(frozen=True)

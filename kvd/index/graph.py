@@ -24,8 +24,11 @@ pool thread), chunk (region: query heads claimed together by one thread, 1; cons
 KV head's graph), prefetch (1: key rows are
 requested from memory before they are scored | 0; same results), group (1: each query head searches alone |
 g > 1 dividing the GQA group, per=kv: g heads of one KV head search its graph together, each key read once and
-scored for all g, the frontier ordered by the best score over them, each head keeping its own ef best);
-threads, schedule, prefetch, chunk and group can also be given per call.
+scored for all g, the frontier ordered by the best score over them, each head keeping its own ef best),
+touched (exact: keys_touched is reported | off: left 0, one reduction less per call; the daemon serves with
+off); threads, schedule, prefetch, chunk, group and touched can also be given per call.
+With StoredKeys (base b), a search returns positions b + local id (SearchResult.id_base = b): the kernel writes
+them, so a decode Retrieve needs no pass over the ids to shift them.
 Presets: default = quality; pivots=32 = balanced; window=2,enhance_ef=0 = fast build.
 Concurrency: add() and search() of one index must not overlap (the caller serializes per layer); builds and
 searches of different indexes may, and use separate worker pools.
@@ -75,7 +78,7 @@ from kvd.workers import run_claimed, run_ranges
 _CONCURRENT_GRAPHS = 4
 DEFAULTS = {"m": "32", "ef": "512", "enhance_ef": "32", "entries": "128", "per": "kv", "sample": "4096",
             "topn": "100", "insert_ef": "64", "pivots": "100000", "window": "0", "store": "auto",
-            "threads": "0", "schedule": "auto", "prefetch": "1", "chunk": "1", "group": "1"}
+            "threads": "0", "schedule": "auto", "prefetch": "1", "chunk": "1", "group": "1", "touched": "exact"}
 _STORE_DTYPES = {"bf16": np.uint16, "fp32": np.float32}  # bf16 keys are kept as their bit patterns
 _STORES = ("auto", "session", *_STORE_DTYPES)
 _SESSION_DTYPES = (torch.bfloat16, torch.float32)  # session stores the kernels read as they are
@@ -98,6 +101,8 @@ class GraphIndex(KeyIndex):
             raise ValueError("graph param 'chunk' must be at least 1")
         if self._param("schedule") not in _SCHEDULES:
             raise ValueError(f"graph param 'schedule' must be one of {sorted(_SCHEDULES)}")
+        if self._param("touched") not in ("exact", "off"):
+            raise ValueError("graph param 'touched' must be 'exact' or 'off'")
         self._search_group(None)  # validates 'group'
         self._mode = ""  # where the keys are read: "session" or a copy ("bf16" | "fp32"); set by the first build/add
         self._keys = np.zeros((shape.num_kv_heads, 0, shape.head_dim), dtype=np.uint16)  # the copy: [Hkv, cap, d]
@@ -130,6 +135,8 @@ class GraphIndex(KeyIndex):
                 raise ValueError(f"graph search param {name!r} must be a non-negative integer, not {params[name]!r}")
         if params.get("schedule", "auto") not in _SCHEDULES:
             raise ValueError(f"graph search param 'schedule' must be one of {sorted(_SCHEDULES)}")
+        if params.get("touched", "exact") not in ("exact", "off"):
+            raise ValueError("graph search param 'touched' must be 'exact' or 'off'")
         self._search_group(params)
 
     def _search_group(self, params: dict[str, str] | None) -> int:
@@ -285,10 +292,11 @@ class GraphIndex(KeyIndex):
     def search(self, queries: torch.Tensor, k: int, scale: float, params: dict[str, str] | None = None,
                stored: StoredKeys | None = None) -> SearchResult:
         hq = self.shape.num_query_heads
-        ids = np.full((hq, k), -1, dtype=np.int64)
         if self._count == 0 or k == 0:
-            return SearchResult(ids=torch.from_numpy(ids))
+            return SearchResult(ids=torch.full((hq, k), -1, dtype=torch.int64))
         key_rows, base = self._key_rows(stored, self._count)
+        id_base = 0 if stored is None else stored.base
+        ids = np.empty((hq, k), dtype=np.int64)  # every entry written by the kernels (-1 padded)
         scores = np.empty((hq, k), dtype=np.float32)
         ef = max(int(self._param("ef", params)), k)
         q = np.ascontiguousarray(queries.float().numpy())
@@ -304,7 +312,7 @@ class GraphIndex(KeyIndex):
         def rows(lo: int, hi: int) -> None:
             visited, heaps = _search_scratch(self._count, 1, ef, n_entries, width, group)
             gk.search_rows(key_rows, base, self._adj, self._entries, q, key_of, graph_of, self._count, ef, group, lo,
-                           hi, ids, scores, touched, visited[0], prefetch, *(a[0] for a in heaps))
+                           hi, id_base, ids, scores, touched, visited[0], prefetch, *(a[0] for a in heaps))
 
         schedule = self._param("schedule", params)
         if schedule in ("auto", "region") and parallel.enabled() and threads > 1:
@@ -312,15 +320,16 @@ class GraphIndex(KeyIndex):
             visited, heaps = _search_scratch(self._count, team, ef, n_entries, width, group)
             with parallel.timed():
                 gk.search_rows_parallel(key_rows, base, self._adj, self._entries, q, key_of, graph_of, self._count,
-                                        ef, group, ids, scores, touched, visited, prefetch, *heaps)
+                                        ef, group, id_base, ids, scores, touched, visited, prefetch, *heaps)
         elif schedule == "ranges":
             run_ranges(rows, searches, threads, "search")
         else:
             run_claimed(rows, searches, threads, "search")
-        return SearchResult(ids=torch.from_numpy(ids), keys_touched=round(int(touched.sum()) / hq),
-                            scores=torch.from_numpy(scores),
+        # (touched off: summing would be one more op per call, and serving does not read it)
+        keys_touched = round(int(touched.sum()) / hq) if self._param("touched", params) != "off" else 0
+        return SearchResult(ids=torch.from_numpy(ids), keys_touched=keys_touched, scores=torch.from_numpy(scores),
                             scores_from=torch.bfloat16 if key_rows.dtype == np.uint16 else torch.float32,
-                            ranked=True)
+                            ranked=True, id_base=id_base)
 
     # ---------------------------------------------------------------------------------- bookkeeping
     @property

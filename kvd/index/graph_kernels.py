@@ -343,14 +343,16 @@ def _grow(hd: np.ndarray, hi: np.ndarray, size: int) -> tuple[np.ndarray, np.nda
 @njit(cache=True, nogil=True)
 def search_rows(keys: np.ndarray, key_base: int, adj: np.ndarray, entries: np.ndarray, queries: np.ndarray,
                 key_of: np.ndarray, graph_of: np.ndarray, count: int, ef: int, group: int, lo: int, hi: int,
-                ids: np.ndarray, scores: np.ndarray, touched: np.ndarray, visited: np.ndarray, prefetch: bool,
+                id_base: int, ids: np.ndarray, scores: np.ndarray, touched: np.ndarray, visited: np.ndarray,
+                prefetch: bool,
                 cd: np.ndarray, ci: np.ndarray, rd: np.ndarray, ri: np.ndarray, sizes: np.ndarray, s: np.ndarray,
                 fresh: np.ndarray) -> None:
     """Search the query rows of groups lo..hi-1, group i being rows i*group .. i*group+group-1 (one search for
     the group, _beam_group, which must share a graph and key head; group 1: _beam per row). keys [G_k, rows, d]
     with node i at row key_base + i, adj [G_a, cap, W], entries [G_a, E] (-1 padded), queries [m, d]; row i
     searches keys[key_of[i]] over adj[graph_of[i]] among the first `count` nodes.
-    Writes ids [m, k] (-1 padded), their scores [m, k] (-inf padded), by decreasing score, and touched [m] (keys
+    Writes ids [m, k] (node + id_base, -1 padded), their scores [m, k] (-inf padded), by decreasing score, and
+    touched [m] (keys
     scored, by the row's search). visited: uint64 bitset scratch (>= visited_words(count)); cd..fresh: one row of
     search_scratch(.., group) for ef >= max(ef, k)."""
     k = ids.shape[1]
@@ -366,20 +368,20 @@ def search_rows(keys: np.ndarray, key_base: int, adj: np.ndarray, entries: np.nd
             t = _beam_group(kv, adj[g], entries[g], queries[first:first + group], width, count, visited, prefetch,
                             cd, ci, rd, ri, sizes, fresh, s)
         for h in range(group):
-            _write_top(rd[h], ri[h], sizes[h], ids[first + h], scores[first + h])
+            _write_top(rd[h], ri[h], sizes[h], id_base, ids[first + h], scores[first + h])
             touched[first + h] = t
 
 
 @njit(cache=True, nogil=True)
-def _write_top(rd: np.ndarray, ri: np.ndarray, rs: int, ids: np.ndarray, scores: np.ndarray) -> None:
-    """The k = len(ids) best of the min-heap rd/ri (size rs) into ids/scores by decreasing score (-1 / -inf
-    padded); consumes the heap."""
+def _write_top(rd: np.ndarray, ri: np.ndarray, rs: int, id_base: int, ids: np.ndarray, scores: np.ndarray) -> None:
+    """The k = len(ids) best of the min-heap rd/ri (size rs) into ids (+ id_base) / scores by decreasing score
+    (-1 / -inf padded); consumes the heap."""
     k = ids.shape[0]
     kk = min(k, rs)
     while rs > kk:  # drop the worst of the ef found, then pop the k best in increasing order
         rs = _pop(rd, ri, rs)
     for j in range(kk - 1, -1, -1):
-        ids[j] = ri[0]
+        ids[j] = ri[0] + id_base
         scores[j] = rd[0]
         rs = _pop(rd, ri, rs)
     ids[kk:] = -1
@@ -389,15 +391,15 @@ def _write_top(rd: np.ndarray, ri: np.ndarray, rs: int, ids: np.ndarray, scores:
 @njit(cache=True, nogil=True, parallel=True)
 def search_rows_parallel(keys: np.ndarray, key_base: int, adj: np.ndarray, entries: np.ndarray,
                          queries: np.ndarray, key_of: np.ndarray, graph_of: np.ndarray, count: int, ef: int,
-                         group: int, ids: np.ndarray, scores: np.ndarray, touched: np.ndarray, visited: np.ndarray,
-                         prefetch: bool, cd: np.ndarray, ci: np.ndarray, rd: np.ndarray, ri: np.ndarray,
-                         sizes: np.ndarray, s: np.ndarray, fresh: np.ndarray) -> None:
+                         group: int, id_base: int, ids: np.ndarray, scores: np.ndarray, touched: np.ndarray,
+                         visited: np.ndarray, prefetch: bool, cd: np.ndarray, ci: np.ndarray, rd: np.ndarray,
+                         ri: np.ndarray, sizes: np.ndarray, s: np.ndarray, fresh: np.ndarray) -> None:
     """search_rows over every group of query rows as one parallel region (kvd.parallel): visited
     [team, >= visited_words(count)] and the search_scratch arrays [team, ...] are per thread of the region."""
     for i in prange(queries.shape[0] // group):
         t = get_thread_id()
-        search_rows(keys, key_base, adj, entries, queries, key_of, graph_of, count, ef, group, i, i + 1, ids, scores,
-                    touched, visited[t], prefetch, cd[t], ci[t], rd[t], ri[t], sizes[t], s[t], fresh[t])
+        search_rows(keys, key_base, adj, entries, queries, key_of, graph_of, count, ef, group, i, i + 1, id_base, ids,
+                    scores, touched, visited[t], prefetch, cd[t], ci[t], rd[t], ri[t], sizes[t], s[t], fresh[t])
 
 
 # ------------------------------------------------------------------------------------------ construction

@@ -91,9 +91,8 @@ class LayerIndex:
             return None
         # hnsw's exact work counter replays every search: a benchmark's tool, off when serving.
         found = index.search(queries, k, scale, {"touched": "off", **params}, stored=StoredKeys(keys, self.base))
-        local = found.ids
-        valid = local >= 0
-        ids = torch.where(valid, local + self.base, local)
+        shift = self.base - found.id_base
+        ids = found.ids if shift == 0 else torch.where(found.ids >= 0, found.ids + shift, found.ids)
         if found.scores is not None and found.scores_from in (torch.float32, keys.dtype):
             scores = found.scores  # scored from an exact copy of these keys: no second pass over them
         else:
@@ -102,7 +101,7 @@ class LayerIndex:
         estimate = None if found.estimate is None else (found.estimate.output, found.estimate.lse)
         if not extra and found.ranked and scores is found.scores and ids.shape[1] <= k:
             return ids, scores, estimate, self.kind  # already the top-k in order, -inf after the last valid one
-        scores = scores.masked_fill(~valid, float("-inf"))
+        scores = scores.masked_fill(ids < 0, float("-inf"))
         for lo, hi in extra:
             tail_scores = exact_scores(queries, keys, lo, hi)
             tail_ids = torch.arange(lo, hi).expand(queries.shape[0], -1)
