@@ -344,17 +344,15 @@ def _grow(hd: np.ndarray, hi: np.ndarray, size: int) -> tuple[np.ndarray, np.nda
 def search_rows(keys: np.ndarray, key_base: int, adj: np.ndarray, entries: np.ndarray, queries: np.ndarray,
                 key_of: np.ndarray, graph_of: np.ndarray, count: int, ef: int, group: int, lo: int, hi: int,
                 id_base: int, ids: np.ndarray, scores: np.ndarray, touched: np.ndarray, visited: np.ndarray,
-                prefetch: bool,
-                cd: np.ndarray, ci: np.ndarray, rd: np.ndarray, ri: np.ndarray, sizes: np.ndarray, s: np.ndarray,
-                fresh: np.ndarray) -> None:
+                prefetch: bool, cd: np.ndarray, ci: np.ndarray, rd: np.ndarray, ri: np.ndarray, sizes: np.ndarray,
+                s: np.ndarray, fresh: np.ndarray) -> None:
     """Search the query rows of groups lo..hi-1, group i being rows i*group .. i*group+group-1 (one search for
     the group, _beam_group, which must share a graph and key head; group 1: _beam per row). keys [G_k, rows, d]
     with node i at row key_base + i, adj [G_a, cap, W], entries [G_a, E] (-1 padded), queries [m, d]; row i
     searches keys[key_of[i]] over adj[graph_of[i]] among the first `count` nodes.
     Writes ids [m, k] (node + id_base, -1 padded), their scores [m, k] (-inf padded), by decreasing score, and
-    touched [m] (keys
-    scored, by the row's search). visited: uint64 bitset scratch (>= visited_words(count)); cd..fresh: one row of
-    search_scratch(.., group) for ef >= max(ef, k)."""
+    touched [m] (keys scored, by the row's search). visited: uint64 bitset scratch (>= visited_words(count));
+    cd..fresh: one row of search_scratch(.., group) for ef >= max(ef, k)."""
     k = ids.shape[1]
     width = max(ef, k)
     for grp in range(lo, hi):
