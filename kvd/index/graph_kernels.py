@@ -122,10 +122,13 @@ def _pop(hd: np.ndarray, hi: np.ndarray, size: int) -> int:
 # ------------------------------------------------------------------------------------------------ search
 
 
-@njit(cache=True, nogil=True)
 def visited_words(count: int) -> int:
-    """uint64 words of a visited bitset over `count` nodes."""
+    """uint64 words of a visited bitset over `count` nodes (plain Python: a search's scratch check calls it per
+    Retrieve, where a compiled call's dispatch would cost more than the sum; kernels use _visited_words)."""
     return (count + 63) >> 6
+
+
+_visited_words = njit(cache=True, nogil=True, inline="always")(visited_words)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -141,7 +144,7 @@ def _first_visit(visited: np.ndarray, node: int) -> bool:
 
 @njit(cache=True, nogil=True, inline="always")
 def _clear_visited(visited: np.ndarray, limit: int) -> None:
-    visited[:(limit + 63) >> 6] = 0
+    visited[:_visited_words(limit)] = 0
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -567,7 +570,7 @@ def enhance_nodes(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, count:
                   lo: int, hi: int, out: np.ndarray) -> None:
     """Connectivity enhancement for nodes lo..hi-1: each beam-searches the graph (first `count` keys) with its
     own key as the query and keeps an RNG-pruned set (at most `degree`) of what it found: out[i] (int32)."""
-    visited = np.zeros(visited_words(count), np.uint64)
+    visited = np.zeros(_visited_words(count), np.uint64)
     sel = np.empty(degree, np.int64)
     for v in range(lo, hi):
         found, _, _ = beam_search(keys, adj, entries, keys[v], ef, count, visited)
@@ -609,7 +612,7 @@ def insert_nodes(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, lo: int
     reachable. Returns the number of keys scored."""
     touched = 0
     sel = np.empty(degree, np.int64)
-    visited = np.zeros(visited_words(hi), np.uint64)
+    visited = np.zeros(_visited_words(hi), np.uint64)
     for v in range(lo, hi):
         found, _, t = beam_search(keys, adj, entries, keys[v], ef, v, visited)
         touched += t
