@@ -84,41 +84,48 @@ def _score_rows(store: np.ndarray, queries: np.ndarray, ids: np.ndarray, group: 
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def attend_head(rows: np.ndarray, ids: np.ndarray, scores: np.ndarray, scale: float, weights: np.ndarray,
+                row: np.ndarray, out: np.ndarray) -> float:
+    """Softmax(scale * scores) over rows [n, d] at ids [m] (-1 ignored) into out [d]; returns the log-sum-exp
+    (-inf, out 0 when no id is valid). Scratch: weights float64 [>= m], row float32 [d]. Not inlined on
+    purpose: callers compiled with full fastmath (no infinities) would fold away the -inf checks."""
+    # The weights come first: with an exp and a branch on it between two rows, their cache misses (rows
+    # scattered over a large store) were taken one after another; the value pass alone overlaps them.
+    m = ids.shape[0]
+    d = out.shape[0]
+    top = _NEG_INF
+    for j in range(m):
+        if ids[j] >= 0 and scores[j] * scale > top:
+            top = scores[j] * scale
+    for c in range(d):
+        out[c] = 0.0
+    if top == _NEG_INF:
+        return _NEG_INF
+    for j in range(m):
+        weights[j] = math.exp(scores[j] * scale - top) if ids[j] >= 0 else 0.0
+    total = 0.0
+    for j in range(m):
+        weight = weights[j]
+        if weight == 0.0:
+            continue
+        total += weight
+        _widen_row(rows[ids[j]], row)
+        for c in range(d):
+            out[c] += np.float32(weight) * row[c]
+    inv = 1.0 / total
+    for c in range(d):
+        out[c] *= np.float32(inv)
+    return top + math.log(total)
+
+
+@njit(cache=True, nogil=True)
 def _attend_rows(store: np.ndarray, ids: np.ndarray, scores: np.ndarray, scale: float, group: int,
                  out: np.ndarray, lse: np.ndarray, h0: int, h1: int) -> None:
     """Query heads h0..h1-1 (callers split the heads over threads)."""
-    # The weights come first: with an exp and a branch on it between two rows, their cache misses (rows
-    # scattered over a large store) were taken one after another; the value pass alone overlaps them.
-    m = ids.shape[1]
-    d = out.shape[1]
-    weights = np.empty(m)
+    weights = np.empty(ids.shape[1])
+    row = np.empty(out.shape[1], np.float32)
     for h in range(h0, h1):
-        row = np.empty(d, np.float32)
-        kv = h // group
-        top = _NEG_INF
-        for j in range(m):
-            if ids[h, j] >= 0 and scores[h, j] * scale > top:
-                top = scores[h, j] * scale
-        for c in range(d):
-            out[h, c] = 0.0
-        if top == _NEG_INF:
-            lse[h] = _NEG_INF
-            continue
-        for j in range(m):
-            weights[j] = math.exp(scores[h, j] * scale - top) if ids[h, j] >= 0 else 0.0
-        total = 0.0
-        for j in range(m):
-            weight = weights[j]
-            if weight == 0.0:
-                continue
-            total += weight
-            _widen_row(store[kv, ids[h, j]], row)
-            for c in range(d):
-                out[h, c] += np.float32(weight) * row[c]
-        inv = 1.0 / total
-        for c in range(d):
-            out[h, c] *= np.float32(inv)
-        lse[h] = top + math.log(total)
+        lse[h] = attend_head(store[h // group], ids[h], scores[h], scale, weights, row, out[h])
 
 
 @njit(cache=True, nogil=True, parallel=True)

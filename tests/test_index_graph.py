@@ -465,3 +465,82 @@ def test_bad_group_is_refused(data: tuple, built: GraphIndex) -> None:
         GraphIndex(SHAPE, {"group": "2", "per": "query"})
     with pytest.raises(ValueError, match="group"):
         built.search(data[2][0], 10, 1.0, {"group": "x"})
+
+
+def fused_layer(data: tuple, dtype: torch.dtype, base: int, covered: int, params: dict | None = None):
+    """A LayerIndex whose graph covers store positions [base, base + covered) of a session-like store holding
+    base sink rows and every key of `data` (the rest an uncovered tail), and the store's values."""
+    from kvd.index.manager import LayerIndex
+
+    keys, prefill, _ = data
+    n = keys.shape[1]
+    stored = layer_store(keys, base, dtype, spare_rows=0)
+    values = torch.randn(stored.keys.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    slot = LayerIndex("graph", SHAPE, {**PARAMS, **(params or {})}, base)
+    index = GraphIndex(SHAPE, slot.params)
+    index.build(stored.keys[:, base:base + covered], None, hints_subset(brute_hints(keys, prefill, 50), covered),
+                stored=stored)
+    slot.index, slot.ready = index, True
+    assert stored.keys.shape[1] == base + n
+    return slot, stored.keys, values
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_fused_search_attend_equals_search_then_tail_scan_then_attention(data: tuple, dtype: torch.dtype,
+                                                                        threads: str) -> None:
+    """search_attend (one compiled region) returns the ids of the step-by-step path (graph search, exact scan of
+    the sink-side and uncovered tails, top-k of both) and the float64 softmax attention over exactly those ids."""
+    from tests.reference import full_attention
+
+    base, covered = 5, 2600
+    slot, keys, values = fused_layer(data, dtype, base, covered)
+    _, _, dec = data
+    scale = D ** -0.5
+    for begin, end in ((base, base + covered), (base, keys.shape[1]), (1, keys.shape[1])):
+        for q in dec[:4]:
+            fused = slot.search_attend(q, keys, values, 20, scale, begin, end, {"threads": threads})
+            stepwise = slot.search(q, keys, 20, scale, begin, end, {"threads": threads, "touched": "off"})
+            assert fused is not None and stepwise is not None
+            assert torch.equal(fused.ids, stepwise[0])
+            assert fused.count == int((stepwise[0][0] >= 0).sum()) == 20
+            assert int(fused.ids.min()) >= begin and int(fused.ids.max()) < end
+            for h in range(SHAPE.num_query_heads):
+                out, lse = full_attention(q[h:h + 1], keys[h // 2:h // 2 + 1].float(),
+                                          values[h // 2:h // 2 + 1].float(), scale, fused.ids[h].tolist())
+                np.testing.assert_allclose(fused.output[h].numpy(), out[0], rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(float(fused.lse[h]), lse[0], rtol=1e-6, atol=1e-6)
+
+
+def test_fused_search_finds_the_best_tail_keys(data: tuple) -> None:
+    """Keys the graph does not cover yet (a decode tail) are scanned exactly inside the fused region: tail keys
+    made the best match of a query come back first."""
+    base, covered = 5, 2600
+    slot, keys, values = fused_layer(data, torch.float32, base, covered)
+    q = data[2][0]
+    keys = keys.clone()
+    best = [base + covered + 7, base + covered + 90, 2]  # two in the uncovered tail, one in the sink range
+    for p in best:
+        keys[:, p] = q[0] * 50
+    fused = slot.search_attend(q, keys, values, 10, 1.0, 0, keys.shape[1], {})
+    assert set(fused.ids[0, :3].tolist()) == set(best)
+
+
+@pytest.mark.parametrize("params", [{"fuse": "0"}, {"touched": "exact"}, {"group": "2"}, {"schedule": "claim"}])
+def test_fused_search_declines_what_it_does_not_cover(data: tuple, params: dict) -> None:
+    """fuse=0, an exact work counter, group searches and worker-pool schedules take the step-by-step path."""
+    slot, keys, values = fused_layer(data, torch.bfloat16, 5, 2600)
+    assert slot.search_attend(data[2][0], keys, values, 10, 1.0, 5, keys.shape[1], params) is None
+    assert slot.search(data[2][0], keys, 10, 1.0, 5, keys.shape[1], params) is not None
+
+
+def test_fused_search_declines_a_key_copy_and_bad_fuse_values(data: tuple) -> None:
+    keys, prefill, _ = data
+    copy = GraphIndex(SHAPE, {**PARAMS, "store": "bf16"})
+    copy.build(keys, None, brute_hints(keys, prefill, 50))
+    stored = StoredKeys(keys.bfloat16(), 0)
+    assert copy.search_attend(data[2][0], 10, 1.0, {"touched": "off"}, stored, keys.bfloat16(), []) is None
+    with pytest.raises(ValueError, match="fuse"):
+        GraphIndex(SHAPE, {"fuse": "2"})
+    with pytest.raises(ValueError, match="fuse"):
+        copy.check_search_params({"fuse": "yes"})

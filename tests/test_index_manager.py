@@ -78,6 +78,47 @@ def test_index_lifecycle(shared_daemon, kind):
     client.close()
 
 
+def test_graph_decode_attention_with_a_tail_is_fused_and_equals_the_stepwise_path(shared_daemon):
+    """A decode Retrieve in mode attention while decode keys are not in the graph yet (the tail): served by one
+    compiled pass (search, tail scan, attention; no separate attention time) with the ids of the step-by-step
+    path (fuse=0), the tail's standout key among them, and the float64 attention over exactly those ids."""
+    from tests.reference import full_attention
+
+    client = shared_daemon.client()
+    sid = "graph-fused-tail"
+    n, sink, window, d, hq = 2500, 4, 64, 32, 4
+    client.create_session(sid, num_layers=1, num_kv_heads=2, num_query_heads=hq, head_dim=d, dtype="bf16",
+                          index="graph", sink_tokens=sink, window_tokens=window)
+    keys, values = clustered_kv(11, n + 300)
+    keys, values = keys.bfloat16(), values.bfloat16()
+    client.append(sid, 0, keys[:, :n].unsqueeze(0), values[:, :n].unsqueeze(0),
+                  hint_queries=torch.randn(1, hq, 64, d, generator=torch.Generator().manual_seed(12)))
+    wait_ready(client, sid, 1)
+    target = n + 100  # offloaded after the build, fewer than a batch of keys: scanned as the tail
+    probe = torch.randn(2, d, generator=torch.Generator().manual_seed(13)).repeat_interleave(2, 0)  # per KV head
+    keys[:, target] = (probe[::2] * 8).bfloat16()
+    client.append(sid, n, keys[:, n:].unsqueeze(0), values[:, n:].unsqueeze(0))
+    assert client.get_session(sid).indexes[0]["indexed_tokens"] == n - sink - window
+    end = n + 300 - window
+    scale = d ** -0.5
+    fused = client.retrieve(sid, 0, probe, k=40, mode="attention", scale=scale)
+    stepwise = client.retrieve(sid, 0, probe, k=40, mode="attention", scale=scale, search_params={"fuse": 0})
+    assert fused.index_kinds == stepwise.index_kinds == ["graph"]
+    assert fused.attend_ms == 0.0 and stepwise.attend_ms > 0.0
+    assert fused.ids.tolist() == stepwise.ids.tolist()
+    for h in range(hq):
+        ids = fused.ids[h].tolist()
+        assert ids[0] == target, (h, ids[:5])
+        assert all(sink <= i < end for i in ids)
+        out, lse = full_attention(probe[h:h + 1], keys[h // 2:h // 2 + 1].float(), values[h // 2:h // 2 + 1].float(),
+                                  scale, ids)
+        torch.testing.assert_close(fused.output[h].double(), torch.from_numpy(out[0]), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fused.lse[h].double(), torch.tensor(lse[0]), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(fused.output[h], stepwise.output[h], rtol=1e-5, atol=1e-6)
+    client.delete_session(sid)
+    client.close()
+
+
 @pytest.mark.parametrize("kind", ["hnsw", "graph"])
 def test_index_survives_spill_and_promote(daemon_factory, kind):
     """Also the graph, whose blob holds no keys: after the promotion it reads the reloaded store."""

@@ -68,6 +68,18 @@ class SearchResult:
     id_base: int = 0                # added to every valid id already (a kind may return session positions)
 
 
+@dataclass
+class Attended:
+    """A search and the attention over what it found, in one pass (KeyIndex.search_attend): ids int64 [Hq, k]
+    (session positions, by decreasing score, -1 padded), output float32 [Hq, head_dim], lse float32 [Hq] (-inf
+    for a head without keys), count: the valid ids of query head 0."""
+
+    ids: torch.Tensor
+    output: torch.Tensor
+    lse: torch.Tensor
+    count: int
+
+
 @dataclass(frozen=True)
 class StoredKeys:
     """The session's own keys of the layer, for kinds that read them instead of keeping a copy: keys
@@ -101,6 +113,14 @@ class KeyIndex(ABC):
     def search(self, queries: torch.Tensor, k: int, scale: float, params: dict[str, str] | None = None,
                stored: StoredKeys | None = None) -> SearchResult:
         """queries: float32 [num_query_heads, head_dim]."""
+
+    def search_attend(self, queries: torch.Tensor, k: int, scale: float, params: dict[str, str],
+                      stored: StoredKeys, values: torch.Tensor, tails: list[tuple[int, int]]) -> Attended | None:
+        """search() plus an exact scan of the session positions in `tails` (keys the index does not cover) and
+        the softmax(scale * q.k) attention over the top k of both, for kinds that can do it in one compiled
+        pass; values: the session's [num_kv_heads, length, head_dim]. None: not for this call (the caller then
+        searches, scans and attends step by step, with the same result)."""
+        return None
 
     def check_search_params(self, params: dict[str, str]) -> None:
         """Raise ValueError for per-call search params this index cannot use (checked before a search, so that

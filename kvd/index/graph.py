@@ -26,7 +26,9 @@ requested from memory before they are scored | 0; same results), group (1: each 
 g > 1 dividing the GQA group, per=kv: g heads of one KV head search its graph together, each key read once and
 scored for all g, the frontier ordered by the best score over them, each head keeping its own ef best),
 touched (exact: keys_touched is reported | off: left 0, one reduction less per call; the daemon serves with
-off); threads, schedule, prefetch, chunk, group and touched can also be given per call.
+off), fuse (1: a decode Retrieve in mode ATTENTION runs the search, the exact scan of the keys not yet added
+and the attention as one compiled parallel region, search_attend | 0: step by step; same results); threads,
+schedule, prefetch, chunk, group, touched and fuse can also be given per call.
 With StoredKeys (base b), a search returns positions b + local id (SearchResult.id_base = b): the kernel writes
 them, so a decode Retrieve needs no pass over the ids to shift them.
 Presets: default = quality; pivots=32 = balanced; window=2,enhance_ef=0 = fast build.
@@ -68,9 +70,9 @@ import numpy as np
 import torch
 
 from kvd import hugepages, parallel
-from kvd.gather_kernels import store_array
+from kvd.gather_kernels import store_array, supported
 from kvd.index import graph_kernels as gk
-from kvd.index.base import BuildHints, IndexShape, KeyIndex, SearchResult, StoredKeys
+from kvd.index.base import Attended, BuildHints, IndexShape, KeyIndex, SearchResult, StoredKeys
 from kvd.index.graph_build import GraphParams, build_graph, exact_topn
 from kvd.index.wave_io import pack, unpack
 from kvd.workers import run_claimed, run_ranges
@@ -78,7 +80,8 @@ from kvd.workers import run_claimed, run_ranges
 _CONCURRENT_GRAPHS = 4
 DEFAULTS = {"m": "32", "ef": "512", "enhance_ef": "32", "entries": "128", "per": "kv", "sample": "4096",
             "topn": "100", "insert_ef": "64", "pivots": "100000", "window": "0", "store": "auto",
-            "threads": "0", "schedule": "auto", "prefetch": "1", "chunk": "1", "group": "1", "touched": "exact"}
+            "threads": "0", "schedule": "auto", "prefetch": "1", "chunk": "1", "group": "1", "touched": "exact",
+            "fuse": "1"}
 _STORE_DTYPES = {"bf16": np.uint16, "fp32": np.float32}  # bf16 keys are kept as their bit patterns
 _STORES = ("auto", "session", *_STORE_DTYPES)
 _SESSION_DTYPES = (torch.bfloat16, torch.float32)  # session stores the kernels read as they are
@@ -103,6 +106,8 @@ class GraphIndex(KeyIndex):
             raise ValueError(f"graph param 'schedule' must be one of {sorted(_SCHEDULES)}")
         if self._param("touched") not in ("exact", "off"):
             raise ValueError("graph param 'touched' must be 'exact' or 'off'")
+        if self._param("fuse") not in ("0", "1"):
+            raise ValueError("graph param 'fuse' must be 0 or 1")
         self._search_group(None)  # validates 'group'
         self._mode = ""  # where the keys are read: "session" or a copy ("bf16" | "fp32"); set by the first build/add
         self._keys = np.zeros((shape.num_kv_heads, 0, shape.head_dim), dtype=np.uint16)  # the copy: [Hkv, cap, d]
@@ -137,6 +142,8 @@ class GraphIndex(KeyIndex):
             raise ValueError(f"graph search param 'schedule' must be one of {sorted(_SCHEDULES)}")
         if params.get("touched", "exact") not in ("exact", "off"):
             raise ValueError("graph search param 'touched' must be 'exact' or 'off'")
+        if params.get("fuse", "1") not in ("0", "1"):
+            raise ValueError("graph search param 'fuse' must be 0 or 1")
         self._search_group(params)
 
     def _search_group(self, params: dict[str, str] | None) -> int:
@@ -331,6 +338,39 @@ class GraphIndex(KeyIndex):
                             scores_from=torch.bfloat16 if key_rows.dtype == np.uint16 else torch.float32,
                             ranked=True, id_base=id_base)
 
+    def search_attend(self, queries: torch.Tensor, k: int, scale: float, params: dict[str, str],
+                      stored: StoredKeys, values: torch.Tensor, tails: list[tuple[int, int]]) -> Attended | None:
+        """The whole decode Retrieve as one parallel region (gk.search_attend_parallel): for a graph reading the
+        session's bf16/float32 store, one head per search (group 1), with no work counter (touched=off), fuse=1
+        and the region schedule."""
+        if (self._mode != "session" or self._count == 0 or k == 0 or not parallel.enabled()
+                or self._param("fuse", params) == "0" or self._param("touched", params) != "off"
+                or self._search_group(params) != 1 or self._param("schedule", params) not in ("auto", "region")
+                or not supported(values) or values.dtype != stored.keys.dtype):
+            return None
+        hq, d = self.shape.num_query_heads, self.shape.head_dim
+        key_rows, base = self._key_rows(stored, self._count)
+        ef = max(int(self._param("ef", params)), k)
+        threads = int(self._param("threads", params)) or min(hq, parallel.CORES)
+        team = parallel.threads(threads, max(1, int(self._param("chunk", params))))
+        visited, (cd, ci, rd, ri, _, _, fresh) = _search_scratch(self._count, team, ef, self._entries.shape[1],
+                                                                 self._adj.shape[2])
+        weights, row = _attend_scratch(team, k, d)
+        ids = np.empty((hq, k), dtype=np.int64)
+        scores = np.empty((hq, k), dtype=np.float32)
+        output = np.empty((hq, d), dtype=np.float32)
+        lse = np.empty(hq, dtype=np.float32)
+        counts = np.empty(hq, dtype=np.int64)
+        key_of, graph_of = self._heads
+        with parallel.timed():
+            gk.search_attend_parallel(key_rows, store_array(values), base, self._adj, self._entries,
+                                      np.ascontiguousarray(queries.float().numpy()), key_of, graph_of, self._count,
+                                      ef, np.array(tails, dtype=np.int64).reshape(-1, 2), float(scale), ids, scores,
+                                      output, lse, counts, visited, self._param("prefetch", params) != "0", cd, ci,
+                                      rd, ri, fresh, weights, row)
+        return Attended(ids=torch.from_numpy(ids), output=torch.from_numpy(output), lse=torch.from_numpy(lse),
+                        count=int(counts[0]))
+
     # ---------------------------------------------------------------------------------- bookkeeping
     @property
     def count(self) -> int:
@@ -407,6 +447,16 @@ def _search_scratch(count: int, rows: int, ef: int, entries: int, width: int, gr
         heaps = ((ef, entries, width, group), gk.search_scratch(rows, ef, entries, width, group))
         _SCRATCH.heaps = heaps
     return visited, heaps[1]
+
+
+def _attend_scratch(rows: int, k: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """This thread's attention scratch for a fused region of `rows` threads: softmax weights float64
+    [rows, >= k] and a widened value row float32 [rows, head_dim], kept between calls."""
+    scratch = getattr(_SCRATCH, "attend", None)
+    if scratch is None or scratch[0].shape[0] < rows or scratch[0].shape[1] < k or scratch[1].shape[1] != head_dim:
+        scratch = (np.empty((rows, k)), np.empty((rows, head_dim), np.float32))
+        _SCRATCH.attend = scratch
+    return scratch
 
 
 def _subsample(total: int, count: int) -> torch.Tensor:

@@ -17,6 +17,8 @@ from llvmlite import ir
 from numba import get_thread_id, njit, prange, types
 from numba.extending import intrinsic, overload
 
+from kvd.gather_kernels import attend_head
+
 _INF = np.float32(np.inf)
 
 
@@ -401,6 +403,49 @@ def search_rows_parallel(keys: np.ndarray, key_base: int, adj: np.ndarray, entri
         t = get_thread_id()
         search_rows(keys, key_base, adj, entries, queries, key_of, graph_of, count, ef, group, i, i + 1, id_base, ids,
                     scores, touched, visited[t], prefetch, cd[t], ci[t], rd[t], ri[t], sizes[t], s[t], fresh[t])
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _search_with_tails(keys: np.ndarray, key_base: int, adj: np.ndarray, entries: np.ndarray, q: np.ndarray,
+                       count: int, width: int, tails: np.ndarray, visited: np.ndarray, prefetch: bool,
+                       cd: np.ndarray, ci: np.ndarray, rd: np.ndarray, ri: np.ndarray, fresh: np.ndarray) -> int:
+    """_beam over one key head keys [rows, d] (node i at row key_base + i), then every row of the position
+    ranges tails [T, 2] (keys not in the graph: e.g. decode keys offloaded since its last add) scored exactly
+    into the same result heap (as node p - key_base). Returns the heap's size."""
+    rs, _ = _beam(keys[key_base:], adj, entries, q, width, count, visited, prefetch, cd, ci, rd, ri, fresh)
+    for t in range(tails.shape[0]):
+        for p in range(tails[t, 0], tails[t, 1]):
+            s = _dot(keys[p], q)
+            if rs < width or s > rd[0]:
+                rs = _push(rd, ri, rs, s, p - key_base)
+                if rs > width:
+                    rs = _pop(rd, ri, rs)
+    return rs
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def search_attend_parallel(keys: np.ndarray, values: np.ndarray, key_base: int, adj: np.ndarray,
+                           entries: np.ndarray, queries: np.ndarray, key_of: np.ndarray, graph_of: np.ndarray,
+                           count: int, ef: int, tails: np.ndarray, scale: float, ids: np.ndarray,
+                           scores: np.ndarray, out: np.ndarray, lse: np.ndarray, counts: np.ndarray,
+                           visited: np.ndarray, prefetch: bool, cd: np.ndarray, ci: np.ndarray, rd: np.ndarray,
+                           ri: np.ndarray, fresh: np.ndarray, weights: np.ndarray, row: np.ndarray) -> None:
+    """A decode Retrieve's whole compiled part as one parallel region: per query head h, the graph search, the
+    exact scan of the tail ranges (session positions), the top k = ids.shape[1] as session positions into
+    ids[h] / scores[h] (-1 / -inf padded; counts[h] valid) and the softmax attention over their values into
+    out[h], lse[h] (kvd.gather_kernels.attend_head). keys / values: the session's stores [Hkv, rows, d]; graph
+    node i is position key_base + i. Scratch per region thread: visited and search_scratch(.., group=1) rows,
+    weights float64 [team, >= k], row float32 [team, d]."""
+    k = ids.shape[1]
+    width = max(ef, k)
+    for h in prange(queries.shape[0]):
+        t = get_thread_id()
+        g = graph_of[h]
+        rs = _search_with_tails(keys[key_of[h]], key_base, adj[g], entries[g], queries[h], count, width, tails,
+                                visited[t], prefetch, cd[t], ci[t], rd[t, 0], ri[t, 0], fresh[t])
+        counts[h] = min(k, rs)
+        _write_top(rd[t, 0], ri[t, 0], rs, key_base, ids[h], scores[h])
+        lse[h] = attend_head(values[key_of[h]], ids[h], scores[h], scale, weights[t], row[t], out[h])
 
 
 # ------------------------------------------------------------------------------------------ construction

@@ -23,7 +23,7 @@ import torch
 from kvd import metrics
 from kvd.config import IndexConfig
 from kvd.errors import InvalidArgument
-from kvd.index.base import BuildHints, IndexShape, KeyIndex, StoredKeys
+from kvd.index.base import Attended, BuildHints, IndexShape, KeyIndex, StoredKeys
 from kvd.index.flat import exact_scores, scores_at
 from kvd.store.session import Session, Tier
 
@@ -83,12 +83,10 @@ class LayerIndex:
                ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, str] | None:
         """Top-k over [begin, end) from the index plus an exact scan of the uncovered tail; None when the
         request cannot be served from the index (not ready, or a range narrower than the covered part)."""
-        with self.lock:
-            if not self.ready or self.index is None:
-                return None
-            index, covered_end = self.index, self.covered_end
-        if begin > self.base or end < covered_end or covered_end <= self.base:
+        served = self._serving(begin, end)
+        if served is None:
             return None
+        index, covered_end = served
         # hnsw's exact work counter replays every search: a benchmark's tool, off when serving.
         found = index.search(queries, k, scale, {"touched": "off", **params}, stored=StoredKeys(keys, self.base))
         shift = self.base - found.id_base
@@ -112,6 +110,29 @@ class LayerIndex:
         ids = torch.gather(ids, 1, order)
         ids = ids.masked_fill(torch.isneginf(top_scores), -1)
         return ids, top_scores, estimate, self.kind
+
+
+    def search_attend(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k: int, scale: float,
+                      begin: int, end: int, params: dict[str, str]) -> Attended | None:
+        """search() and the attention over its top-k in one compiled pass (KeyIndex.search_attend), the uncovered
+        tail scanned inside it; None when the index cannot serve the range or has no such pass for this call."""
+        served = self._serving(begin, end)
+        if served is None:
+            return None
+        index, covered_end = served
+        tails = [(lo, hi) for lo, hi in ((begin, self.base), (covered_end, end)) if hi > lo]
+        return index.search_attend(queries, k, scale, {"touched": "off", **params}, StoredKeys(keys, self.base),
+                                   values, tails)
+
+    def _serving(self, begin: int, end: int) -> tuple[KeyIndex, int] | None:
+        """(the ready index, the end of what it covers) when it can serve [begin, end), else None."""
+        with self.lock:
+            if not self.ready or self.index is None:
+                return None
+            index, covered_end = self.index, self.covered_end
+        if begin > self.base or end < covered_end or covered_end <= self.base:
+            return None
+        return index, covered_end
 
 
 class IndexManager:
