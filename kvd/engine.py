@@ -22,7 +22,7 @@ import torch
 from kvd import ingest_kernels, retro
 from kvd.config import Config
 from kvd.errors import FailedPrecondition, InvalidArgument, KvdError
-from kvd.index.base import IndexShape
+from kvd.index.base import AttendSlots, IndexShape
 from kvd.index.manager import IndexManager
 from kvd.retrieval import Mode, RetrieveSpec, SequenceResult, SessionSpilled, default_scale, retrieve_batch
 from kvd.shm import SharedMemoryRegistry
@@ -256,10 +256,11 @@ class Engine:
     def retrieve(self, tenant: str, session_ids: list[str], layer: int, queries: torch.Tensor, k: int,
                  mode: Mode, ranges: list[tuple[int, int]] | None, scale: float, exact: bool,
                  params: dict[str, str], past: retro.PastQueries | None = None,
-                 candidates: torch.Tensor | None = None
+                 candidates: torch.Tensor | None = None, into: list[AttendSlots] | None = None
                  ) -> tuple[list[SequenceResult], list[Session], list[bool]]:
         """`past`: RetroAttention's past queries (kvd.retro); their results land in each result's past_*.
-        `candidates`: [n, Hq, C] positions to choose the top-k from instead of searching (lookahead)."""
+        `candidates`: [n, Hq, C] positions to choose the top-k from instead of searching (lookahead).
+        `into` (mode ATTENTION): per sequence, where a result may be written in place (SequenceResult.in_place)."""
         if not session_ids:
             raise InvalidArgument("retrieve needs at least one session")
         sessions = [self.session(tenant, sid) for sid in session_ids]
@@ -293,8 +294,10 @@ class Engine:
         threads = params.get("threads", "0")
         if not threads.isdigit() or int(threads) > MAX_THREADS:
             raise InvalidArgument(f"search param threads must be an integer in [0, {MAX_THREADS}], not {threads!r}")
+        if into is not None and (mode is not Mode.ATTENTION or len(into) != len(sessions)):
+            raise InvalidArgument("result slots are for mode ATTENTION, one per sequence")
         spec = RetrieveSpec(layer=layer, k=k, mode=mode, scale=scale, exact=exact, params=params, pool=self.scan_pool,
-                            threads=int(threads))
+                            threads=int(threads), into=into)
         if not exact and candidates is None:
             for session in sessions:
                 self.indexes.check_search_params(session, params)

@@ -13,6 +13,7 @@ from kvd_client.attention import attention_from_scores, merge_attention
 
 from kvd import gather_kernels, parallel, retro, scan_kernels
 from kvd.errors import FailedPrecondition, InvalidArgument
+from kvd.index.base import AttendSlots
 from kvd.index.flat import exact_topk, pad_ids, scores_at
 from kvd.store.session import Session, Tier
 
@@ -42,6 +43,7 @@ class SequenceResult:
     attend_s: float = 0.0   # time spent attending them (mode ATTENTION)
     search_kernel_s: float = 0.0  # of search_s / attend_s: inside compiled parallel regions (kvd.parallel.timed)
     attend_kernel_s: float = 0.0
+    in_place: bool = False  # ids, output and lse are the RetrieveSpec.into slots, written there already
 
 
 @dataclass
@@ -55,6 +57,7 @@ class RetrieveSpec:
     pool: Executor | None = None     # parallel chunks of exact scans
     threads: int = 0                 # params["threads"]: the exact scan's, candidate scoring's and attention's
     #                                  parallel regions (0 = one thread per core); the graph reads it from params
+    into: list[AttendSlots] | None = None  # mode ATTENTION: per sequence, where a result may be written in place
 
 
 def resolve_range(session: Session, length: int, requested: tuple[int, int] | None) -> tuple[int, int]:
@@ -81,10 +84,11 @@ def _gather(store: torch.Tensor, ids: torch.Tensor, group: int) -> torch.Tensor:
 
 def retrieve_sequence(session: Session, queries: torch.Tensor, spec: RetrieveSpec,
                       requested_range: tuple[int, int] | None, past: retro.PastQueries | None = None,
-                      candidates: torch.Tensor | None = None) -> SequenceResult:
+                      candidates: torch.Tensor | None = None, into: AttendSlots | None = None) -> SequenceResult:
     """queries: float32 [Hq, d]; past: this sequence's past queries (mode ATTENTION; kvd.retro), attended in
     the same pass over the retrieved rows; candidates: int64 [Hq, C] positions to choose from instead of a
-    search. Runs under the session's read lock."""
+    search; into: where a fused search may write the result (SequenceResult.in_place says whether it did).
+    Runs under the session's read lock."""
     shape = session.shape
     with session.lock.read():
         if session.tier is not Tier.MEMORY:
@@ -99,11 +103,11 @@ def retrieve_sequence(session: Session, queries: torch.Tensor, spec: RetrieveSpe
         parallel.take_seconds()
         if spec.mode is Mode.ATTENTION and past is None and candidates is None and not spec.exact \
                 and (slot := session.indexes[spec.layer]) is not None:
-            fused = slot.search_attend(queries, keys, values, spec.k, spec.scale, begin, end, spec.params)
+            fused = slot.search_attend(queries, keys, values, spec.k, spec.scale, begin, end, spec.params, into)
             if fused is not None:  # search, tail scan and attention in one compiled pass (attend_s is inside)
                 return SequenceResult(ids=fused.ids, count=fused.count, index_kind=slot.kind, output=fused.output,
                                       lse=fused.lse, search_s=time.perf_counter() - started,
-                                      search_kernel_s=parallel.take_seconds())
+                                      search_kernel_s=parallel.take_seconds(), in_place=into is not None)
         if candidates is not None:
             ids, scores = candidate_topk(queries, keys, candidates, spec.k, begin, end, spec.threads)
             estimate, kind = None, "candidates"
@@ -183,7 +187,8 @@ def retrieve_batch(sessions: list[Session], queries: torch.Tensor, spec: Retriev
     def one(i: int) -> SequenceResult:
         return retrieve_sequence(sessions[i], queries[i], spec, ranges[i] if ranges else None,
                                  None if past is None else past.row(i),
-                                 None if candidates is None else candidates[i])
+                                 None if candidates is None else candidates[i],
+                                 None if spec.into is None else spec.into[i])
 
     if pool is None or len(sessions) == 1:
         return [one(i) for i in range(len(sessions))]

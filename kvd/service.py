@@ -16,9 +16,12 @@ import torch
 from kvd import __version__, convert, retro
 from kvd.engine import Engine
 from kvd.errors import InvalidArgument, KvdError
+from kvd.index.base import AttendSlots
 from kvd.retrieval import Mode
+from kvd.shm import OutputWriter
 from kvd.v1 import kvd_pb2 as pb
 from kvd.v1 import kvd_pb2_grpc as pb_grpc
+from kvd.validate import MAX_K
 
 log = logging.getLogger("kvd.service")
 MODES = {pb.RETRIEVE_MODE_UNSPECIFIED: Mode.ATTENTION, pb.IDS: Mode.IDS, pb.IDS_KV: Mode.IDS_KV,
@@ -171,21 +174,31 @@ class KvdServicer(pb_grpc.KvdServicer):
         if request.HasField("past"):
             queries, past = retro.past_from_wire(codec, request.past, queries)
         candidates = codec.read(request.candidates, "candidates") if request.HasField("candidates") else None
+        reply = pb.RetrieveResponse()
+        into = _attend_slots(writer, reply, queries, len(request.session_ids), request.k) \
+            if mode is Mode.ATTENTION and past is None else None
         results, _sessions, promoted = self.engine.retrieve(
             tenant, list(request.session_ids), request.layer, queries, request.k, mode, ranges, request.scale,
-            request.exact, dict(request.search_params), past=past, candidates=candidates)
+            request.exact, dict(request.search_params), past=past, candidates=candidates, into=into)
         labels["index"] = results[0].index_kind if results else "flat"
         labels["sequences"] = str(len(results))
-        reply = pb.RetrieveResponse(counts=[r.count for r in results],
-                                    index_kinds=[convert.SERVED_BY_WIRE.get(r.index_kind, pb.FLAT) for r in results],
-                                    promoted=promoted)
-        codec.write_sequences(writer, [r.ids for r in results], reply.ids)
+        reply.counts.extend([r.count for r in results])
+        reply.index_kinds.extend([convert.SERVED_BY_WIRE.get(r.index_kind, pb.FLAT) for r in results])
+        reply.promoted.extend(promoted)
+        if into is not None:  # the reply's slots are reserved: results not written there in place are copied
+            for slots, result in zip(into, results, strict=True):
+                if not result.in_place:
+                    slots.ids.copy_(result.ids)
+                    slots.output.copy_(result.output)
+                    slots.lse.copy_(result.lse)
+        else:
+            codec.write_sequences(writer, [r.ids for r in results], reply.ids)
         if mode is Mode.IDS_KV:
             codec.write_sequences(writer, [r.keys for r in results], reply.keys)
             codec.write_sequences(writer, [r.values for r in results], reply.values)
         elif mode is Mode.ATTENTION and past is not None and past.packed:
             retro.write_packed(codec, writer, results, reply)
-        elif mode is Mode.ATTENTION:
+        elif mode is Mode.ATTENTION and into is None:
             codec.write_sequences(writer, [r.output for r in results], reply.output)
             codec.write_sequences(writer, [r.lse for r in results], reply.lse)
             if past is not None:
@@ -273,3 +286,15 @@ class KvdServicer(pb_grpc.KvdServicer):
             for r in regions
         ])
 
+
+def _attend_slots(writer: OutputWriter | None, reply: pb.RetrieveResponse, queries: torch.Tensor, sequences: int,
+                  k: int) -> list[AttendSlots] | None:
+    """A mode ATTENTION reply's ids, output and lse reserved in the request's shared memory, one slot per sequence
+    (a fused search writes there in place); None without shared memory or for a request the engine will refuse."""
+    if writer is None or queries.dim() != 3 or queries.shape[0] != sequences or not 1 <= k <= MAX_K:
+        return None
+    n, heads, head_dim = queries.shape
+    ids = writer.reserve((n, heads, k), torch.int64, reply.ids)
+    output = writer.reserve((n, heads, head_dim), torch.float32, reply.output)
+    lse = writer.reserve((n, heads), torch.float32, reply.lse)
+    return [AttendSlots(ids[i], output[i], lse[i]) for i in range(n)]

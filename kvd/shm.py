@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import threading
@@ -153,17 +154,22 @@ class OutputWriter:
 
     def write(self, tensor: torch.Tensor, message: object) -> None:
         tensor = tensor.contiguous()
-        nbytes = tensor.numel() * tensor.element_size()
+        self.reserve(tuple(tensor.shape), tensor.dtype, message).copy_(tensor)
+
+    def reserve(self, shape: tuple[int, ...], dtype: torch.dtype, message: object) -> torch.Tensor:
+        """The next slot of the reference as a writable tensor of `shape`, described in `message`: a reply
+        tensor that a kernel writes in place (no copy)."""
+        nbytes = math.prod(shape) * dtype.itemsize
         start = wire.align(self.cursor)
         if start + nbytes > self.byte_size:
             raise InvalidArgument(
                 f"output shared-memory reference of {self.byte_size} bytes is too small: the reply needs at "
                 f"least {start + nbytes} bytes"
             )
-        wire.place(tensor, self.buffer, start)
         self.cursor = start + nbytes
-        message.dtype = wire.WIRE_BY_TORCH[tensor.dtype]
-        message.shape[:] = list(tensor.shape)
+        message.dtype = wire.WIRE_BY_TORCH[dtype]
+        message.shape[:] = list(shape)
         message.shm.region = self.region
         message.shm.offset = self.base + start
         message.shm.byte_size = nbytes
+        return wire.decode_bytes(self.buffer[start: start + nbytes], dtype, shape)

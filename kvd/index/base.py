@@ -81,6 +81,16 @@ class Attended:
 
 
 @dataclass(frozen=True)
+class AttendSlots:
+    """Where one sequence's attention result is written in place (e.g. views of the reply's shared memory):
+    ids int64 [Hq, k], output float32 [Hq, head_dim], lse float32 [Hq]."""
+
+    ids: torch.Tensor
+    output: torch.Tensor
+    lse: torch.Tensor
+
+
+@dataclass(frozen=True)
 class StoredKeys:
     """The session's own keys of the layer, for kinds that read them instead of keeping a copy: keys
     [num_kv_heads, length, head_dim] in the session's dtype (a view of the layer's store), local id i at row
@@ -115,11 +125,13 @@ class KeyIndex(ABC):
         """queries: float32 [num_query_heads, head_dim]."""
 
     def search_attend(self, queries: torch.Tensor, k: int, scale: float, params: dict[str, str],
-                      stored: StoredKeys, values: torch.Tensor, tails: list[tuple[int, int]]) -> Attended | None:
+                      stored: StoredKeys, values: torch.Tensor, tails: list[tuple[int, int]],
+                      into: AttendSlots | None = None) -> Attended | None:
         """search() plus an exact scan of the session positions in `tails` (keys the index does not cover) and
         the softmax(scale * q.k) attention over the top k of both, for kinds that can do it in one compiled
-        pass; values: the session's [num_kv_heads, length, head_dim]. None: not for this call (the caller then
-        searches, scans and attends step by step, with the same result)."""
+        pass; values: the session's [num_kv_heads, length, head_dim]; into: where to write the result (the
+        Attended then holds these tensors). None: not for this call (the caller then searches, scans and
+        attends step by step, with the same result)."""
         return None
 
     def check_search_params(self, params: dict[str, str]) -> None:

@@ -72,7 +72,7 @@ import torch
 from kvd import hugepages, parallel
 from kvd.gather_kernels import store_array, supported
 from kvd.index import graph_kernels as gk
-from kvd.index.base import Attended, BuildHints, IndexShape, KeyIndex, SearchResult, StoredKeys
+from kvd.index.base import Attended, AttendSlots, BuildHints, IndexShape, KeyIndex, SearchResult, StoredKeys
 from kvd.index.graph_build import GraphParams, build_graph, exact_topn
 from kvd.index.wave_io import pack, unpack
 from kvd.workers import run_claimed, run_ranges
@@ -339,7 +339,8 @@ class GraphIndex(KeyIndex):
                             ranked=True, id_base=id_base)
 
     def search_attend(self, queries: torch.Tensor, k: int, scale: float, params: dict[str, str],
-                      stored: StoredKeys, values: torch.Tensor, tails: list[tuple[int, int]]) -> Attended | None:
+                      stored: StoredKeys, values: torch.Tensor, tails: list[tuple[int, int]],
+                      into: AttendSlots | None = None) -> Attended | None:
         """The whole decode Retrieve as one parallel region (gk.search_attend_parallel): for a graph reading the
         session's bf16/float32 store, one head per search (group 1), with no work counter (touched=off), fuse=1
         and the region schedule."""
@@ -356,20 +357,20 @@ class GraphIndex(KeyIndex):
         visited, (cd, ci, rd, ri, _, _, fresh) = _search_scratch(self._count, team, ef, self._entries.shape[1],
                                                                  self._adj.shape[2])
         weights, row = _attend_scratch(team, k, d)
-        ids = np.empty((hq, k), dtype=np.int64)
-        scores = np.empty((hq, k), dtype=np.float32)
-        output = np.empty((hq, d), dtype=np.float32)
-        lse = np.empty(hq, dtype=np.float32)
-        counts = np.empty(hq, dtype=np.int64)
+        # torch tensors made before the region: the first torch op after it would run with cold caches
+        if into is None:
+            into = AttendSlots(ids=torch.empty((hq, k), dtype=torch.int64), output=torch.empty((hq, d)),
+                               lse=torch.empty(hq))
+        scores, counts = _scratch_rows(hq, k)
         key_of, graph_of = self._heads
         with parallel.timed():
             gk.search_attend_parallel(key_rows, store_array(values), base, self._adj, self._entries,
                                       np.ascontiguousarray(queries.float().numpy()), key_of, graph_of, self._count,
-                                      ef, np.array(tails, dtype=np.int64).reshape(-1, 2), float(scale), ids, scores,
-                                      output, lse, counts, visited, self._param("prefetch", params) != "0", cd, ci,
-                                      rd, ri, fresh, weights, row)
-        return Attended(ids=torch.from_numpy(ids), output=torch.from_numpy(output), lse=torch.from_numpy(lse),
-                        count=int(counts[0]))
+                                      ef, np.array(tails, dtype=np.int64).reshape(-1, 2), float(scale),
+                                      into.ids.numpy(), scores, into.output.numpy(), into.lse.numpy(), counts,
+                                      visited, self._param("prefetch", params) != "0", cd, ci, rd, ri, fresh, weights,
+                                      row)
+        return Attended(ids=into.ids, output=into.output, lse=into.lse, count=int(counts[0]))
 
     # ---------------------------------------------------------------------------------- bookkeeping
     @property
@@ -447,6 +448,16 @@ def _search_scratch(count: int, rows: int, ef: int, entries: int, width: int, gr
         heaps = ((ef, entries, width, group), gk.search_scratch(rows, ef, entries, width, group))
         _SCRATCH.heaps = heaps
     return visited, heaps[1]
+
+
+def _scratch_rows(heads: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """This thread's per-call scratch of a fused search: scores float32 [heads, k] and valid counts int64
+    [heads], kept between calls."""
+    scratch = getattr(_SCRATCH, "rows", None)
+    if scratch is None or scratch[0].shape != (heads, k):
+        scratch = (np.empty((heads, k), np.float32), np.empty(heads, np.int64))
+        _SCRATCH.rows = scratch
+    return scratch
 
 
 def _attend_scratch(rows: int, k: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:

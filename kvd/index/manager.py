@@ -23,7 +23,7 @@ import torch
 from kvd import metrics
 from kvd.config import IndexConfig
 from kvd.errors import InvalidArgument
-from kvd.index.base import Attended, BuildHints, IndexShape, KeyIndex, StoredKeys
+from kvd.index.base import Attended, AttendSlots, BuildHints, IndexShape, KeyIndex, StoredKeys
 from kvd.index.flat import exact_scores, scores_at
 from kvd.store.session import Session, Tier
 
@@ -113,7 +113,8 @@ class LayerIndex:
 
 
     def search_attend(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k: int, scale: float,
-                      begin: int, end: int, params: dict[str, str]) -> Attended | None:
+                      begin: int, end: int, params: dict[str, str], into: AttendSlots | None = None
+                      ) -> Attended | None:
         """search() and the attention over its top-k in one compiled pass (KeyIndex.search_attend), the uncovered
         tail scanned inside it; None when the index cannot serve the range or has no such pass for this call."""
         served = self._serving(begin, end)
@@ -122,7 +123,7 @@ class LayerIndex:
         index, covered_end = served
         tails = [(lo, hi) for lo, hi in ((begin, self.base), (covered_end, end)) if hi > lo]
         return index.search_attend(queries, k, scale, {"touched": "off", **params}, StoredKeys(keys, self.base),
-                                   values, tails)
+                                   values, tails, into)
 
     def _serving(self, begin: int, end: int) -> tuple[KeyIndex, int] | None:
         """(the ready index, the end of what it covers) when it can serve [begin, end), else None."""
