@@ -101,13 +101,15 @@ def retrieve_sequence(session: Session, queries: torch.Tensor, spec: RetrieveSpe
         begin, end = resolve_range(session, length, requested_range)
         started = time.perf_counter()
         parallel.take_seconds()
-        if spec.mode is Mode.ATTENTION and past is None and candidates is None and not spec.exact \
+        if spec.mode is Mode.ATTENTION and candidates is None and not spec.exact \
                 and (slot := session.indexes[spec.layer]) is not None:
-            fused = slot.search_attend(queries, keys, values, spec.k, spec.scale, begin, end, spec.params, into)
+            fused = slot.search_attend(queries, keys, values, spec.k, spec.scale, begin, end, spec.params, into,
+                                       past)
             if fused is not None:  # search, tail scan and attention in one compiled pass (attend_s is inside)
                 return SequenceResult(ids=fused.ids, count=fused.count, index_kind=slot.kind, output=fused.output,
-                                      lse=fused.lse, search_s=time.perf_counter() - started,
-                                      search_kernel_s=parallel.take_seconds(), in_place=into is not None)
+                                      lse=fused.lse, past_output=fused.past_output, past_lse=fused.past_lse,
+                                      search_s=time.perf_counter() - started, search_kernel_s=parallel.take_seconds(),
+                                      in_place=into is not None)
         if candidates is not None:
             ids, scores = candidate_topk(queries, keys, candidates, spec.k, begin, end, spec.threads)
             estimate, kind = None, "candidates"

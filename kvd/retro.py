@@ -106,7 +106,7 @@ def newly_seen(ids: torch.Tensor, count: int, seen_ids: torch.Tensor | None, see
                ) -> torch.Tensor:
     """ids [Hq, m] (-1 = none) -> bool [P, Hq, m]: which of them past query p has not attended yet."""
     heads, m = ids.shape
-    seen, bound = _seen_arrays(count, heads, seen_ids, seen_from)
+    seen, bound = seen_arrays(count, heads, seen_ids, seen_from)
     out = np.empty((count, heads, m), np.bool_)
     _unseen(np.ascontiguousarray(ids.to(torch.int64).numpy()), seen, bound, out)
     return torch.from_numpy(out)
@@ -116,8 +116,9 @@ _NO_BOUND = (1 << 62)
 _NEG_INF = -np.inf
 
 
-def _seen_arrays(count: int, heads: int, seen_ids: torch.Tensor | None, seen_from: torch.Tensor | None
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def seen_arrays(count: int, heads: int, seen_ids: torch.Tensor | None, seen_from: torch.Tensor | None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The kernels' seen ids [P, Hq, S] and bounds [P] (no seen ids, no bound where not given)."""
     seen = np.empty((count, heads, 0), np.int64) if seen_ids is None else np.ascontiguousarray(seen_ids.numpy())
     bound = np.full(count, _NO_BOUND, np.int64) if seen_from is None else np.ascontiguousarray(seen_from.numpy())
     return seen, bound
@@ -174,7 +175,7 @@ def _unseen(ids: np.ndarray, seen: np.ndarray, bound: np.ndarray, out: np.ndarra
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def _attend_rows_past(kstore: np.ndarray, vstore: np.ndarray, ids: np.ndarray, scores: np.ndarray, scale: float,
+def attend_rows_past_heads(kstore: np.ndarray, vstore: np.ndarray, ids: np.ndarray, scores: np.ndarray, scale: float,
                       group: int, past: np.ndarray, seen: np.ndarray, bound: np.ndarray, out: np.ndarray,
                       lse: np.ndarray, past_out: np.ndarray, past_lse: np.ndarray, h0: int, h1: int) -> float:
     """Query heads h0..h1-1 of gather_kernels._attend_rows (the current query: the same arithmetic, so the same
@@ -300,7 +301,7 @@ def _attend_rows_past_parallel(kstore: np.ndarray, vstore: np.ndarray, ids: np.n
     range, and every malloc in a region contends for the daemon's few heap arenas)."""
     heads = ids.shape[0]
     for part in prange(parts):
-        _attend_rows_past(kstore, vstore, ids, scores, scale, group, past, seen, bound, out, lse, past_out,
+        attend_rows_past_heads(kstore, vstore, ids, scores, scale, group, past, seen, bound, out, lse, past_out,
                           past_lse, heads * part // parts, heads * (part + 1) // parts)
 
 
@@ -321,7 +322,7 @@ def attend_rows_past(keys: torch.Tensor, values: torch.Tensor, ids: torch.Tensor
     `threads`: the query heads are shared by that many threads (default: every core, in one parallel region
     where kvd.parallel allows it, else `threads_for` worker-pool threads); the results do not depend on it."""
     count, heads, dim = past.queries.shape
-    seen, bound = _seen_arrays(count, heads, past.seen_ids, past.seen_from)
+    seen, bound = seen_arrays(count, heads, past.seen_ids, past.seen_from)
     out = np.empty((heads, dim), np.float32)
     lse = np.empty(heads, np.float32)
     past_out = np.empty((count, heads, dim), np.float32)
@@ -337,9 +338,9 @@ def attend_rows_past(keys: torch.Tensor, values: torch.Tensor, ids: torch.Tensor
     if threads is None:
         threads = threads_for(heads, ids.shape[1], count)
     if threads <= 1:
-        _attend_rows_past(*args, 0, heads)
+        attend_rows_past_heads(*args, 0, heads)
     else:
-        share_ranges(lambda h0, h1: _attend_rows_past(*args, h0, h1), heads, threads)
+        share_ranges(lambda h0, h1: attend_rows_past_heads(*args, h0, h1), heads, threads)
     return torch.from_numpy(out), torch.from_numpy(lse), torch.from_numpy(past_out), torch.from_numpy(past_lse)
 
 

@@ -544,3 +544,31 @@ def test_fused_search_declines_a_key_copy_and_bad_fuse_values(data: tuple) -> No
         GraphIndex(SHAPE, {"fuse": "2"})
     with pytest.raises(ValueError, match="fuse"):
         copy.check_search_params({"fuse": "yes"})
+
+
+def test_fused_search_with_past_queries_equals_the_stepwise_retro_pass(data: tuple) -> None:
+    """RetroAttention's past queries in the fused region: the same ids, current attention and past queries'
+    attention over their newly seen keys as the step-by-step search followed by kvd.retro.attend_rows_past."""
+    from kvd import retro
+
+    base, covered = 5, 2600
+    slot, keys, values = fused_layer(data, torch.bfloat16, base, covered)
+    _, _, dec = data
+    gen = torch.Generator().manual_seed(8)
+    scale = D ** -0.5
+    for q in dec[:3]:
+        first = slot.search(q, keys, 20, scale, base, keys.shape[1], {"touched": "off"})[0]
+        # two past queries: one has seen half of this head's keys, the other saw everything from the base on
+        seen = torch.stack([first[:, ::2], torch.full_like(first[:, ::2], -1)])
+        past = retro.PastQueries(queries=torch.randn(2, SHAPE.num_query_heads, D, generator=gen),
+                                 seen_ids=seen, seen_from=torch.tensor([keys.shape[1], base]))
+        fused = slot.search_attend(q, keys, values, 20, scale, base, keys.shape[1], {}, past=past)
+        ids, scores, _, _ = slot.search(q, keys, 20, scale, base, keys.shape[1], {"touched": "off"})
+        out, lse, past_out, past_lse = retro.attend_rows_past(keys, values, ids, scores, scale, past)
+        assert torch.equal(fused.ids, ids)
+        torch.testing.assert_close(fused.output, out, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(fused.lse, lse, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(fused.past_output, past_out, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(fused.past_lse, past_lse, rtol=1e-6, atol=1e-6)
+        assert bool(torch.isfinite(fused.past_lse[0]).all()) and bool(torch.isneginf(fused.past_lse[1]).all())
+        assert not bool(fused.past_output[1].any())

@@ -119,6 +119,48 @@ def test_graph_decode_attention_with_a_tail_is_fused_and_equals_the_stepwise_pat
     client.close()
 
 
+def test_graph_retro_past_queries_are_fused_and_equal_the_stepwise_path(shared_daemon):
+    """RetroAttention's past queries through the daemon on a graph session: the fused region (fuse=1) returns
+    what the step-by-step path (fuse=0) does, packed or not, and a past query's output equals the float64
+    attention over the retrieved keys it had not seen."""
+    from tests.reference import full_attention
+
+    client = shared_daemon.client()
+    sid = "graph-fused-retro"
+    n, sink, window, d, hq = 2500, 4, 64, 32, 4
+    client.create_session(sid, num_layers=1, num_kv_heads=2, num_query_heads=hq, head_dim=d, dtype="bf16",
+                          index="graph", sink_tokens=sink, window_tokens=window)
+    keys, values = clustered_kv(21, n)
+    keys, values = keys.bfloat16(), values.bfloat16()
+    client.append(sid, 0, keys.unsqueeze(0), values.unsqueeze(0),
+                  hint_queries=torch.randn(1, hq, 64, d, generator=torch.Generator().manual_seed(22)))
+    wait_ready(client, sid, 1)
+    gen = torch.Generator().manual_seed(23)
+    q, past_q = torch.randn(hq, d, generator=gen) * 2, torch.randn(1, hq, d, generator=gen) * 2
+    first = client.retrieve(sid, 0, q, k=30, mode="ids")
+    seen = first.ids[:, :10].unsqueeze(0)  # the past query saw the 10 best of each head already
+    scale = d ** -0.5
+    args = {"k": 30, "mode": "attention", "scale": scale, "past_queries": past_q, "past_seen_ids": seen,
+            "past_seen_from": torch.tensor([n])}
+    fused = client.retrieve(sid, 0, q, **args)
+    stepwise = client.retrieve(sid, 0, q, search_params={"fuse": 0}, **args)
+    packed = client.retrieve(sid, 0, q, packed=True, **args)
+    assert fused.attend_ms == 0.0 and stepwise.attend_ms > 0.0
+    assert fused.ids.tolist() == stepwise.ids.tolist() == first.ids.tolist()
+    for name in ("output", "lse", "past_output", "past_lse"):
+        torch.testing.assert_close(getattr(fused, name), getattr(stepwise, name), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(packed.packed[1, ..., :d], fused.output, rtol=0, atol=0)
+    torch.testing.assert_close(packed.packed[0, ..., d], fused.past_lse[0], rtol=0, atol=0)
+    for h in range(hq):
+        new = fused.ids[h, 10:].tolist()
+        out, lse = full_attention(past_q[0, h:h + 1], keys[h // 2:h // 2 + 1].float(),
+                                  values[h // 2:h // 2 + 1].float(), scale, new)
+        torch.testing.assert_close(fused.past_output[0, h].double(), torch.from_numpy(out[0]), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fused.past_lse[0, h].double(), torch.tensor(lse[0]), rtol=1e-6, atol=1e-6)
+    client.delete_session(sid)
+    client.close()
+
+
 @pytest.mark.parametrize("kind", ["hnsw", "graph"])
 def test_index_survives_spill_and_promote(daemon_factory, kind):
     """Also the graph, whose blob holds no keys: after the promotion it reads the reloaded store."""

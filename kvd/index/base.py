@@ -18,8 +18,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from kvd.retro import PastQueries
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,8 @@ class Attended:
     output: torch.Tensor
     lse: torch.Tensor
     count: int
+    past_output: torch.Tensor | None = None  # with past queries (kvd.retro): float32 [P, Hq, head_dim]
+    past_lse: torch.Tensor | None = None     # float32 [P, Hq]
 
 
 @dataclass(frozen=True)
@@ -126,12 +132,13 @@ class KeyIndex(ABC):
 
     def search_attend(self, queries: torch.Tensor, k: int, scale: float, params: dict[str, str],
                       stored: StoredKeys, values: torch.Tensor, tails: list[tuple[int, int]],
-                      into: AttendSlots | None = None) -> Attended | None:
+                      into: AttendSlots | None = None, past: PastQueries | None = None) -> Attended | None:
         """search() plus an exact scan of the session positions in `tails` (keys the index does not cover) and
         the softmax(scale * q.k) attention over the top k of both, for kinds that can do it in one compiled
         pass; values: the session's [num_kv_heads, length, head_dim]; into: where to write the result (the
-        Attended then holds these tensors). None: not for this call (the caller then searches, scans and
-        attends step by step, with the same result)."""
+        Attended then holds these tensors); past: one sequence's RetroAttention past queries, attended over
+        their newly seen keys in the same pass (kvd.retro). None: not for this call (the caller then searches,
+        scans and attends step by step, with the same result)."""
         return None
 
     def check_search_params(self, params: dict[str, str]) -> None:

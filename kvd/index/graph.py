@@ -75,6 +75,7 @@ from kvd.index import graph_kernels as gk
 from kvd.index.base import Attended, AttendSlots, BuildHints, IndexShape, KeyIndex, SearchResult, StoredKeys
 from kvd.index.graph_build import GraphParams, build_graph, exact_topn
 from kvd.index.wave_io import pack, unpack
+from kvd.retro import PastQueries, seen_arrays
 from kvd.workers import run_claimed, run_ranges
 
 _CONCURRENT_GRAPHS = 4
@@ -340,10 +341,10 @@ class GraphIndex(KeyIndex):
 
     def search_attend(self, queries: torch.Tensor, k: int, scale: float, params: dict[str, str],
                       stored: StoredKeys, values: torch.Tensor, tails: list[tuple[int, int]],
-                      into: AttendSlots | None = None) -> Attended | None:
-        """The whole decode Retrieve as one parallel region (gk.search_attend_parallel): for a graph reading the
-        session's bf16/float32 store, one head per search (group 1), with no work counter (touched=off), fuse=1
-        and the region schedule."""
+                      into: AttendSlots | None = None, past: PastQueries | None = None) -> Attended | None:
+        """The whole decode Retrieve as one parallel region (gk.search_attend_parallel, with past queries
+        gk.search_attend_past_parallel): for a graph reading the session's bf16/float32 store, one head per
+        search (group 1), with no work counter (touched=off), fuse=1 and the region schedule."""
         if (self._mode != "session" or self._count == 0 or k == 0 or not parallel.enabled()
                 or self._param("fuse", params) == "0" or self._param("touched", params) != "off"
                 or self._search_group(params) != 1 or self._param("schedule", params) not in ("auto", "region")
@@ -363,14 +364,24 @@ class GraphIndex(KeyIndex):
                                lse=torch.empty(hq))
         scores, counts = _scratch_rows(hq, k)
         key_of, graph_of = self._heads
+        search = (key_rows, store_array(values), base, self._adj, self._entries,
+                  np.ascontiguousarray(queries.float().numpy()), key_of, graph_of, self._count, ef,
+                  np.array(tails, dtype=np.int64).reshape(-1, 2), float(scale), into.ids.numpy(), scores,
+                  into.output.numpy(), into.lse.numpy(), counts)
+        prefetch = self._param("prefetch", params) != "0"
+        if past is None:
+            with parallel.timed():
+                gk.search_attend_parallel(*search, visited, prefetch, cd, ci, rd, ri, fresh, weights, row)
+            return Attended(ids=into.ids, output=into.output, lse=into.lse, count=int(counts[0]))
+        count = past.queries.shape[0]
+        seen, bound = seen_arrays(count, hq, past.seen_ids, past.seen_from)
+        past_output, past_lse = torch.empty((count, hq, d)), torch.empty((count, hq))
         with parallel.timed():
-            gk.search_attend_parallel(key_rows, store_array(values), base, self._adj, self._entries,
-                                      np.ascontiguousarray(queries.float().numpy()), key_of, graph_of, self._count,
-                                      ef, np.array(tails, dtype=np.int64).reshape(-1, 2), float(scale),
-                                      into.ids.numpy(), scores, into.output.numpy(), into.lse.numpy(), counts,
-                                      visited, self._param("prefetch", params) != "0", cd, ci, rd, ri, fresh, weights,
-                                      row)
-        return Attended(ids=into.ids, output=into.output, lse=into.lse, count=int(counts[0]))
+            gk.search_attend_past_parallel(*search, np.ascontiguousarray(past.queries.numpy()), seen, bound,
+                                           past_output.numpy(), past_lse.numpy(), np.empty(hq), visited, prefetch, cd,
+                                           ci, rd, ri, fresh)
+        return Attended(ids=into.ids, output=into.output, lse=into.lse, count=int(counts[0]), past_output=past_output,
+                        past_lse=past_lse)
 
     # ---------------------------------------------------------------------------------- bookkeeping
     @property

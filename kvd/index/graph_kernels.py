@@ -18,6 +18,7 @@ from numba import get_thread_id, njit, prange, types
 from numba.extending import intrinsic, overload
 
 from kvd.gather_kernels import attend_head
+from kvd.retro import attend_rows_past_heads
 
 _INF = np.float32(np.inf)
 
@@ -446,6 +447,33 @@ def search_attend_parallel(keys: np.ndarray, values: np.ndarray, key_base: int, 
         counts[h] = min(k, rs)
         _write_top(rd[t, 0], ri[t, 0], rs, key_base, ids[h], scores[h])
         lse[h] = attend_head(values[key_of[h]], ids[h], scores[h], scale, weights[t], row[t], out[h])
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def search_attend_past_parallel(keys: np.ndarray, values: np.ndarray, key_base: int, adj: np.ndarray,
+                                entries: np.ndarray, queries: np.ndarray, key_of: np.ndarray, graph_of: np.ndarray,
+                                count: int, ef: int, tails: np.ndarray, scale: float, ids: np.ndarray,
+                                scores: np.ndarray, out: np.ndarray, lse: np.ndarray, counts: np.ndarray,
+                                past: np.ndarray, seen: np.ndarray, bound: np.ndarray, past_out: np.ndarray,
+                                past_lse: np.ndarray, loaded: np.ndarray, visited: np.ndarray, prefetch: bool,
+                                cd: np.ndarray, ci: np.ndarray, rd: np.ndarray, ri: np.ndarray,
+                                fresh: np.ndarray) -> None:
+    """search_attend_parallel with RetroAttention's past queries (kvd.retro): per query head, after the search,
+    the current query's attention and the past queries' over their newly seen keys in one pass over the rows
+    (retro.attend_rows_past_heads; past [P, Hq, d], seen [P, Hq, S], bound [P] -> past_out [P, Hq, d],
+    past_lse [P, Hq]). loaded: float64 [Hq] scratch that keeps the kernel's prefetching loads."""
+    k = ids.shape[1]
+    width = max(ef, k)
+    group = queries.shape[0] // values.shape[0]
+    for h in prange(queries.shape[0]):
+        t = get_thread_id()
+        g = graph_of[h]
+        rs = _search_with_tails(keys[key_of[h]], key_base, adj[g], entries[g], queries[h], count, width, tails,
+                                visited[t], prefetch, cd[t], ci[t], rd[t, 0], ri[t, 0], fresh[t])
+        counts[h] = min(k, rs)
+        _write_top(rd[t, 0], ri[t, 0], rs, key_base, ids[h], scores[h])
+        loaded[h] = attend_rows_past_heads(keys, values, ids, scores, scale, group, past, seen, bound, out, lse,
+                                           past_out, past_lse, h, h + 1)
 
 
 # ------------------------------------------------------------------------------------------ construction

@@ -25,6 +25,7 @@ from kvd.config import IndexConfig
 from kvd.errors import InvalidArgument
 from kvd.index.base import Attended, AttendSlots, BuildHints, IndexShape, KeyIndex, StoredKeys
 from kvd.index.flat import exact_scores, scores_at
+from kvd.retro import PastQueries
 from kvd.store.session import Session, Tier
 
 log = logging.getLogger("kvd.index")
@@ -113,8 +114,8 @@ class LayerIndex:
 
 
     def search_attend(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k: int, scale: float,
-                      begin: int, end: int, params: dict[str, str], into: AttendSlots | None = None
-                      ) -> Attended | None:
+                      begin: int, end: int, params: dict[str, str], into: AttendSlots | None = None,
+                      past: PastQueries | None = None) -> Attended | None:
         """search() and the attention over its top-k in one compiled pass (KeyIndex.search_attend), the uncovered
         tail scanned inside it; None when the index cannot serve the range or has no such pass for this call."""
         served = self._serving(begin, end)
@@ -123,7 +124,7 @@ class LayerIndex:
         index, covered_end = served
         tails = [(lo, hi) for lo, hi in ((begin, self.base), (covered_end, end)) if hi > lo]
         return index.search_attend(queries, k, scale, {"touched": "off", **params}, StoredKeys(keys, self.base),
-                                   values, tails, into)
+                                   values, tails, into, past)
 
     def _serving(self, begin: int, end: int) -> tuple[KeyIndex, int] | None:
         """(the ready index, the end of what it covers) when it can serve [begin, end), else None."""
