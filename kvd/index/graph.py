@@ -27,7 +27,8 @@ g > 1 dividing the GQA group, per=kv: g heads of one KV head search its graph to
 scored for all g, the frontier ordered by the best score over them, each head keeping its own ef best),
 touched (exact: keys_touched is reported | off: left 0, one reduction less per call; the daemon serves with
 off), fuse (1: a decode Retrieve in mode ATTENTION runs the search, the exact scan of the keys not yet added
-and the attention as one compiled parallel region, search_attend | 0: step by step; same results); threads,
+and the attention as one compiled parallel region, search_attend | past: RetroAttention's past queries in that
+region too (slower on the H100 host than attending them afterwards) | 0: step by step; same results); threads,
 schedule, prefetch, chunk, group, touched and fuse can also be given per call.
 With StoredKeys (base b), a search returns positions b + local id (SearchResult.id_base = b): the kernel writes
 them, so a decode Retrieve needs no pass over the ids to shift them.
@@ -89,6 +90,9 @@ _SESSION_DTYPES = (torch.bfloat16, torch.float32)  # session stores the kernels 
 # how a search's query heads are spread over threads: one parallel region (kvd.parallel), worker-pool threads
 # claiming one head at a time, or one fixed range per pool thread; auto = region where the host has it, else claim
 _SCHEDULES = ("auto", "region", "claim", "ranges")
+# fuse: 1 = search, tail scan and attention in one region; past = RetroAttention's past queries in it too (measured
+# slower than attending them in their own region afterwards, BENCHMARKS.md); 0 = step by step
+_FUSE = ("0", "1", "past")
 
 
 class GraphIndex(KeyIndex):
@@ -107,8 +111,8 @@ class GraphIndex(KeyIndex):
             raise ValueError(f"graph param 'schedule' must be one of {sorted(_SCHEDULES)}")
         if self._param("touched") not in ("exact", "off"):
             raise ValueError("graph param 'touched' must be 'exact' or 'off'")
-        if self._param("fuse") not in ("0", "1"):
-            raise ValueError("graph param 'fuse' must be 0 or 1")
+        if self._param("fuse") not in _FUSE:
+            raise ValueError(f"graph param 'fuse' must be one of {list(_FUSE)}")
         self._search_group(None)  # validates 'group'
         self._mode = ""  # where the keys are read: "session" or a copy ("bf16" | "fp32"); set by the first build/add
         self._keys = np.zeros((shape.num_kv_heads, 0, shape.head_dim), dtype=np.uint16)  # the copy: [Hkv, cap, d]
@@ -143,8 +147,8 @@ class GraphIndex(KeyIndex):
             raise ValueError(f"graph search param 'schedule' must be one of {sorted(_SCHEDULES)}")
         if params.get("touched", "exact") not in ("exact", "off"):
             raise ValueError("graph search param 'touched' must be 'exact' or 'off'")
-        if params.get("fuse", "1") not in ("0", "1"):
-            raise ValueError("graph search param 'fuse' must be 0 or 1")
+        if params.get("fuse", "1") not in _FUSE:
+            raise ValueError(f"graph search param 'fuse' must be one of {list(_FUSE)}")
         self._search_group(params)
 
     def _search_group(self, params: dict[str, str] | None) -> int:
@@ -343,10 +347,11 @@ class GraphIndex(KeyIndex):
                       stored: StoredKeys, values: torch.Tensor, tails: list[tuple[int, int]],
                       into: AttendSlots | None = None, past: PastQueries | None = None) -> Attended | None:
         """The whole decode Retrieve as one parallel region (gk.search_attend_parallel, with past queries
-        gk.search_attend_past_parallel): for a graph reading the session's bf16/float32 store, one head per
-        search (group 1), with no work counter (touched=off), fuse=1 and the region schedule."""
+        gk.search_attend_past_parallel, fuse=past): for a graph reading the session's bf16/float32 store, one head
+        per search (group 1), with no work counter (touched=off), fuse=1 and the region schedule."""
+        fuse = self._param("fuse", params)
         if (self._mode != "session" or self._count == 0 or k == 0 or not parallel.enabled()
-                or self._param("fuse", params) == "0" or self._param("touched", params) != "off"
+                or fuse == "0" or (past is not None and fuse != "past") or self._param("touched", params) != "off"
                 or self._search_group(params) != 1 or self._param("schedule", params) not in ("auto", "region")
                 or not supported(values) or values.dtype != stored.keys.dtype):
             return None
