@@ -547,7 +547,7 @@ def test_fused_search_declines_a_key_copy_and_bad_fuse_values(data: tuple) -> No
 
 
 def test_fused_search_with_past_queries_equals_the_stepwise_retro_pass(data: tuple) -> None:
-    """RetroAttention's past queries in the fused region (fuse=past; fuse=1 leaves them to their own pass): the
+    """RetroAttention's past queries in the fused region (fuse=1; fuse=current leaves them to their own pass): the
     same ids, current attention and past queries' attention over their newly seen keys as the step-by-step search
     followed by kvd.retro.attend_rows_past."""
     from kvd import retro
@@ -563,8 +563,10 @@ def test_fused_search_with_past_queries_equals_the_stepwise_retro_pass(data: tup
         seen = torch.stack([first[:, ::2], torch.full_like(first[:, ::2], -1)])
         past = retro.PastQueries(queries=torch.randn(2, SHAPE.num_query_heads, D, generator=gen),
                                  seen_ids=seen, seen_from=torch.tensor([keys.shape[1], base]))
-        assert slot.search_attend(q, keys, values, 20, scale, base, keys.shape[1], {}, past=past) is None  # fuse=1
-        fused = slot.search_attend(q, keys, values, 20, scale, base, keys.shape[1], {"fuse": "past"}, past=past)
+        current = {"fuse": "current"}  # the past queries left to their own pass
+        assert slot.search_attend(q, keys, values, 20, scale, base, keys.shape[1], current, past=past) is None
+        assert slot.search_attend(q, keys, values, 20, scale, base, keys.shape[1], current) is not None
+        fused = slot.search_attend(q, keys, values, 20, scale, base, keys.shape[1], {}, past=past)
         ids, scores, _, _ = slot.search(q, keys, 20, scale, base, keys.shape[1], {"touched": "off"})
         out, lse, past_out, past_lse = retro.attend_rows_past(keys, values, ids, scores, scale, past)
         assert torch.equal(fused.ids, ids)

@@ -120,9 +120,9 @@ def test_graph_decode_attention_with_a_tail_is_fused_and_equals_the_stepwise_pat
 
 
 def test_graph_retro_past_queries_fused_or_not_equal_the_stepwise_path(shared_daemon):
-    """RetroAttention's past queries through the daemon on a graph session: the fused region (fuse=past) returns
-    what the step-by-step path (fuse=0) and the default (fuse=1: past queries in their own pass) do, packed or
-    not, and a past query's output equals the float64 attention over the retrieved keys it had not seen."""
+    """RetroAttention's past queries through the daemon on a graph session: the fused region (fuse=1) returns
+    what the step-by-step path (fuse=0) and fuse=current (past queries in their own pass) do, packed or not,
+    and a past query's output equals the float64 attention over the retrieved keys it had not seen."""
     from tests.reference import full_attention
 
     client = shared_daemon.client()
@@ -142,10 +142,10 @@ def test_graph_retro_past_queries_fused_or_not_equal_the_stepwise_path(shared_da
     scale = d ** -0.5
     args = {"k": 30, "mode": "attention", "scale": scale, "past_queries": past_q, "past_seen_ids": seen,
             "past_seen_from": torch.tensor([n])}
-    fused = client.retrieve(sid, 0, q, search_params={"fuse": "past"}, **args)
+    fused = client.retrieve(sid, 0, q, **args)
     stepwise = client.retrieve(sid, 0, q, search_params={"fuse": 0}, **args)
-    default = client.retrieve(sid, 0, q, **args)  # fuse=1: the past queries in their own pass after the search
-    packed = client.retrieve(sid, 0, q, search_params={"fuse": "past"}, packed=True, **args)
+    default = client.retrieve(sid, 0, q, search_params={"fuse": "current"}, **args)  # past queries after the search
+    packed = client.retrieve(sid, 0, q, packed=True, **args)
     assert fused.attend_ms == 0.0 and stepwise.attend_ms > 0.0 and default.attend_ms > 0.0
     assert default.ids.tolist() == fused.ids.tolist()
     torch.testing.assert_close(default.past_output, fused.past_output, rtol=1e-6, atol=1e-6)

@@ -27,8 +27,8 @@ g > 1 dividing the GQA group, per=kv: g heads of one KV head search its graph to
 scored for all g, the frontier ordered by the best score over them, each head keeping its own ef best),
 touched (exact: keys_touched is reported | off: left 0, one reduction less per call; the daemon serves with
 off), fuse (1: a decode Retrieve in mode ATTENTION runs the search, the exact scan of the keys not yet added
-and the attention as one compiled parallel region, search_attend | past: RetroAttention's past queries in that
-region too (slower on the H100 host than attending them afterwards) | 0: step by step; same results); threads,
+and the attention, with RetroAttention's past queries, as one compiled parallel region, search_attend | current:
+the past queries in their own pass afterwards | 0: step by step; same results); threads,
 schedule, prefetch, chunk, group, touched and fuse can also be given per call.
 With StoredKeys (base b), a search returns positions b + local id (SearchResult.id_base = b): the kernel writes
 them, so a decode Retrieve needs no pass over the ids to shift them.
@@ -90,9 +90,10 @@ _SESSION_DTYPES = (torch.bfloat16, torch.float32)  # session stores the kernels 
 # how a search's query heads are spread over threads: one parallel region (kvd.parallel), worker-pool threads
 # claiming one head at a time, or one fixed range per pool thread; auto = region where the host has it, else claim
 _SCHEDULES = ("auto", "region", "claim", "ranges")
-# fuse: 1 = search, tail scan and attention in one region; past = RetroAttention's past queries in it too (measured
-# slower than attending them in their own region afterwards, BENCHMARKS.md); 0 = step by step
-_FUSE = ("0", "1", "past")
+# fuse: 1 = search, tail scan, attention and RetroAttention's past queries in one region; current = the past queries
+# in their own region afterwards (retro overhead +29% against +15% fused on the H100 host, BENCHMARKS.md); 0 = step
+# by step
+_FUSE = ("0", "1", "current")
 
 
 class GraphIndex(KeyIndex):
@@ -347,11 +348,12 @@ class GraphIndex(KeyIndex):
                       stored: StoredKeys, values: torch.Tensor, tails: list[tuple[int, int]],
                       into: AttendSlots | None = None, past: PastQueries | None = None) -> Attended | None:
         """The whole decode Retrieve as one parallel region (gk.search_attend_parallel, with past queries
-        gk.search_attend_past_parallel, fuse=past): for a graph reading the session's bf16/float32 store, one head
-        per search (group 1), with no work counter (touched=off), fuse=1 and the region schedule."""
+        gk.search_attend_past_parallel): for a graph reading the session's bf16/float32 store, one head per search
+        (group 1), with no work counter (touched=off), fuse=1 (or current, without past queries) and the region
+        schedule."""
         fuse = self._param("fuse", params)
         if (self._mode != "session" or self._count == 0 or k == 0 or not parallel.enabled()
-                or fuse == "0" or (past is not None and fuse != "past") or self._param("touched", params) != "off"
+                or fuse == "0" or (past is not None and fuse == "current") or self._param("touched", params) != "off"
                 or self._search_group(params) != 1 or self._param("schedule", params) not in ("auto", "region")
                 or not supported(values) or values.dtype != stored.keys.dtype):
             return None
