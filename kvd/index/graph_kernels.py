@@ -424,6 +424,18 @@ def _search_with_tails(keys: np.ndarray, key_base: int, adj: np.ndarray, entries
     return rs
 
 
+@njit(cache=True, nogil=True)
+def _search_top(keys: np.ndarray, key_base: int, adj: np.ndarray, entries: np.ndarray, q: np.ndarray, count: int,
+                width: int, tails: np.ndarray, visited: np.ndarray, prefetch: bool, cd: np.ndarray, ci: np.ndarray,
+                rd: np.ndarray, ri: np.ndarray, fresh: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> int:
+    """_search_with_tails, then its best k = len(ids) as session positions into ids / scores (_write_top);
+    returns how many are valid."""
+    rs = _search_with_tails(keys, key_base, adj, entries, q, count, width, tails, visited, prefetch, cd, ci, rd, ri,
+                            fresh)
+    _write_top(rd, ri, rs, key_base, ids, scores)
+    return min(ids.shape[0], rs)
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def search_attend_parallel(keys: np.ndarray, values: np.ndarray, key_base: int, adj: np.ndarray,
                            entries: np.ndarray, queries: np.ndarray, key_of: np.ndarray, graph_of: np.ndarray,
@@ -442,10 +454,8 @@ def search_attend_parallel(keys: np.ndarray, values: np.ndarray, key_base: int, 
     for h in prange(queries.shape[0]):
         t = get_thread_id()
         g = graph_of[h]
-        rs = _search_with_tails(keys[key_of[h]], key_base, adj[g], entries[g], queries[h], count, width, tails,
-                                visited[t], prefetch, cd[t], ci[t], rd[t, 0], ri[t, 0], fresh[t])
-        counts[h] = min(k, rs)
-        _write_top(rd[t, 0], ri[t, 0], rs, key_base, ids[h], scores[h])
+        counts[h] = _search_top(keys[key_of[h]], key_base, adj[g], entries[g], queries[h], count, width, tails,
+                                visited[t], prefetch, cd[t], ci[t], rd[t, 0], ri[t, 0], fresh[t], ids[h], scores[h])
         lse[h] = attend_head(values[key_of[h]], ids[h], scores[h], scale, weights[t], row[t], out[h])
 
 
@@ -468,10 +478,8 @@ def search_attend_past_parallel(keys: np.ndarray, values: np.ndarray, key_base: 
     for h in prange(queries.shape[0]):
         t = get_thread_id()
         g = graph_of[h]
-        rs = _search_with_tails(keys[key_of[h]], key_base, adj[g], entries[g], queries[h], count, width, tails,
-                                visited[t], prefetch, cd[t], ci[t], rd[t, 0], ri[t, 0], fresh[t])
-        counts[h] = min(k, rs)
-        _write_top(rd[t, 0], ri[t, 0], rs, key_base, ids[h], scores[h])
+        counts[h] = _search_top(keys[key_of[h]], key_base, adj[g], entries[g], queries[h], count, width, tails,
+                                visited[t], prefetch, cd[t], ci[t], rd[t, 0], ri[t, 0], fresh[t], ids[h], scores[h])
         loaded[h] = attend_rows_past_heads(keys, values, ids, scores, scale, group, past, seen, bound, out, lse,
                                            past_out, past_lse, h, h + 1)
 
