@@ -142,6 +142,18 @@ def daemon_factory(tmp_path: Path) -> Iterator:
 
 
 @pytest.fixture
+def engine(tmp_path: Path) -> Iterator:
+    """The daemon's engine in this process (a real LMDB data dir, index pool and tiering), started and closed."""
+    from kvd.config import load
+    from kvd.engine import Engine
+
+    started = Engine(load(overrides={"storage.data_dir": str(tmp_path)}, environ={}))
+    started.start()
+    yield started
+    started.close()
+
+
+@pytest.fixture
 def kvd_daemon(daemon_factory) -> DaemonProcess:
     return daemon_factory()
 

@@ -9,7 +9,6 @@ import time
 import pytest
 import torch
 
-from kvd.config import load
 from kvd.engine import Engine
 from kvd.errors import InvalidArgument
 from kvd.index.base import AttendSlots
@@ -18,14 +17,6 @@ from kvd.store.session import ModelShape, SessionOptions
 
 SHAPE = ModelShape(1, 2, 4, 32, torch.bfloat16)
 K = 16
-
-
-@pytest.fixture
-def engine(tmp_path):
-    engine = Engine(load(overrides={"storage.data_dir": str(tmp_path)}, environ={}))
-    engine.start()
-    yield engine
-    engine.close()
 
 
 def _graph_session(engine: Engine, sid: str, seed: int) -> None:

@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import time
 
-import pytest
 import torch
 
 from kvd import convert, metrics
-from kvd.config import load
-from kvd.engine import Engine
 from kvd.index.graph import GraphIndex
 from kvd.index.manager import ADD_BATCH_TOKENS
 from kvd.retrieval import Mode
@@ -20,14 +17,6 @@ from kvd.store.session import ModelShape, SessionOptions
 from tests.reference import brute_topk
 
 SHAPE = ModelShape(1, 2, 4, 32, torch.float32)
-
-
-@pytest.fixture
-def engine(tmp_path):
-    engine = Engine(load(overrides={"storage.data_dir": str(tmp_path)}, environ={}))
-    engine.start()
-    yield engine
-    engine.close()
 
 
 def _kv(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
