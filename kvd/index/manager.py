@@ -112,7 +112,6 @@ class LayerIndex:
         ids = ids.masked_fill(torch.isneginf(top_scores), -1)
         return ids, top_scores, estimate, self.kind
 
-
     def search_attend(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k: int, scale: float,
                       begin: int, end: int, params: dict[str, str], into: AttendSlots | None = None,
                       past: PastQueries | None = None) -> Attended | None:
