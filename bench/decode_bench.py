@@ -98,7 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compare-search", default="",
                    help="variants (';' between them) timed after the plain steps on the same cache, as many steps "
                         "each: k=v,... search params; lookahead=N turns lookahead on with N candidates; la.k=v is "
-                        "a lookahead search param; overlap=0/1 switches the Retrieve worker thread. E.g. "
+                        "a lookahead search param; overlap=0/1 switches the Retrieve worker thread; prepared=0/1 "
+                        "the prepared plan (KvdClient.prepare_retrieve) against an ordinary Retrieve per call. E.g. "
                         "'ef=384;group=4,ef=256;lookahead=512,threads=4,la.threads=12;overlap=0'")
     p.add_argument("--compare-switch-interval", type=float, default=0.0,
                    help="after the timed steps, time as many more with sys.setswitchinterval(this) in the client "
@@ -151,6 +152,8 @@ def decode_loop(model: Any, cache: Any, token: torch.Tensor, steps: int, warmup:
 class StubRetrieval:
     """Delegates to a real client, except that `retrieve` answers at once with an empty result (lse -inf)."""
 
+    prepare_retrieve = None  # not forwarded: the cache must call retrieve() below (no prepared plan)
+
     def __init__(self, client: KvdClient) -> None:
         self._client = client
         self._answers: dict[tuple[int, ...], Any] = {}
@@ -173,7 +176,7 @@ class StubRetrieval:
 
 def rpc_floor(client: KvdClient, cfg: LlamaConfig, dtype: torch.dtype, calls: int = 200) -> dict[str, float]:
     """Round trip of one decode-shaped Retrieve (all query heads, k=100) over a 1K-token session: the cost
-    per layer that no index can remove."""
+    per layer that no index can remove; as an ordinary Retrieve and as a prepared plan's run."""
     hkv, hq = cfg.num_key_value_heads, cfg.num_attention_heads
     d = cfg.hidden_size // hq
     sid = f"rpc-floor-{uuid.uuid4().hex[:8]}"
@@ -191,8 +194,17 @@ def rpc_floor(client: KvdClient, cfg: LlamaConfig, dtype: torch.dtype, calls: in
             times.append(time.perf_counter() - t)
             for name, values in parts.items():
                 values.append(float(getattr(res, name, 0.0)))
+    prepared_times = []
+    with client.prepare_retrieve([sid], k=100) as plan:
+        for i in range(calls + 10):
+            t = time.perf_counter()
+            plan.queries.copy_(q)
+            plan.run(0, [(16, 1000)])
+            if i >= 10:
+                prepared_times.append(time.perf_counter() - t)
     client.delete_session(sid)
     out = {"rpc_floor_ms_median": round(1000 * statistics.median(times), 3),
+           "rpc_floor_prepared_ms_median": round(1000 * statistics.median(prepared_times), 3),
            **{f"rpc_floor_{name}": round(statistics.median(values), 3) for name, values in parts.items()}}
     print(json.dumps(out), flush=True)
     return out
@@ -353,10 +365,12 @@ def time_variant(cache: KVDCache, text: str, more_steps: Any, steps: int) -> dic
     params = parse_params(text)
     candidates = int(params.pop("lookahead", 0))
     overlap = params.pop("overlap", None)
+    prepared = params.pop("prepared", None)
     lookahead = {k.removeprefix("la."): v for k, v in params.items() if k.startswith("la.")}
     search = {k: v for k, v in params.items() if not k.startswith("la.")}
     before = cache.config
-    cache.config = replace(before, search_params=search or None, lookahead_params=lookahead or None)
+    cache.config = replace(before, search_params=search or None, lookahead_params=lookahead or None,
+                           prepared=before.prepared if prepared is None else prepared != "0")
     if candidates:
         cache.set_lookahead(candidates)
     if overlap is not None:
@@ -560,7 +574,8 @@ def main(argv: list[str] | None = None) -> int:
             daemon.stop()
     save()
     print(f"\nwrote {out}\n")
-    print(f"rpc floor (decode-shaped Retrieve over 1K tokens): {env.get('rpc_floor_ms_median')} ms, server "
+    print(f"rpc floor (decode-shaped Retrieve over 1K tokens): {env.get('rpc_floor_ms_median')} ms (prepared "
+          f"{env.get('rpc_floor_prepared_ms_median')} ms), server "
           f"{env.get('rpc_floor_server_ms')} ms (search kernel {env.get('rpc_floor_search_kernel_ms')}, attend kernel "
           f"{env.get('rpc_floor_attend_kernel_ms')})")
     variants = variant_rows(rows)

@@ -58,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--hint-queries", type=int, default=1024, help="prefill queries per head sent as hints")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--rounds", type=int, default=1, help="alternating rounds of the fast-lane and prepared calls")
     p.add_argument("--index-wait", type=float, default=600.0)
     p.add_argument("--search-variants", default="",
                    help="';'-separated k=v,... search params also timed through the fast lane, e.g. "
@@ -154,26 +155,39 @@ def through_daemon(client: KvdClient, grpc_client: KvdClient, data: qkdata.QKDat
             break
         time.sleep(0.2)
     row: dict[str, Any] = {}
-    for label, caller in (("daemon", client), ("grpc", grpc_client)):
-        server: list[float] = []
-        parts: dict[str, list[float]] = {name: [] for name in SERVER_PARTS}
+    plan = client.prepare_retrieve(sid, k=K)
+    rounds: dict[str, list[dict[str, float]]] = {"daemon": [], "prepared": [], "grpc": []}
+    for label in ["daemon", "prepared"] * max(1, args.rounds) + ["grpc"]:
+        results: list[Any] = []
 
-        def call(i: int, caller: KvdClient = caller, server: list[float] = server,
-                 parts: dict[str, list[float]] = parts) -> Any:
-            result = caller.retrieve(sid, 0, queries[i % queries.shape[0]], k=K)
-            server.append(result.server_ms)
-            for name, times in parts.items():
-                times.append(getattr(result, name))
+        def call(i: int, label: str = label, results: list = results) -> Any:
+            query = queries[i % queries.shape[0]]
+            if label == "prepared":
+                plan.queries.copy_(query)
+                result = plan.run(0)
+            else:
+                result = (grpc_client if label == "grpc" else client).retrieve(sid, 0, query, k=K)
+            results.append(result)
             return result
 
         ms, result = timed(call, args.calls)
-        server_ms = statistics.median(server[10:])
+        measured = {"ms": ms, "server_ms": statistics.median(r.server_ms for r in results[10:])}
+        for name in SERVER_PARTS:
+            measured[name] = statistics.median(getattr(r, name) for r in results[10:])
+        rounds[label].append(measured)
+        row[f"{label}_served_by"] = result.index_kinds[0]
+    plan.close()
+    for label, measured in rounds.items():
+        ms = statistics.median(m["ms"] for m in measured)
+        server_ms = statistics.median(m["server_ms"] for m in measured)
         row[f"{label}_ms"], row[f"{label}_server_ms"] = round(ms, 3), round(server_ms, 3)
         row[f"{label}_transport_ms"] = round(ms - server_ms, 3)
-        if label == "daemon":
-            for name, times in parts.items():
-                row[name] = round(statistics.median(times[10:]), 3)
-        row[f"{label}_served_by"] = result.index_kinds[0]
+        if len(measured) > 1:
+            row[f"{label}_rounds_ms"] = [round(m["ms"], 3) for m in measured]
+        if label != "grpc":
+            prefix = "" if label == "daemon" else "prepared_"
+            for name in SERVER_PARTS:
+                row[prefix + name] = round(statistics.median(m[name] for m in measured), 3)
     row["fast_lane"] = client.uses_fast_lane
     variants = []  # in the order given: a repeated variant is timed again (interleaved A/B on one session)
     for text in [v for v in args.search_variants.split(";") if v]:
@@ -205,6 +219,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             ("daemon_ms", "fast lane ms"), ("daemon_server_ms", "of which server"),
             ("daemon_transport_ms", "transport+client"), ("search_ms", "search"),
             ("search_kernel_ms", "of which kernel"), ("attend_ms", "attend"), ("attend_kernel_ms", "of which kernel"),
+            ("prepared_ms", "prepared ms"), ("prepared_server_ms", "of which server"),
+            ("prepared_transport_ms", "transport+client"), ("prepared_search_kernel_ms", "of which kernel"),
             ("grpc_ms", "gRPC ms"), ("grpc_server_ms", "of which server"),
             ("grpc_transport_ms", "transport+client"), ("index_build_s", "build s")]
     return markdown_table(rows, cols)

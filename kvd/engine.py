@@ -52,6 +52,19 @@ _PARALLEL_APPEND_BYTES = 8 << 20
 
 
 @dataclass
+class PreparedRetrieve:
+    """A validated mode ATTENTION Retrieve whose layer, ranges and query values change from run to run
+    (Engine.prepare_retrieve / retrieve_prepared; kvd.prepared serves it on the fast lane)."""
+
+    tenant: str
+    session_ids: list[str]
+    queries: torch.Tensor     # [n, Hq, d]: a view of the client's shared memory, rewritten before each run
+    spec: RetrieveSpec        # its `into` slots: views of the client's shared memory too
+    sessions: list[Session]   # as validated (a recreated session is checked again)
+    count_nonfinite: Callable[[], int]  # NaN/Inf in the queries' current values
+
+
+@dataclass
 class FetchResult:
     keys: torch.Tensor
     values: torch.Tensor
@@ -261,19 +274,12 @@ class Engine:
         """`past`: RetroAttention's past queries (kvd.retro); their results land in each result's past_*.
         `candidates`: [n, Hq, C] positions to choose the top-k from instead of searching (lookahead).
         `into` (mode ATTENTION): per sequence, where a result may be written in place (SequenceResult.in_place)."""
-        if not session_ids:
-            raise InvalidArgument("retrieve needs at least one session")
-        sessions = [self.session(tenant, sid) for sid in session_ids]
+        sessions = self._retrieve_sessions(tenant, session_ids)
         first = sessions[0].shape
-        for session in sessions:
-            if session.state is State.DAMAGED:
-                raise FailedPrecondition(f"session {session.session_id!r} is damaged and cannot be served")
-            if (session.shape.num_query_heads, session.shape.head_dim) != (first.num_query_heads, first.head_dim):
-                raise InvalidArgument("sessions of one retrieve must share num_query_heads and head_dim")
         check_range("layer", layer, 0, min(s.shape.num_layers for s in sessions) - 1)
-        check_range("k", k, 1, MAX_K)
-        check_dtype("queries", queries, QUERY_DTYPES)
-        check_shape("queries", queries, (len(sessions), first.num_query_heads, first.head_dim))
+        spec = self._retrieve_spec(sessions, queries, k, mode, scale, exact, params, into,
+                                   searching=not exact and candidates is None)
+        spec.layer = layer
         check_finite("queries", queries)
         if past is not None:
             if mode is not Mode.ATTENTION:
@@ -290,22 +296,90 @@ class Engine:
             candidates = candidates.long()
         if ranges is not None and len(ranges) != len(sessions):
             raise InvalidArgument(f"{len(ranges)} ranges given for {len(sessions)} sequences")
+        results, promoted = self._serve_retrieve(sessions, queries, spec, ranges, past, candidates)
+        return results, sessions, promoted
+
+    def prepare_retrieve(self, tenant: str, session_ids: list[str], queries: torch.Tensor, k: int, scale: float,
+                         exact: bool, params: dict[str, str], into: list[AttendSlots]) -> PreparedRetrieve:
+        """Validate a mode ATTENTION Retrieve's fixed part once (kvd.prepared): `queries` is the slot whose
+        contents change between runs, `into` where every run writes its results."""
+        sessions = self._retrieve_sessions(tenant, session_ids)
+        spec = self._retrieve_spec(sessions, queries, k, Mode.ATTENTION, scale, exact, params, into,
+                                   searching=not exact)
+        return PreparedRetrieve(tenant, list(session_ids), queries, spec, sessions,
+                                ingest_kernels.nonfinite_counter(queries))
+
+    def retrieve_prepared(self, plan: PreparedRetrieve, layer: int, ranges: list[tuple[int, int]] | None
+                          ) -> tuple[list[SequenceResult], list[bool]]:
+        """One run of a prepared Retrieve: only what can change between runs is checked again (the sessions,
+        which may have been deleted or recreated, the layer, the ranges and the queries' values)."""
+        sessions = [self.session(plan.tenant, sid) for sid in plan.session_ids]
+        for i, session in enumerate(sessions):
+            if session is not plan.sessions[i]:
+                self._check_replacement(plan, i, session)
+            if session.state is State.DAMAGED:
+                raise FailedPrecondition(f"session {session.session_id!r} is damaged and cannot be served")
+        check_range("layer", layer, 0, min(s.shape.num_layers for s in sessions) - 1)
+        if ranges is not None and len(ranges) != len(sessions):
+            raise InvalidArgument(f"{len(ranges)} ranges given for {len(sessions)} sequences")
+        if bad := plan.count_nonfinite():
+            raise InvalidArgument(f"queries contains {bad} NaN or infinite values")
+        spec = plan.spec
+        spec.layer = layer  # a plan runs one call at a time (its connection's thread)
+        return self._serve_retrieve(sessions, plan.queries, spec, ranges, None, None)
+
+    def _check_replacement(self, plan: PreparedRetrieve, i: int, session: Session) -> None:
+        """A plan's session was deleted and created again under its id: serve it only if the plan still fits."""
+        shape, prepared = session.shape, plan.sessions[i].shape
+        if (shape.num_query_heads, shape.head_dim) != (prepared.num_query_heads, prepared.head_dim):
+            raise FailedPrecondition(f"session {session.session_id!r} was recreated with another shape; prepare "
+                                     "the Retrieve again")
+        if plan.spec.params and not plan.spec.exact:
+            self.indexes.check_search_params(session, plan.spec.params)
+        plan.sessions[i] = session
+
+    def _retrieve_sessions(self, tenant: str, session_ids: list[str]) -> list[Session]:
+        if not session_ids:
+            raise InvalidArgument("retrieve needs at least one session")
+        sessions = [self.session(tenant, sid) for sid in session_ids]
+        first = sessions[0].shape
+        for session in sessions:
+            if session.state is State.DAMAGED:
+                raise FailedPrecondition(f"session {session.session_id!r} is damaged and cannot be served")
+            if (session.shape.num_query_heads, session.shape.head_dim) != (first.num_query_heads, first.head_dim):
+                raise InvalidArgument("sessions of one retrieve must share num_query_heads and head_dim")
+        return sessions
+
+    def _retrieve_spec(self, sessions: list[Session], queries: torch.Tensor, k: int, mode: Mode, scale: float,
+                       exact: bool, params: dict[str, str], into: list[AttendSlots] | None, searching: bool
+                       ) -> RetrieveSpec:
+        """The checks of a Retrieve's parts that do not change from layer to layer; its spec (layer 0)."""
+        first = sessions[0].shape
+        check_range("k", k, 1, MAX_K)
+        check_dtype("queries", queries, QUERY_DTYPES)
+        check_shape("queries", queries, (len(sessions), first.num_query_heads, first.head_dim))
         scale = check_scale(scale) or default_scale(first.head_dim)
         threads = params.get("threads", "0")
         if not threads.isdigit() or int(threads) > MAX_THREADS:
             raise InvalidArgument(f"search param threads must be an integer in [0, {MAX_THREADS}], not {threads!r}")
         if into is not None and (mode is not Mode.ATTENTION or len(into) != len(sessions)):
             raise InvalidArgument("result slots are for mode ATTENTION, one per sequence")
-        spec = RetrieveSpec(layer=layer, k=k, mode=mode, scale=scale, exact=exact, params=params, pool=self.scan_pool,
-                            threads=int(threads), into=into)
-        if not exact and candidates is None:
+        if searching:
             for session in sessions:
                 self.indexes.check_search_params(session, params)
+        return RetrieveSpec(layer=0, k=k, mode=mode, scale=scale, exact=exact, params=params, pool=self.scan_pool,
+                            threads=int(threads), into=into)
+
+    def _serve_retrieve(self, sessions: list[Session], queries: torch.Tensor, spec: RetrieveSpec,
+                        ranges: list[tuple[int, int]] | None, past: retro.PastQueries | None,
+                        candidates: torch.Tensor | None) -> tuple[list[SequenceResult], list[bool]]:
+        searching = not spec.exact and candidates is None
+        layer = spec.layer
         promoted = [False] * len(sessions)
         while True:
             for i, session in enumerate(sessions):
                 promoted[i] = self.tiering.promote(session) or promoted[i]
-                if not exact and candidates is None:
+                if searching:
                     self.indexes.on_retrieve(session, layer)
             try:
                 results = retrieve_batch(sessions, queries.float(), spec, ranges, self.fanout, past, candidates)
@@ -314,13 +388,13 @@ class Engine:
                 continue
         self.counters["retrieves"] += 1
         self.counters["retrieved_sequences"] += len(sessions)
-        if not exact and candidates is None:
+        if searching:
             # A ready index that could not serve (e.g. a range narrower than it covers) fell back to the exact
             # scan: correct, but slower than the operator may expect, so it is counted.
             self.counters["retrieves_index_bypassed"] += sum(
                 1 for session, result in zip(sessions, results, strict=True)
                 if (slot := session.indexes[layer]) is not None and slot.ready and result.index_kind != slot.kind)
-        return results, sessions, promoted
+        return results, promoted
 
     def fetch(self, tenant: str, session_id: str, layers: list[int], begin: int, end: int,
               with_token_ids: bool) -> FetchResult:

@@ -5,7 +5,7 @@ validation, error accounting and telemetry as the gRPC path) and writes the repl
 event-loop round trip, no executor hop. Every request is authenticated like a gRPC call from a Unix-socket
 peer (the bearer token of the connection's hello, resolved per request so that a reloaded token file takes
 effect at once). At most `max_connections` connections; further ones are answered UNAVAILABLE and closed
-(the client then stays on gRPC).
+(the client then stays on gRPC). Each connection also keeps its prepared Retrieves (kvd.prepared).
 """
 
 from __future__ import annotations
@@ -18,14 +18,17 @@ import threading
 from typing import Any
 
 import grpc
-from kvd_client.fastlane import HELLO, METHOD_BY_ID, recv_frame, send_frame
+from kvd_client.fastlane import HELLO, METHOD_BY_ID, PREPARE, RELEASE, RUN, recv_frame, send_frame
 
 from kvd import auth, metrics
 from kvd.errors import KvdError
+from kvd.prepared import ConnectionPlans
 from kvd.service import KvdServicer
+from kvd.v1 import kvd_pb2 as pb
 
 log = logging.getLogger("kvd.fastlane")
 _PEER = "unix:fast-lane"
+_PLAN_METHODS = {PREPARE: "PrepareRetrieve", RUN: "RetrievePrepared", RELEASE: "ReleasePrepared"}
 _ACCEPT_POLL_SECONDS = 0.2
 
 
@@ -43,6 +46,7 @@ class FastLaneServer:
         self.lock = threading.Lock()
         self.connections: dict[socket.socket, threading.Thread] = {}
         self.acceptor: threading.Thread | None = None
+        self.request_counters: dict[str, Any] = {}  # the per-method series, looked up once (one per call adds up)
 
     def start(self) -> None:
         """Listen on `path` (the caller has made sure no other daemon uses it)."""
@@ -111,24 +115,35 @@ class FastLaneServer:
             send_frame(conn, grpc.StatusCode.UNAUTHENTICATED.value[0], str(exc).encode())
             return
         send_frame(conn, 0, b"")
+        plans = ConnectionPlans(self.servicer.engine)
         while not self.stopping.is_set():
             frame = recv_frame(conn, self.max_bytes)
             if frame is None:
                 return
-            status, reply = self._call(metadata, *frame)
+            status, reply = self._call(metadata, plans, *frame)
             send_frame(conn, status, reply)
 
-    def _call(self, metadata: Any, kind: int, payload: bytearray) -> tuple[int, bytes]:
-        known = METHOD_BY_ID.get(kind)
-        if known is None:
+    def _call(self, metadata: Any, plans: ConnectionPlans, kind: int, payload: bytearray) -> tuple[int, bytes]:
+        if kind in _PLAN_METHODS:
+            method = _PLAN_METHODS[kind]
+        elif kind in METHOD_BY_ID:
+            method = METHOD_BY_ID[kind][0]
+        else:
             return grpc.StatusCode.UNIMPLEMENTED.value[0], f"unknown fast-lane method id {kind}".encode()
-        method, request_type, _ = known
         full_name = f"kvd.v1.Kvd/{method}"
-        metrics.RPC_REQUESTS.labels(full_name).inc()
+        if (requests := self.request_counters.get(full_name)) is None:
+            requests = self.request_counters[full_name] = metrics.RPC_REQUESTS.labels(full_name)
+        requests.inc()
         code = grpc.StatusCode.OK
         try:
             tenant = self.auth.resolve(metadata, _PEER)
-            request = request_type.FromString(bytes(payload))
+            if kind in _PLAN_METHODS:  # RUN is the decode loop's call: bytes in, bytes out
+                body = {PREPARE: plans.prepare, RUN: plans.run, RELEASE: plans.release}[kind]
+                request = pb.RetrieveRequest.FromString(bytes(payload)) if kind == PREPARE else bytes(payload)
+                reply = self.servicer.invoke(lambda _servicer, *args: body(*args), request, tenant,
+                                             name="Retrieve" if kind == RUN else method)  # a run's telemetry
+                return 0, reply.SerializeToString() if kind == PREPARE else reply
+            request = METHOD_BY_ID[kind][1].FromString(bytes(payload))
             return 0, self.servicer.invoke_named(method, request, tenant).SerializeToString()
         except auth.Unauthenticated as exc:
             code, message = grpc.StatusCode.UNAUTHENTICATED, str(exc)

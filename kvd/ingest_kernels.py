@@ -9,6 +9,8 @@ run the layers of one append in parallel.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from numba import njit
@@ -35,6 +37,17 @@ def count_nonfinite(tensor: torch.Tensor) -> int:
     int_dtype, bits_dtype, mask = _EXPONENT_MASKS[tensor.dtype]
     bits = tensor.contiguous().view(int_dtype).reshape(-1).numpy().view(bits_dtype)
     return int(_count_all_set(bits, bits_dtype(mask)))
+
+
+def nonfinite_counter(tensor: torch.Tensor) -> Callable[[], int]:
+    """count_nonfinite of `tensor`'s current values, with its bit view made once: for a buffer that is checked
+    again after each rewrite (a prepared Retrieve's queries)."""
+    if tensor.dtype not in _EXPONENT_MASKS or not tensor.is_contiguous() or tensor.numel() == 0:
+        return lambda: count_nonfinite(tensor)
+    int_dtype, bits_dtype, mask = _EXPONENT_MASKS[tensor.dtype]
+    bits = tensor.view(int_dtype).reshape(-1).numpy().view(bits_dtype)
+    exponent = bits_dtype(mask)
+    return lambda: int(_count_all_set(bits, exponent))
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})

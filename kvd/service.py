@@ -54,10 +54,12 @@ class KvdServicer(pb_grpc.KvdServicer):
         self.observe = observe
         self.fast_lane_socket = ""  # set by the daemon when its fast lane listens (kvd.fastlane)
 
-    def invoke(self, body: Callable[..., Any], request: Any, tenant: str, started: float | None = None) -> Any:
-        """Run one call's body on this thread with the daemon's accounting (error counters, telemetry).
-        Raises KvdError, an unexpected exception becoming INTERNAL (logged)."""
+    def invoke(self, body: Callable[..., Any], request: Any, tenant: str, started: float | None = None,
+               name: str = "") -> Any:
+        """Run one call's body on this thread with the daemon's accounting (error counters, telemetry, under
+        `name`, default the body's). Raises KvdError, an unexpected exception becoming INTERNAL (logged)."""
         started = time.perf_counter() if started is None else started
+        name = name or body.__name__
         labels: dict[str, str] = {}
         code = grpc.StatusCode.OK
         try:
@@ -69,11 +71,11 @@ class KvdServicer(pb_grpc.KvdServicer):
         except Exception:
             code = grpc.StatusCode.INTERNAL
             self.engine.counters["errors_internal"] += 1
-            log.exception("internal error in %s", body.__name__)
-            raise KvdError(f"internal error in {body.__name__}; see the daemon log") from None
+            log.exception("internal error in %s", name)
+            raise KvdError(f"internal error in {name}; see the daemon log") from None
         finally:
             if self.observe is not None:
-                self.observe(body.__name__, code, time.perf_counter() - started, labels)
+                self.observe(name, code, time.perf_counter() - started, labels)
 
     def invoke_named(self, method: str, request: Any, tenant: str) -> Any:
         """invoke() by method name, for transports other than gRPC (kvd.fastlane)."""
@@ -175,7 +177,7 @@ class KvdServicer(pb_grpc.KvdServicer):
             queries, past = retro.past_from_wire(codec, request.past, queries)
         candidates = codec.read(request.candidates, "candidates") if request.HasField("candidates") else None
         reply = pb.RetrieveResponse()
-        into = _attend_slots(writer, reply, queries, len(request.session_ids), request.k) \
+        into = attend_slots(writer, reply, queries, len(request.session_ids), request.k) \
             if mode is Mode.ATTENTION and past is None else None
         results, _sessions, promoted = self.engine.retrieve(
             tenant, list(request.session_ids), request.layer, queries, request.k, mode, ranges, request.scale,
@@ -287,7 +289,7 @@ class KvdServicer(pb_grpc.KvdServicer):
         ])
 
 
-def _attend_slots(writer: OutputWriter | None, reply: pb.RetrieveResponse, queries: torch.Tensor, sequences: int,
+def attend_slots(writer: OutputWriter | None, reply: pb.RetrieveResponse, queries: torch.Tensor, sequences: int,
                   k: int) -> list[AttendSlots] | None:
     """A mode ATTENTION reply's ids, output and lse reserved in the request's shared memory, one slot per sequence
     (a fused search writes there in place); None without shared memory or for a request the engine will refuse."""

@@ -116,6 +116,15 @@ class SharedMemoryRegistry:
                 os.unlink(f"/dev/shm/{registration.key}")
         return [r.name for _, r in abandoned]
 
+    def registration(self, tenant: str, name: str) -> Registration | None:
+        with self._lock:
+            return self._regions.get((tenant, name))
+
+    def holds(self, tenant: str, registration: Registration) -> bool:
+        """Whether `registration` is still registered (not unregistered, nor replaced under its name)."""
+        with self._lock:
+            return self._regions.get((tenant, registration.name)) is registration
+
     def count(self) -> int:
         with self._lock:
             return len(self._regions)

@@ -17,6 +17,7 @@ class Telemetry:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._seen: dict[str, float] = {}
+        self._retrieve_series: dict[tuple[str, str], tuple] = {}  # looked up once: observe runs on every call
         metrics.BUILD_INFO.labels(__version__).set(1)
         metrics.REGISTRY.on_collect(self.collect)
 
@@ -44,8 +45,11 @@ class Telemetry:
 
     def observe(self, method: str, code: grpc.StatusCode, seconds: float, labels: dict[str, str]) -> None:
         if method == "Retrieve" and code is grpc.StatusCode.OK:
-            mode = labels.get("mode", "attention")
-            metrics.RETRIEVE_SECONDS.labels(mode, labels.get("index", "flat")).observe(seconds)
-            metrics.RETRIEVE_SEQUENCES.labels(mode).inc(float(labels.get("sequences", "1")))
+            key = (labels.get("mode", "attention"), labels.get("index", "flat"))
+            if (series := self._retrieve_series.get(key)) is None:
+                series = self._retrieve_series[key] = (metrics.RETRIEVE_SECONDS.labels(*key),
+                                                       metrics.RETRIEVE_SEQUENCES.labels(key[0]))
+            series[0].observe(seconds)
+            series[1].inc(float(labels.get("sequences", "1")))
         elif method == "Append" and code is grpc.StatusCode.OK:
             metrics.APPEND_BYTES.labels(labels.get("transport", "inline")).inc(float(labels.get("bytes", "0")))

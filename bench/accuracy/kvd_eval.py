@@ -69,6 +69,8 @@ def full_predictions(model: Any, batch: Batch, chunk: int = 8) -> Predictions:
 class NoRetrieval:
     """A client whose Retrieve answers an empty set (output 0, log-sum-exp -inf): the window-only control."""
 
+    prepare_retrieve = None  # not forwarded: the cache must call retrieve() below (no prepared plan)
+
     def __init__(self, client: Any) -> None:
         self._client = client
 

@@ -24,6 +24,7 @@ from kvd_client.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from kvd_client.prepared import PreparedRetrieve
 from kvd_client.types import FetchResult, RetrieveResult, SessionInfo, Stats
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "KvdError",
     "NotFoundError",
     "PermissionDeniedError",
+    "PreparedRetrieve",
     "ResourceExhaustedError",
     "RetrieveResult",
     "SessionInfo",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -17,6 +18,7 @@ from kvd_client import calls, fastlane
 from kvd_client import target as targets
 from kvd_client.errors import KvdError, NotFoundError, from_rpc_error
 from kvd_client.fastlane import FastLane
+from kvd_client.prepared import PreparedRetrieve
 from kvd_client.transport import Placer, Transport
 from kvd_client.types import FetchResult, RetrieveResult, SessionInfo, Stats
 
@@ -58,6 +60,7 @@ class KvdClient:
         self._fast_lane_wanted = fast_lane
         self._fast_path = ""              # the daemon's fast-lane socket, learned when shm is registered
         self._fast: FastLane | None = None
+        self._plans: weakref.WeakSet[PreparedRetrieve] = weakref.WeakSet()
 
     def sibling(self) -> KvdClient:
         """Another client of the same daemon with the same settings, with its own connection and shared memory:
@@ -148,6 +151,8 @@ class KvdClient:
         return self._transport.region is not None
 
     def close(self) -> None:
+        for plan in list(self._plans):
+            plan.close()
         with self._lock:
             region = self._transport.close()
             if region is not None:
@@ -291,6 +296,16 @@ class KvdClient:
                                                             search_params, past, packed, stacked, cand)),
             placer,
             single))
+
+    def prepare_retrieve(self, session_ids: str | Sequence[str], *, k: int, scale: float | None = None,
+                         exact: bool = False, search_params: dict[str, Any] | None = None,
+                         query_dtype: torch.dtype = torch.float32) -> PreparedRetrieve:
+        """A mode "attention" Retrieve of these sessions to run layer after layer with new queries: write them into
+        plan.queries ([n, num_query_heads, head_dim], or [num_query_heads, head_dim] for one session id), then
+        plan.run(layer, ranges). Over the fast lane a run costs a few bytes each way (kvd_client.prepared); the
+        results are the same as retrieve()'s with these arguments. Close the plan when done."""
+        return PreparedRetrieve(self, session_ids, k=k, scale=scale, exact=exact, search_params=search_params,
+                                query_dtype=query_dtype)
 
     def fetch(self, session_id: str, begin: int = 0, end: int | None = None, *, layers: Sequence[int] | None = None,
               with_token_ids: bool = False) -> FetchResult:

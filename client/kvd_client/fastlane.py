@@ -11,6 +11,16 @@ Frames: header struct "<BI" (kind, payload length), then the payload.
   the serialized request;
 - daemon -> client: kind = gRPC status code value (0 = OK), payload = the serialized reply, or the error
   message as UTF-8.
+
+Prepared Retrieves (kvd_client.prepared), the decode loop's call without protobuf on either side:
+- PREPARE: payload = a RetrieveRequest template (see PrepareRetrieveResponse in kvd.proto), reply = a
+  PrepareRetrieveResponse;
+- RUN: payload = RUN_HEADER (plan id, layer, number of ranges: 0 = each session's offloaded part, else one per
+  sequence) then that many RANGE (begin, end; end 0 = the session's length); reply = RUN_REPLY (server, search,
+  attend, search-kernel and attend-kernel ms) then one RUN_SEQUENCE (count, IndexKind wire value, promoted) per
+  sequence; the ids, output and lse are in the plan's shared-memory slots;
+- RELEASE: payload = RELEASE_BODY (plan id), empty reply.
+Plans belong to their connection: they end with it.
 """
 
 from __future__ import annotations
@@ -34,6 +44,12 @@ METHODS: dict[str, tuple[int, type, type]] = {
     "Fetch": (3, pb.FetchRequest, pb.FetchResponse),
 }
 METHOD_BY_ID = {ident: (name, request, reply) for name, (ident, request, reply) in METHODS.items()}
+PREPARE, RUN, RELEASE = 4, 5, 6
+RUN_HEADER = struct.Struct("<III")
+RANGE = struct.Struct("<qq")
+RUN_REPLY = struct.Struct("<5d")
+RUN_SEQUENCE = struct.Struct("<IBB")
+RELEASE_BODY = struct.Struct("<I")
 STATUS_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 
 
@@ -82,7 +98,7 @@ class FastLane:
             self.sock.settimeout(timeout if timeout is not None else 10.0)
             self.sock.connect(path)
             send_frame(self.sock, HELLO, (token or "").encode())
-            self._reply(None)  # the daemon's answer to the hello: OK or an error
+            self._reply()  # the daemon's answer to the hello: OK or an error
             self.sock.settimeout(timeout)
         except BaseException:
             self.sock.close()
@@ -93,17 +109,21 @@ class FastLane:
         A broken or timed-out connection raises UnavailableError / KvdError(DEADLINE_EXCEEDED) and sets
         `broken`: the lane must not be used again."""
         ident, _, reply_type = METHODS[method]
+        return reply_type.FromString(bytes(self.call_raw(ident, request.SerializeToString(), method)))
+
+    def call_raw(self, kind: int, payload: bytes, what: str) -> bytearray:
+        """call() with a payload and reply that are bytes (the prepared Retrieve's binary frames)."""
         try:
-            send_frame(self.sock, ident, request.SerializeToString())
-            return self._reply(reply_type)
+            send_frame(self.sock, kind, payload)
+            return self._reply()
         except TimeoutError:
             self.broken = True
-            raise KvdError(grpc.StatusCode.DEADLINE_EXCEEDED, f"fast-lane {method} timed out") from None
+            raise KvdError(grpc.StatusCode.DEADLINE_EXCEEDED, f"fast-lane {what} timed out") from None
         except OSError as exc:
             self.broken = True
             raise UnavailableError(grpc.StatusCode.UNAVAILABLE, f"fast-lane connection lost: {exc}") from None
 
-    def _reply(self, reply_type: type | None) -> Any:
+    def _reply(self) -> bytearray:
         frame = recv_frame(self.sock, self.max_bytes)
         if frame is None:
             raise ConnectionError("the daemon closed the fast-lane connection")
@@ -111,7 +131,7 @@ class FastLane:
         if status != 0:
             code = STATUS_BY_VALUE.get(status, grpc.StatusCode.UNKNOWN)
             raise from_status(code, payload.decode(errors="replace"))
-        return None if reply_type is None else reply_type.FromString(bytes(payload))
+        return payload
 
     def close(self) -> None:
         self.sock.close()

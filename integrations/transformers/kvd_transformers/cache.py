@@ -100,6 +100,8 @@ class KVDCache(Cache):
         self._error: BaseException | None = None
         self._ranges_cache: dict[tuple[int, ...], list[tuple[int, int]]] = {}
         self._stream: Any = None  # CUDA side stream of the device-to-host copies
+        self._plan: Any = None    # the decode Retrieves' prepared plan (config.prepared) and what it was made for
+        self._plan_key: tuple[Any, ...] | None = None
         if self.session_ids:
             self._rehydrate()
 
@@ -518,6 +520,7 @@ class KVDCache(Cache):
         finally:
             if self.lookahead is not None:
                 self.lookahead.close()
+            self._close_plan()
             self._finalizer()
 
     def __enter__(self) -> KVDCache:
@@ -577,15 +580,22 @@ class KVDCache(Cache):
         log = self.retrieve_log
         exact = cfg.exact
         stats = self.stats
+        plan = self._decode_plan(sids, scale) if below is None and not extra else None
 
         def call() -> Any:
             started = time.perf_counter()
             if event is not None:
                 event.synchronize()
-            queries = q_host if below is None else torch.cat([below, q_host.unsqueeze(1)], dim=1)
             synced = time.perf_counter()
-            res = client.retrieve(sids, layer_idx, queries, k=cfg.top_k, mode="attention", ranges=ranges,
-                                  scale=scale, exact=exact, search_params=cfg.search_params, **extra)
+            if plan is not None:
+                plan.queries.copy_(q_host)
+                res = plan.run(layer_idx, ranges)
+                if log is not None:  # the plan's views are rewritten by its next run
+                    res = replace(res, ids=res.ids.clone(), output=res.output.clone(), lse=res.lse.clone())
+            else:
+                queries = q_host if below is None else torch.cat([below, q_host.unsqueeze(1)], dim=1)
+                res = client.retrieve(sids, layer_idx, queries, k=cfg.top_k, mode="attention", ranges=ranges,
+                                      scale=scale, exact=exact, search_params=cfg.search_params, **extra)
             stats.query_sync_s += synced - started
             stats.retrieve_rpc_s += time.perf_counter() - synced
             # (a stand-in client's result may have no timings)
@@ -603,6 +613,26 @@ class KVDCache(Cache):
             result = call()
             return lambda: result
         return self._retriever.submit(call).result
+
+    def _decode_plan(self, sids: list[str], scale: float) -> Any:
+        """The prepared plan of the decode Retrieves (made on first use, again when the sessions, scale or
+        search params change); None with config.prepared off or a client that cannot prepare."""
+        cfg = self.config
+        prepare = getattr(self.client, "prepare_retrieve", None)
+        if not cfg.prepared or prepare is None:
+            return None
+        key = (tuple(sids), scale, cfg.top_k, cfg.exact, tuple(sorted((cfg.search_params or {}).items())))
+        if key != self._plan_key:
+            self._close_plan()
+            self._plan = prepare(list(sids), k=cfg.top_k, scale=scale, exact=cfg.exact,
+                                 search_params=cfg.search_params)
+            self._plan_key = key
+        return self._plan
+
+    def _close_plan(self) -> None:
+        if self._plan is not None:
+            plan, self._plan, self._plan_key = self._plan, None, None
+            plan.close()
 
     def _attend_decode(self, layer_idx: int, layer: KVDLayer, query: torch.Tensor, key: torch.Tensor,
                        value: torch.Tensor, mask: Any, scale: float) -> torch.Tensor:

@@ -30,6 +30,8 @@ class KVDConfig:
     q_chunk: int = 4096              # prefill attention: queries per SDPA call
     retrieve_chunk: int = 256        # multi-token forwards with an offloaded part: queries per Retrieve call
     overlap: bool = False            # run the Retrieve RPC in a worker thread while the window attention runs
+    prepared: bool = True            # decode Retrieves through one prepared plan (KvdClient.prepare_retrieve: a few
+    #                                  bytes per call over the fast lane); False: an ordinary Retrieve per call
     async_append: bool = True        # appends from a background thread (False: inline, for debugging)
     kv_dtype: torch.dtype | None = None  # session dtype (default: the model's K/V dtype)
     pinned: bool = False

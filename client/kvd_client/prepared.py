@@ -1,0 +1,232 @@
+"""Prepared Retrieves: the decode loop's per-layer call, set up once and then run with a few bytes.
+
+    plan = client.prepare_retrieve(session_ids, k=100)
+    for layer in ...:
+        plan.queries.copy_(q)                      # [n, Hq, D]: a view of shared memory
+        result = plan.run(layer, ranges)           # result.output / result.lse: views, valid until the next run
+
+A mode "attention" Retrieve whose sessions, k, scale, exact and search params stay the same from call to call.
+Over the daemon's fast lane the plan is validated once; each run sends the plan id, the layer and the ranges and
+gets counts and timings back, the tensors staying in a shared-memory region of the plan's own (no protobuf on
+either side, no per-call shared-memory lookups). Without a fast lane (a remote daemon, shm off) run() makes an
+ordinary Retrieve with the same arguments: the same results, without the saving.
+"""
+
+from __future__ import annotations
+
+import struct
+import weakref
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import torch
+
+from kvd.v1 import kvd_pb2 as pb
+from kvd_client import calls, wire
+from kvd_client.errors import KvdError, NotFoundError
+from kvd_client.fastlane import PREPARE, RELEASE, RELEASE_BODY, RUN, RUN_HEADER, RUN_REPLY, RUN_SEQUENCE, FastLane
+from kvd_client.shm import ShmRegion
+from kvd_client.types import SERVED_BY_NAMES, RetrieveResult
+
+if TYPE_CHECKING:
+    from kvd_client.client import KvdClient
+
+_QUERY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class PreparedRetrieve:
+    """A mode "attention" Retrieve prepared once and run per layer (KvdClient.prepare_retrieve). Not for use by
+    several threads at once; runs are serialized with the client's other calls."""
+
+    def __init__(self, client: KvdClient, session_ids: str | Sequence[str], *, k: int, scale: float | None = None,
+                 exact: bool = False, search_params: dict[str, Any] | None = None,
+                 query_dtype: torch.dtype = torch.float32) -> None:
+        if query_dtype not in _QUERY_DTYPES:
+            raise ValueError(f"query_dtype must be float32, bfloat16 or float16, not {query_dtype}")
+        if k < 1:
+            raise ValueError(f"k must be positive, not {k}")
+        self.client = client
+        self.single = isinstance(session_ids, str)
+        self.session_ids = [session_ids] if isinstance(session_ids, str) else list(session_ids)
+        if not self.session_ids:
+            raise ValueError("a prepared Retrieve needs at least one session")
+        info = client._shape(self.session_ids[0])
+        num_query_heads, head_dim = info.num_query_heads, info.head_dim
+        self.k, self.scale, self.exact = k, scale, exact
+        self.search_params = {key: str(v) for key, v in (search_params or {}).items()}
+        n = len(self.session_ids)
+        self._shape = (n, num_query_heads, head_dim)
+        self._region: ShmRegion | None = None
+        self._lane: FastLane | None = None   # the connection the plan lives on
+        self._plan_id = 0
+        self._views: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._local = torch.zeros(self._shape, dtype=query_dtype)   # the queries without a fast lane
+        self._query_dtype = query_dtype
+        self.closed = False
+        with client._lock:
+            if client._transport.enabled and client._fast_lane_wanted:
+                self._open_region()
+            if (lane := client._lane() if self._region is not None else None) is not None:
+                try:
+                    self._prepare(lane)  # the template's errors surface here
+                except KvdError:
+                    if lane.broken:
+                        client._drop_lane()  # the first run tries again
+                    else:
+                        self._release_region()
+                        raise
+        self.queries = self._queries_view()
+        client._plans.add(self)
+
+    # -- set-up ----------------------------------------------------------------------------------------
+
+    def _open_region(self) -> None:
+        """The plan's own shared memory (queries, then the results), registered with the daemon; left unset
+        (ordinary Retrieves) where the daemon cannot map it or offers no fast lane."""
+        n, heads, dim = self._shape
+        query_bytes = n * heads * dim * self._query_dtype.itemsize
+        self._output_at = wire.align(query_bytes)
+        size = self._output_at + calls.retrieve_output_bytes(n, heads, self.k, dim, "attention", 4)
+        region = ShmRegion.create(size)
+        try:
+            self.client._register(region)
+        except KvdError:
+            region.close()
+            return
+        self._region = region
+        self._finalizer = weakref.finalize(self, region.close)
+        if not self.client._fast_path:
+            self._release_region()
+
+    def _queries_view(self) -> torch.Tensor:
+        if self._region is None:
+            view = self._local
+        else:
+            n, heads, dim = self._shape
+            view = wire.decode_bytes(self._region.buffer[: n * heads * dim * self._query_dtype.itemsize],
+                                     self._query_dtype, self._shape)
+        return view[0] if self.single else view
+
+    def _prepare(self, lane: FastLane) -> None:
+        """Send the plan's template on `lane` (its region registered again first if the daemon forgot it)."""
+        assert self._region is not None
+        n, heads, dim = self._shape
+        key = self._region.key
+        query_bytes = n * heads * dim * self._query_dtype.itemsize
+        request = pb.RetrieveRequest(
+            session_ids=self.session_ids, k=self.k, mode=pb.ATTENTION, scale=self.scale or 0.0, exact=self.exact,
+            search_params=self.search_params,
+            queries=pb.Tensor(dtype=wire.WIRE_BY_TORCH[self._query_dtype], shape=list(self._shape),
+                              shm=pb.SharedMemoryRef(region=key, offset=0, byte_size=query_bytes)),
+            output=pb.SharedMemoryRef(region=key, offset=self._output_at,
+                                      byte_size=self._region.size - self._output_at))
+        try:
+            payload = lane.call_raw(PREPARE, request.SerializeToString(), "PrepareRetrieve")
+        except NotFoundError as exc:
+            if f"region {key!r} is not registered" not in exc.details:
+                raise
+            self.client._register(self._region)  # a restarted daemon: register the region again
+            payload = lane.call_raw(PREPARE, request.SerializeToString(), "PrepareRetrieve")
+        reply = pb.PrepareRetrieveResponse.FromString(bytes(payload))
+        self._views = tuple(self._view(t) for t in (reply.ids, reply.output, reply.lse))  # type: ignore[assignment]
+        self._plan_id, self._lane = reply.plan_id, lane
+
+    def _view(self, message: pb.Tensor) -> torch.Tensor:
+        assert self._region is not None
+        if message.shm.region != self._region.key:
+            raise RuntimeError(f"the daemon placed a result in unknown region {message.shm.region!r}")
+        dtype, shape = wire.describe(message)
+        ref = message.shm
+        view = wire.decode_bytes(self._region.buffer[ref.offset: ref.offset + ref.byte_size], dtype, shape)
+        return view[0] if self.single else view
+
+    # -- runs ------------------------------------------------------------------------------------------
+
+    def run(self, layer: int, ranges: Sequence[tuple[int, int]] | None = None) -> RetrieveResult:
+        """Attention of the current `queries` over the top-k keys of `layer` (ranges: per sequence (begin, end),
+        end 0 = the session's length; default: each session's offloaded part). The result's ids, output and lse
+        are views that the next run overwrites."""
+        if self.closed:
+            raise ValueError("this prepared Retrieve is closed")
+        if layer < 0:
+            raise ValueError(f"layer must not be negative, not {layer}")
+        count = 0 if ranges is None else len(ranges)
+        bounds = struct.pack(f"<{2 * count}q", *(int(x) for pair in ranges for x in pair)) if ranges else b""
+        with self.client._lock:
+            for attempt in (0, 1):
+                lane = self.client._lane() if self._region is not None else None
+                if lane is None:
+                    return self._retrieve(layer, ranges)
+                try:
+                    if lane is not self._lane:
+                        self._prepare(lane)  # first run, or a new connection (the daemon restarted)
+                    reply = lane.call_raw(RUN, RUN_HEADER.pack(self._plan_id, layer, count) + bounds,
+                                          "RetrievePrepared")
+                except KvdError as exc:
+                    if lane.broken:
+                        self.client._drop_lane()
+                        if attempt == 0:
+                            continue  # a read-only call: try again on a new connection
+                    elif attempt == 0 and isinstance(exc, NotFoundError) and "no prepared Retrieve" in exc.details:
+                        self._lane = None  # the daemon let the plan go (its connection's plan limit): prepare again
+                        continue
+                    elif attempt == 0 and exc.code is grpc.StatusCode.FAILED_PRECONDITION \
+                            and "unregistered" in exc.details:
+                        self._lane = None  # the daemon dropped the plan with its region: prepare both again
+                        self.client._register(self._region)
+                        continue
+                    raise
+                return self._result(reply)
+        raise AssertionError("unreachable")
+
+    def _result(self, reply: bytearray) -> RetrieveResult:
+        server, search, attend, search_kernel, attend_kernel = RUN_REPLY.unpack_from(reply)
+        counts, kinds, promoted = [], [], []
+        for i in range(len(self.session_ids)):
+            count, kind, up = RUN_SEQUENCE.unpack_from(reply, RUN_REPLY.size + i * RUN_SEQUENCE.size)
+            counts.append(count)
+            kinds.append(SERVED_BY_NAMES.get(kind, ""))
+            promoted.append(bool(up))
+        assert self._views is not None
+        ids, output, lse = self._views
+        return RetrieveResult(ids=ids, counts=counts, index_kinds=kinds, server_ms=server, promoted=promoted,
+                              output=output, lse=lse, search_ms=search, attend_ms=attend,
+                              search_kernel_ms=search_kernel, attend_kernel_ms=attend_kernel)
+
+    def _retrieve(self, layer: int, ranges: Sequence[tuple[int, int]] | None) -> RetrieveResult:
+        """The run as an ordinary Retrieve (no fast lane)."""
+        sids: str | list[str] = self.session_ids[0] if self.single else self.session_ids
+        return self.client.retrieve(sids, layer, self.queries, k=self.k, mode="attention", ranges=ranges,
+                                    scale=self.scale, exact=self.exact, search_params=self.search_params or None)
+
+    # -- end -------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the plan on the daemon and its shared memory (the queries view then stops being valid)."""
+        if self.closed:
+            return
+        self.closed = True
+        with self.client._lock:
+            lane = self.client._fast
+            if lane is not None and lane is self._lane and not lane.broken:
+                try:
+                    lane.call_raw(RELEASE, RELEASE_BODY.pack(self._plan_id), "ReleasePrepared")
+                except KvdError:
+                    if lane.broken:
+                        self.client._drop_lane()
+            self._lane = None
+            self._views = None
+            self._release_region()
+        self.client._plans.discard(self)
+
+    def _release_region(self) -> None:
+        if self._region is not None:
+            region, self._region = self._region, None
+            self.client._release(region)
+
+    def __enter__(self) -> PreparedRetrieve:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,136 @@
+"""Prepared Retrieves on the fast lane: a decode step's per-layer call without protobuf or per-call validation.
+
+A client sends a RetrieveRequest once as a plan's template; the daemon checks it (Engine.prepare_retrieve),
+reserves the result slots in the client's shared memory and keeps views of both the query slot and the result
+slots. Each run is then a frame of a few bytes (plan id, layer, ranges) answered by a few bytes (counts,
+timings): no message to parse or build, no shared-memory lookups, no validation of what cannot have changed.
+The wire format is in kvd_client.fastlane; plans belong to one connection (ConnectionPlans) and end with it.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections import OrderedDict
+
+from kvd_client.fastlane import RANGE, RELEASE_BODY, RUN_HEADER, RUN_REPLY, RUN_SEQUENCE
+
+from kvd import convert
+from kvd.engine import Engine, PreparedRetrieve
+from kvd.errors import FailedPrecondition, InvalidArgument, NotFound
+from kvd.retrieval import Mode
+from kvd.service import MODES, attend_slots
+from kvd.shm import Registration
+from kvd.v1 import kvd_pb2 as pb
+
+MAX_PLANS = 64  # per connection (a decode loop needs one per batch of sessions); beyond, the least recently used goes
+
+
+class Plan:
+    """A prepared Retrieve with the shared-memory registration its views belong to."""
+
+    def __init__(self, prepared: PreparedRetrieve, registration: Registration) -> None:
+        self.prepared = prepared
+        self.registration = registration
+        self.sequences = len(prepared.session_ids)
+
+
+class ConnectionPlans:
+    """The prepared Retrieves of one fast-lane connection (used by that connection's thread only)."""
+
+    def __init__(self, engine: Engine, limit: int = MAX_PLANS) -> None:
+        self.engine = engine
+        self.limit = limit
+        self.plans: OrderedDict[int, Plan] = OrderedDict()  # least recently run first
+        self.next_id = 1
+
+    def prepare(self, request: pb.RetrieveRequest, tenant: str, labels: dict) -> pb.PrepareRetrieveResponse:
+        for field in ("past", "candidates"):
+            if request.HasField(field):
+                raise InvalidArgument(f"a prepared Retrieve cannot have {field}")
+        if request.ranges or request.layer:
+            raise InvalidArgument("a prepared Retrieve's layer and ranges are given with each run, not in its template")
+        if MODES.get(request.mode) is not Mode.ATTENTION:
+            raise InvalidArgument("a prepared Retrieve is mode ATTENTION")
+        if request.queries.WhichOneof("data") != "shm" or not request.HasField("output"):
+            raise InvalidArgument("a prepared Retrieve's queries and output must be in shared memory")
+        query_ref, output_ref = request.queries.shm, request.output
+        if query_ref.region == output_ref.region and _overlap(query_ref, output_ref):
+            raise InvalidArgument("a prepared Retrieve's queries and output must not overlap")
+        codec = convert.TensorCodec(self.engine.shm, tenant)
+        queries = codec.read(request.queries, "queries")
+        writer = codec.writer(output_ref, True)
+        reply = pb.PrepareRetrieveResponse()
+        sessions = len(request.session_ids)
+        into = attend_slots(writer, reply, queries, sessions, request.k)
+        if into is None:
+            raise InvalidArgument(f"queries must be [{sessions}, num_query_heads, head_dim] and 1 <= k")
+        prepared = self.engine.prepare_retrieve(tenant, list(request.session_ids), queries, request.k, request.scale,
+                                                request.exact, dict(request.search_params), into)
+        registration = self.engine.shm.registration(tenant, query_ref.region)
+        if registration is None or self.engine.shm.registration(tenant, output_ref.region) is not registration:
+            raise InvalidArgument("a prepared Retrieve's queries and output must be in one shared-memory region")
+        reply.plan_id = self.next_id
+        if len(self.plans) >= self.limit:  # a client that dropped its plans without releasing them
+            self.plans.popitem(last=False)
+        self.plans[self.next_id] = Plan(prepared, registration)
+        self.next_id += 1
+        return reply
+
+    def run(self, payload: bytes, tenant: str, labels: dict) -> bytes:
+        started = time.perf_counter()
+        if len(payload) < RUN_HEADER.size:
+            raise InvalidArgument(f"a prepared-Retrieve run needs at least {RUN_HEADER.size} bytes")
+        plan_id, layer, count = RUN_HEADER.unpack_from(payload)
+        plan = self._plan(plan_id, tenant)
+        if len(payload) != RUN_HEADER.size + count * RANGE.size:
+            raise InvalidArgument(f"a run with {count} ranges has {RUN_HEADER.size + count * RANGE.size} bytes, "
+                                  f"not {len(payload)}")
+        if count not in (0, plan.sequences):
+            raise InvalidArgument(f"{count} ranges given for {plan.sequences} sequences")
+        ranges = None
+        if count:
+            flat = struct.unpack_from(f"<{2 * count}q", payload, RUN_HEADER.size)
+            ranges = list(zip(flat[0::2], flat[1::2], strict=True))
+            if min(flat) < 0:
+                raise InvalidArgument("range bounds must not be negative")
+        if not self.engine.shm.holds(tenant, plan.registration):
+            del self.plans[plan_id]
+            raise FailedPrecondition("the shared-memory region of this prepared Retrieve was unregistered; prepare "
+                                     "it again")
+        results, promoted = self.engine.retrieve_prepared(plan.prepared, layer, ranges)
+        slots = plan.prepared.spec.into
+        assert slots is not None
+        for slot, result in zip(slots, results, strict=True):
+            if not result.in_place:
+                slot.ids.copy_(result.ids)
+                slot.output.copy_(result.output)
+                slot.lse.copy_(result.lse)
+        labels["mode"] = Mode.ATTENTION.value
+        labels["index"] = results[0].index_kind
+        labels["sequences"] = str(len(results))
+        head = RUN_REPLY.pack(
+            (time.perf_counter() - started) * 1000, 1000 * sum(r.search_s for r in results),
+            1000 * sum(r.attend_s for r in results), 1000 * sum(r.search_kernel_s for r in results),
+            1000 * sum(r.attend_kernel_s for r in results))
+        return head + b"".join(RUN_SEQUENCE.pack(r.count, convert.SERVED_BY_WIRE.get(r.index_kind, pb.FLAT), p)
+                               for r, p in zip(results, promoted, strict=True))
+
+    def release(self, payload: bytes, tenant: str, labels: dict) -> bytes:
+        if len(payload) != RELEASE_BODY.size:
+            raise InvalidArgument(f"a release names one plan id ({RELEASE_BODY.size} bytes)")
+        (plan_id,) = RELEASE_BODY.unpack(payload)
+        self._plan(plan_id, tenant)
+        del self.plans[plan_id]
+        return b""
+
+    def _plan(self, plan_id: int, tenant: str) -> Plan:
+        plan = self.plans.get(plan_id)
+        if plan is None or plan.prepared.tenant != tenant:
+            raise NotFound(f"no prepared Retrieve {plan_id} on this connection")
+        self.plans.move_to_end(plan_id)
+        return plan
+
+
+def _overlap(a: pb.SharedMemoryRef, b: pb.SharedMemoryRef) -> bool:
+    return a.offset < b.offset + b.byte_size and b.offset < a.offset + a.byte_size

@@ -1,0 +1,278 @@
+"""Prepared Retrieves (kvd_client.prepared, kvd.prepared) against the real daemon: each run equals an ordinary
+Retrieve with the same arguments and the float64 attention over its ids; runs follow rewritten queries, layers
+and ranges; errors are those of Retrieve; plans end with their connection or their region, are re-made after a
+daemon restart, and fall back to ordinary Retrieves without a fast lane."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+import torch
+from kvd_client import FailedPreconditionError, InvalidArgumentError, KvdClient, NotFoundError
+from kvd_client.fastlane import PREPARE, RELEASE, RELEASE_BODY, RUN, RUN_HEADER, FastLane
+from kvd_client.shm import ShmRegion
+
+from kvd.v1 import kvd_pb2 as pb
+from tests.reference import brute_topk, full_attention
+from tests.test_index_manager import clustered_kv, wait_ready
+
+HQ, KV, D, N = 8, 2, 16, 400
+SCALE = D ** -0.5
+
+
+def fill(client: KvdClient, sid: str, seed: int, layers: int = 2, n: int = N, **options) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(layers, KV, n, D, generator=g)
+    values = torch.randn(layers, KV, n, D, generator=g)
+    client.create_session(sid, num_layers=layers, num_kv_heads=KV, num_query_heads=HQ, head_dim=D, dtype="fp32",
+                          **options)
+    client.append(sid, 0, keys, values)
+    return keys, values
+
+
+def queries(seed: int, n: int | None = None) -> torch.Tensor:
+    shape = (HQ, D) if n is None else (n, HQ, D)
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+def assert_same(run, ordinary) -> None:
+    assert torch.equal(run.ids, ordinary.ids)
+    assert torch.equal(run.output, ordinary.output) and torch.equal(run.lse, ordinary.lse)
+    assert run.counts == ordinary.counts and run.index_kinds == ordinary.index_kinds
+
+
+def test_runs_equal_ordinary_retrieves_and_the_float64_reference(shared_daemon):
+    client = shared_daemon.client()
+    kv = {sid: fill(client, sid, seed) for seed, sid in enumerate(["prep-a", "prep-b"])}
+    plan = client.prepare_retrieve(["prep-a", "prep-b"], k=12, scale=SCALE)
+    assert tuple(plan.queries.shape) == (2, HQ, D)
+    for step, (layer, ranges) in enumerate([(0, None), (1, [(3, 350), (0, 0)]), (1, [(100, 120), (7, 9)])]):
+        q = queries(step, 2)
+        plan.queries.copy_(q)
+        run = plan.run(layer, ranges)
+        assert client.uses_fast_lane
+        ordinary = client.retrieve(["prep-a", "prep-b"], layer, q, k=12, mode="attention", ranges=ranges,
+                                   scale=SCALE)
+        assert_same(run, ordinary)
+        assert run.server_ms > 0 and run.promoted == [False, False]
+        for i, sid in enumerate(["prep-a", "prep-b"]):
+            keys, values = kv[sid]
+            begin, end = (0, N) if ranges is None else (ranges[i][0], ranges[i][1] or N)
+            expected = brute_topk(q[i], keys[layer], 12, begin, end)
+            assert run.counts[i] == min(12, end - begin)
+            for h in range(HQ):
+                ids = run.ids[i, h, : run.counts[i]].tolist()
+                assert sorted(ids) == sorted(expected[h])
+                kv_head = slice(h // 4, h // 4 + 1)
+                out, lse = full_attention(q[i, h:h + 1], keys[layer, kv_head], values[layer, kv_head], SCALE, ids)
+                torch.testing.assert_close(run.output[i, h].double(), torch.from_numpy(out[0]), rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(run.lse[i, h].double(), torch.tensor(lse[0]), rtol=1e-6, atol=1e-6)
+    regions = client.stats().shared_memory_regions
+    plan.close()
+    assert client.stats().shared_memory_regions == regions - 1
+    with pytest.raises(ValueError, match="closed"):
+        plan.run(0)
+    client.close()
+
+
+def test_a_single_session_and_a_graph_index_served_in_place(shared_daemon):
+    """One session id (no batch axis), a graph session with decode keys not yet in the graph: the fused region
+    writes the plan's slots; the same ids and attention as an ordinary Retrieve."""
+    client = shared_daemon.client()
+    sid = "prep-graph"
+    n, sink, window, d, hq = 2500, 4, 64, 32, 4
+    client.create_session(sid, num_layers=1, num_kv_heads=2, num_query_heads=hq, head_dim=d, dtype="bf16",
+                          index="graph", sink_tokens=sink, window_tokens=window)
+    keys, values = clustered_kv(21, n + 200)
+    keys, values = keys.bfloat16(), values.bfloat16()
+    client.append(sid, 0, keys[:, :n].unsqueeze(0), values[:, :n].unsqueeze(0),
+                  hint_queries=torch.randn(1, hq, 64, d, generator=torch.Generator().manual_seed(22)))
+    wait_ready(client, sid, 1)
+    client.append(sid, n, keys[:, n:].unsqueeze(0), values[:, n:].unsqueeze(0))
+    plan = client.prepare_retrieve(sid, k=30, query_dtype=torch.bfloat16)
+    assert tuple(plan.queries.shape) == (hq, d) and plan.queries.dtype == torch.bfloat16
+    for seed in (1, 2, 3):
+        q = torch.randn(hq, d, generator=torch.Generator().manual_seed(seed)).bfloat16()
+        plan.queries.copy_(q)
+        run = plan.run(0)
+        ordinary = client.retrieve(sid, 0, q, k=30, mode="attention")
+        assert run.index_kinds == ["graph"] and run.attend_ms == 0.0   # one fused region
+        assert_same(run, ordinary)
+    plan.close()
+    client.delete_session(sid)
+    client.close()
+
+
+def test_errors_are_those_of_retrieve(shared_daemon):
+    client = shared_daemon.client()
+    fill(client, "prep-err", 5)
+    with pytest.raises(NotFoundError, match="missing"):
+        client.prepare_retrieve("missing", k=3)
+    with pytest.raises(ValueError, match="k must be positive"):
+        client.prepare_retrieve("prep-err", k=0)
+    client.create_session("prep-graph-params", num_layers=1, num_kv_heads=KV, num_query_heads=HQ, head_dim=D,
+                          dtype="fp32", index="graph")
+    regions = client.stats().shared_memory_regions
+    with pytest.raises(InvalidArgumentError, match="graph search_params"):
+        client.prepare_retrieve("prep-graph-params", k=3, search_params={"ef": "many"})
+    assert client.stats().shared_memory_regions == regions, "a refused plan leaves no region behind"
+    plan = client.prepare_retrieve("prep-err", k=3)
+    plan.queries.copy_(queries(1))
+    with pytest.raises(InvalidArgumentError, match="layer"):
+        plan.run(2)
+    with pytest.raises(InvalidArgumentError, match="outside"):
+        plan.run(0, [(10, N + 1)])
+    with pytest.raises(InvalidArgumentError, match="2 ranges given for 1 sequences"):
+        plan.run(0, [(0, 0), (0, 0)])
+    plan.queries[3, 5] = float("nan")
+    with pytest.raises(InvalidArgumentError, match="1 NaN or infinite"):
+        plan.run(0)
+    plan.queries.copy_(queries(2))
+    assert plan.run(0).counts == [3], "an error leaves the plan usable"
+    client.delete_session("prep-err")
+    with pytest.raises(NotFoundError, match="prep-err"):
+        plan.run(0)
+    client.create_session("prep-err", num_layers=1, num_kv_heads=KV, num_query_heads=HQ // 2, head_dim=D,
+                          dtype="fp32")
+    with pytest.raises(FailedPreconditionError, match="recreated with another shape"):
+        plan.run(0)
+    client.delete_session("prep-err")
+    keys, _ = fill(client, "prep-err", 6, layers=1)   # recreated with the same shape: served, new data
+    q = queries(3)
+    plan.queries.copy_(q)
+    assert sorted(plan.run(0).ids[0].tolist()) == sorted(brute_topk(q, keys[0], 3)[0])
+    plan.close()
+    client.close()
+
+
+def test_plans_survive_a_daemon_restart_and_fall_back_without_a_fast_lane(kvd_daemon):
+    client = kvd_daemon.client()
+    fill(client, "prep-restart", 7)
+    client.persist("prep-restart")
+    plan = client.prepare_retrieve("prep-restart", k=9)
+    plan.queries.copy_(queries(4))
+    before = plan.run(1)
+    ids, output = before.ids.clone(), before.output.clone()
+    kvd_daemon.restart()
+    again = plan.run(1)   # a new connection: the region registered and the plan prepared again
+    assert client.uses_fast_lane
+    assert torch.equal(again.ids, ids) and torch.equal(again.output, output)
+    plan.close()
+    client.close()
+    slow = kvd_daemon.client(fast_lane=False)
+    plan = slow.prepare_retrieve("prep-restart", k=9)
+    plan.queries.copy_(queries(4))
+    fallback = plan.run(1)
+    assert not slow.uses_fast_lane
+    assert torch.equal(fallback.ids, ids) and torch.equal(fallback.output, output)
+    plan.close()
+    slow.close()
+
+
+def raw_template(region: ShmRegion, sid: str, k: int, output_at: int, output_bytes: int) -> pb.RetrieveRequest:
+    return pb.RetrieveRequest(
+        session_ids=[sid], k=k, mode=pb.ATTENTION,
+        queries=pb.Tensor(dtype=pb.FLOAT32, shape=[1, HQ, D],
+                          shm=pb.SharedMemoryRef(region=region.key, offset=0, byte_size=HQ * D * 4)),
+        output=pb.SharedMemoryRef(region=region.key, offset=output_at, byte_size=output_bytes))
+
+
+def test_the_wire_protocol_refuses_bad_frames_and_forgets_released_plans(shared_daemon):
+    client = shared_daemon.client()
+    fill(client, "prep-raw", 8)
+    region = ShmRegion.create(1 << 16)
+    client._register(region)
+    lane = FastLane(shared_daemon.socket + ".fast", None, 30)
+    good = raw_template(region, "prep-raw", 4, 1024, 8192)
+    reply = pb.PrepareRetrieveResponse.FromString(bytes(lane.call_raw(PREPARE, good.SerializeToString(), "p")))
+    plan_id = reply.plan_id
+    assert list(reply.ids.shape) == [1, HQ, 4] and list(reply.lse.shape) == [1, HQ]
+    assert reply.ids.shm.offset >= 1024
+    lane.call_raw(RUN, RUN_HEADER.pack(plan_id, 0, 0), "r")
+    bad_cases = [
+        (RUN, RUN_HEADER.pack(plan_id + 99, 0, 0), NotFoundError, "no prepared Retrieve"),
+        (RUN, RUN_HEADER.pack(plan_id, 0, 0)[:7], InvalidArgumentError, "at least 12 bytes"),
+        (RUN, RUN_HEADER.pack(plan_id, 0, 1), InvalidArgumentError, "1 ranges has 28 bytes"),
+        (RUN, RUN_HEADER.pack(plan_id, 0, 1) + struct.pack("<qq", -1, 5), InvalidArgumentError, "negative"),
+        (PREPARE, raw_template(region, "prep-raw", 4, 256, 8192).SerializeToString(), InvalidArgumentError,
+         "must not overlap"),
+        (PREPARE, raw_template(region, "prep-raw", 4, 1024, 64).SerializeToString(), InvalidArgumentError,
+         "too small"),
+        (RELEASE, b"\x01", InvalidArgumentError, "one plan id"),
+    ]
+    inline = raw_template(region, "prep-raw", 4, 1024, 8192)
+    inline.queries.inline = bytes(HQ * D * 4)
+    bad_cases.append((PREPARE, inline.SerializeToString(), InvalidArgumentError, "in shared memory"))
+    with_layer = raw_template(region, "prep-raw", 4, 1024, 8192)
+    with_layer.layer = 1
+    bad_cases.append((PREPARE, with_layer.SerializeToString(), InvalidArgumentError, "given with each run"))
+    ids_mode = raw_template(region, "prep-raw", 4, 1024, 8192)
+    ids_mode.mode = pb.IDS
+    bad_cases.append((PREPARE, ids_mode.SerializeToString(), InvalidArgumentError, "mode ATTENTION"))
+    for kind, payload, error, message in bad_cases:
+        with pytest.raises(error, match=message):
+            lane.call_raw(kind, payload, "bad")
+    lane.call_raw(RELEASE, RELEASE_BODY.pack(plan_id), "release")
+    with pytest.raises(NotFoundError, match="no prepared Retrieve"):
+        lane.call_raw(RUN, RUN_HEADER.pack(plan_id, 0, 0), "r")
+    # the region unregistered under a live plan: the run is refused, the plan dropped
+    reply = pb.PrepareRetrieveResponse.FromString(bytes(lane.call_raw(PREPARE, good.SerializeToString(), "p")))
+    client._release(ShmRegion.attach(region.key, region.size))
+    with pytest.raises(FailedPreconditionError, match="unregistered"):
+        lane.call_raw(RUN, RUN_HEADER.pack(reply.plan_id, 0, 0), "r")
+    with pytest.raises(NotFoundError, match="no prepared Retrieve"):
+        lane.call_raw(RUN, RUN_HEADER.pack(reply.plan_id, 0, 0), "r")
+    lane.close()
+    region.close()
+    client.close()
+
+
+def test_a_connection_keeps_its_most_recently_used_plans(shared_daemon):
+    """Plans a client dropped without releasing them do not pile up: beyond the limit the least recently run
+    goes, and a client whose plan went prepares it again by itself."""
+    from kvd.prepared import MAX_PLANS
+
+    client = shared_daemon.client()
+    fill(client, "prep-many", 9, layers=1)
+    keep = client.prepare_retrieve("prep-many", k=2)
+    keep.queries.copy_(queries(5))
+    first = keep.run(0).ids.clone()
+    others = [client.prepare_retrieve("prep-many", k=2) for _ in range(MAX_PLANS)]   # the last evicts `keep`
+    assert torch.equal(keep.run(0).ids, first)   # prepared again transparently
+    assert all(plan.run(0).counts == [2] for plan in others[-3:])
+    for plan in others:
+        plan.close()
+    keep.close()
+    client.close()
+
+
+def test_the_decode_loop_makes_its_retrieves_through_one_plan(shared_daemon):
+    """KVDCache(prepared=True), the default: every decode Retrieve is a run of one plan, with the logits of
+    ordinary Retrieves (prepared=False) to the bit, at a k small enough for the retrieval to matter."""
+    from tests.test_transformers_kvd import SMALL, KVDCache, kvd_steps, sid, tiny_llama
+
+    model = tiny_llama(sharpen=3.0, seed=4)
+    ids = torch.randint(1, 97, (2, 80 + 24), generator=torch.Generator().manual_seed(4))
+    client = shared_daemon.client()
+    logits = {}
+    for prepared in (True, False):
+        cache = KVDCache(client, session=[sid("plan-a"), sid("plan-b")], top_k=6, index="flat", prepared=prepared,
+                         **SMALL)
+        runs = []
+        if prepared:
+            real = cache._decode_plan
+
+            def counting(sids, scale, real=real, runs=runs):
+                plan = real(sids, scale)
+                runs.append(plan)
+                return plan
+
+            cache._decode_plan = counting
+        logits[prepared] = kvd_steps(model, cache, ids, 80)
+        if prepared:
+            assert len(runs) == cache.stats.retrieve_calls >= 2 * 24 and len({id(p) for p in runs}) == 1
+        cache.close()
+        assert cache._plan is None
+    assert torch.equal(logits[True], logits[False])
+    client.close()
