@@ -13,6 +13,7 @@ server time (RetrieveResponse.server_ms), and the paired extra of each past coun
     KVD_RETRO_THREADS=1 python bench/retro_call_bench.py   # the daemon's fused kernel on one thread (default:
                                                            # up to half the cores, kvd.retro.max_threads)
     python bench/retro_call_bench.py --compare-target unix:///tmp/before.sock   # A/B against another tree
+    python bench/retro_call_bench.py --prepared            # A/B: ordinary calls against prepared plans' runs
     python bench/retro_call_bench.py --kernel 1,2,4,6       # in-process: the fused kernel alone on 1, 2, 4, 6
                                                            # threads vs gather_kernels.attend_rows (no daemon)
     python bench/retro_call_bench.py --transport             # in-process: the Python of encoding, parsing,
@@ -68,10 +69,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stacked", action=argparse.BooleanOptionalAction, default=True,
                    help="send the past queries stacked in the queries tensor (past_in_queries), as the integration "
                         "does")
+    p.add_argument("--prepared", action="store_true",
+                   help="also time every call as a run of a prepared plan (KvdClient.prepare_retrieve), interleaved "
+                        "with the ordinary calls (needs --stacked and --packed, the defaults)")
     p.add_argument("--transport", action="store_true",
                    help="time the transport steps of one call in-process instead (no daemon)")
     p.add_argument("--out", default=None, help="JSON path (default: $OUT/retro_call_bench.json if OUT is set)")
     return p.parse_args(argv)
+
+
+class PlanCaller:
+    """retrieve() made through prepared plans (KvdClient.prepare_retrieve), one per past count, as KVDCache
+    decodes: the inputs written into the plan's shared memory, then a run."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.plans: dict[int, Any] = {}
+
+    def retrieve(self, session_ids: list[str], layer: int, *, k: int, ranges: Any, queries: torch.Tensor,
+                 past_in_queries: int = 0, past_seen_ids: Any = None, past_seen_from: Any = None, **_: Any) -> Any:
+        count = past_in_queries
+        plan = self.plans.get(count)
+        if plan is None:
+            seen = 0 if past_seen_ids is None else past_seen_ids.shape[-1]
+            plan = self.plans[count] = self.client.prepare_retrieve(session_ids, k=k, past=count, seen=seen)
+        plan.queries.copy_(queries)
+        if count:
+            if plan.seen_ids is not None:
+                plan.seen_ids.copy_(past_seen_ids)
+            plan.seen_from.copy_(past_seen_from)
+        return plan.run(layer, ranges)
+
+    def close(self) -> None:
+        for plan in self.plans.values():
+            plan.close()
 
 
 def fill(client: Any, args: argparse.Namespace, sid: str) -> None:
@@ -276,6 +307,8 @@ def transport(reps: int = 3000) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.prepared and not (args.stacked and args.packed):
+        raise SystemExit("--prepared needs --stacked and --packed: plans send past queries stacked, packed")
     counts = [0, *(int(p) for p in args.past.split(",") if p)]
     if args.transport:
         rows = transport()
@@ -303,12 +336,15 @@ def main(argv: list[str] | None = None) -> int:
         sid = "retro-call-bench"
         for client in clients.values():
             fill(client, args, sid)
+        if args.prepared:
+            clients["prepared"] = PlanCaller(clients["this"])
         got = measure(clients, args, sid, counts)
         rows = [{"daemon": name, **row} for name, times in got.items() for row in summary(times)]
-        if not args.compare_target:
+        if len(clients) == 1:
             rows = [{k: v for k, v in row.items() if k != "daemon"} for row in rows]
-        for client in clients.values():
-            client.delete_session(sid)
+        for name, client in reversed(clients.items()):
+            if name != "prepared":
+                client.delete_session(sid)
             client.close()
     finally:
         if daemon is not None:

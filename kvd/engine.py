@@ -62,6 +62,7 @@ class PreparedRetrieve:
     spec: RetrieveSpec        # its `into` slots: views of the client's shared memory too
     sessions: list[Session]   # as validated (a recreated session is checked again)
     count_nonfinite: Callable[[], int]  # NaN/Inf in the queries' current values
+    past: retro.PastQueries | None = None  # RetroAttention's past queries and seen ids: views too, checked per run
 
 
 @dataclass
@@ -300,14 +301,20 @@ class Engine:
         return results, sessions, promoted
 
     def prepare_retrieve(self, tenant: str, session_ids: list[str], queries: torch.Tensor, k: int, scale: float,
-                         exact: bool, params: dict[str, str], into: list[AttendSlots]) -> PreparedRetrieve:
-        """Validate a mode ATTENTION Retrieve's fixed part once (kvd.prepared): `queries` is the slot whose
-        contents change between runs, `into` where every run writes its results."""
+                         exact: bool, params: dict[str, str], into: list[AttendSlots] | None,
+                         past: retro.PastQueries | None = None, checked: torch.Tensor | None = None
+                         ) -> PreparedRetrieve:
+        """Validate a mode ATTENTION Retrieve's fixed part once (kvd.prepared): `queries` (and `past`) are the
+        slots whose contents change between runs, `into` where every run writes its results (without past
+        queries); `checked`: the tensor whose values each run checks for NaN/Inf (default `queries`)."""
         sessions = self._retrieve_sessions(tenant, session_ids)
         spec = self._retrieve_spec(sessions, queries, k, Mode.ATTENTION, scale, exact, params, into,
                                    searching=not exact)
+        if past is not None:
+            first = sessions[0].shape
+            retro.check_past(past, len(sessions), first.num_query_heads, first.head_dim)
         return PreparedRetrieve(tenant, list(session_ids), queries, spec, sessions,
-                                ingest_kernels.nonfinite_counter(queries))
+                                ingest_kernels.nonfinite_counter(queries if checked is None else checked), past)
 
     def retrieve_prepared(self, plan: PreparedRetrieve, layer: int, ranges: list[tuple[int, int]] | None
                           ) -> tuple[list[SequenceResult], list[bool]]:
@@ -324,9 +331,13 @@ class Engine:
             raise InvalidArgument(f"{len(ranges)} ranges given for {len(sessions)} sequences")
         if bad := plan.count_nonfinite():
             raise InvalidArgument(f"queries contains {bad} NaN or infinite values")
+        past = None
+        if plan.past is not None:
+            first = sessions[0].shape
+            past = retro.check_past(plan.past, len(sessions), first.num_query_heads, first.head_dim)
         spec = plan.spec
         spec.layer = layer  # a plan runs one call at a time (its connection's thread)
-        return self._serve_retrieve(sessions, plan.queries, spec, ranges, None, None)
+        return self._serve_retrieve(sessions, plan.queries, spec, ranges, past, None)
 
     def _check_replacement(self, plan: PreparedRetrieve, i: int, session: Session) -> None:
         """A plan's session was deleted and created again under its id: serve it only if the plan still fits."""

@@ -13,26 +13,32 @@ import struct
 import time
 from collections import OrderedDict
 
+import torch
 from kvd_client.fastlane import RANGE, RELEASE_BODY, RUN_HEADER, RUN_REPLY, RUN_SEQUENCE
 
-from kvd import convert
+from kvd import convert, retro
 from kvd.engine import Engine, PreparedRetrieve
 from kvd.errors import FailedPrecondition, InvalidArgument, NotFound
 from kvd.retrieval import Mode
 from kvd.service import MODES, attend_slots
-from kvd.shm import Registration
+from kvd.shm import OutputWriter, Registration
 from kvd.v1 import kvd_pb2 as pb
+from kvd.validate import MAX_K
 
 MAX_PLANS = 64  # per connection (a decode loop needs one per batch of sessions); beyond, the least recently used goes
 
 
 class Plan:
-    """A prepared Retrieve with the shared-memory registration its views belong to."""
+    """A prepared Retrieve with the shared-memory registration its views belong to; with past queries, the
+    reply's ids and packed slots (results are copied there: the fused region writes in place only without)."""
 
-    def __init__(self, prepared: PreparedRetrieve, registration: Registration) -> None:
+    def __init__(self, prepared: PreparedRetrieve, registration: Registration, ids: torch.Tensor | None = None,
+                 packed: torch.Tensor | None = None) -> None:
         self.prepared = prepared
         self.registration = registration
         self.sequences = len(prepared.session_ids)
+        self.ids = ids
+        self.packed = packed
 
 
 class ConnectionPlans:
@@ -45,37 +51,62 @@ class ConnectionPlans:
         self.next_id = 1
 
     def prepare(self, request: pb.RetrieveRequest, tenant: str, labels: dict) -> pb.PrepareRetrieveResponse:
-        for field in ("past", "candidates"):
-            if request.HasField(field):
-                raise InvalidArgument(f"a prepared Retrieve cannot have {field}")
+        if request.HasField("candidates"):
+            raise InvalidArgument("a prepared Retrieve cannot have candidates")
         if request.ranges or request.layer:
             raise InvalidArgument("a prepared Retrieve's layer and ranges are given with each run, not in its template")
         if MODES.get(request.mode) is not Mode.ATTENTION:
             raise InvalidArgument("a prepared Retrieve is mode ATTENTION")
-        if request.queries.WhichOneof("data") != "shm" or not request.HasField("output"):
-            raise InvalidArgument("a prepared Retrieve's queries and output must be in shared memory")
-        query_ref, output_ref = request.queries.shm, request.output
-        if query_ref.region == output_ref.region and _overlap(query_ref, output_ref):
-            raise InvalidArgument("a prepared Retrieve's queries and output must not overlap")
+        inputs = [request.queries]
+        if request.HasField("past"):
+            past_message = request.past
+            if not past_message.stacked or not past_message.packed:
+                raise InvalidArgument("a prepared Retrieve's past queries are stacked in its queries and packed")
+            inputs += [getattr(past_message, name) for name in ("seen_ids", "seen_from")
+                       if past_message.HasField(name)]
+        if any(t.WhichOneof("data") != "shm" for t in inputs) or not request.HasField("output"):
+            raise InvalidArgument("a prepared Retrieve's queries, seen ids and output must be in shared memory")
+        output_ref = request.output
+        if any(t.shm.region == output_ref.region and _overlap(t.shm, output_ref) for t in inputs):
+            raise InvalidArgument("a prepared Retrieve's inputs and output must not overlap")
         codec = convert.TensorCodec(self.engine.shm, tenant)
         queries = codec.read(request.queries, "queries")
+        stacked, past = queries, None
+        if request.HasField("past"):
+            queries, past = retro.past_from_wire(codec, request.past, queries)
         writer = codec.writer(output_ref, True)
         reply = pb.PrepareRetrieveResponse()
         sessions = len(request.session_ids)
-        into = attend_slots(writer, reply, queries, sessions, request.k)
-        if into is None:
+        into = attend_slots(writer, reply, queries, sessions, request.k) if past is None else None
+        ids = packed = None
+        if past is not None:
+            ids, packed = self._past_slots(writer, reply, queries, sessions, request.k, past)
+        elif into is None:
             raise InvalidArgument(f"queries must be [{sessions}, num_query_heads, head_dim] and 1 <= k")
         prepared = self.engine.prepare_retrieve(tenant, list(request.session_ids), queries, request.k, request.scale,
-                                                request.exact, dict(request.search_params), into)
-        registration = self.engine.shm.registration(tenant, query_ref.region)
-        if registration is None or self.engine.shm.registration(tenant, output_ref.region) is not registration:
-            raise InvalidArgument("a prepared Retrieve's queries and output must be in one shared-memory region")
+                                                request.exact, dict(request.search_params), into, past, stacked)
+        registration = self.engine.shm.registration(tenant, output_ref.region)
+        if registration is None or any(self.engine.shm.registration(tenant, t.shm.region) is not registration
+                                       for t in inputs):
+            raise InvalidArgument("a prepared Retrieve's tensors must all be in one shared-memory region")
         reply.plan_id = self.next_id
         if len(self.plans) >= self.limit:  # a client that dropped its plans without releasing them
             self.plans.popitem(last=False)
-        self.plans[self.next_id] = Plan(prepared, registration)
+        self.plans[self.next_id] = Plan(prepared, registration, ids, packed)
         self.next_id += 1
         return reply
+
+    @staticmethod
+    def _past_slots(writer: OutputWriter, reply: pb.PrepareRetrieveResponse, queries: torch.Tensor, sequences: int,
+                    k: int, past: retro.PastQueries) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reply slots of a plan with past queries: ids [n, Hq, k] and packed [n, P + 1, Hq, d + 1]."""
+        if queries.dim() != 3 or queries.shape[0] != sequences or not 1 <= k <= MAX_K:
+            raise InvalidArgument(f"queries must be [{sequences}, P + 1, num_query_heads, head_dim] and "
+                                  f"1 <= k <= {MAX_K}")
+        n, heads, dim = queries.shape
+        ids = writer.reserve((n, heads, k), torch.int64, reply.ids)
+        packed = writer.reserve((n, past.queries.shape[1] + 1, heads, dim + 1), torch.float32, reply.packed)
+        return ids, packed
 
     def run(self, payload: bytes, tenant: str, labels: dict) -> bytes:
         started = time.perf_counter()
@@ -99,13 +130,18 @@ class ConnectionPlans:
             raise FailedPrecondition("the shared-memory region of this prepared Retrieve was unregistered; prepare "
                                      "it again")
         results, promoted = self.engine.retrieve_prepared(plan.prepared, layer, ranges)
-        slots = plan.prepared.spec.into
-        assert slots is not None
-        for slot, result in zip(slots, results, strict=True):
-            if not result.in_place:
-                slot.ids.copy_(result.ids)
-                slot.output.copy_(result.output)
-                slot.lse.copy_(result.lse)
+        if plan.packed is not None and plan.ids is not None:
+            for i, result in enumerate(results):
+                plan.ids[i].copy_(result.ids)
+                retro.fill_packed(result, plan.packed[i])
+        else:
+            slots = plan.prepared.spec.into
+            assert slots is not None
+            for slot, result in zip(slots, results, strict=True):
+                if not result.in_place:
+                    slot.ids.copy_(result.ids)
+                    slot.output.copy_(result.output)
+                    slot.lse.copy_(result.lse)
         labels["mode"] = Mode.ATTENTION.value
         labels["index"] = results[0].index_kind
         labels["sequences"] = str(len(results))

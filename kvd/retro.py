@@ -415,17 +415,23 @@ def attend_past(keys: torch.Tensor, values: torch.Tensor, ids: torch.Tensor, pas
 
 
 def _packed_of(result: SequenceResult) -> torch.Tensor:
-    """A sequence's [P + 1, Hq, d + 1] block of RetrieveResponse.packed (past rows, then the current query's;
-    log-sum-exp in the last column): ~33 KB for 32 heads, assembled."""
+    """A sequence's [P + 1, Hq, d + 1] block of RetrieveResponse.packed: ~33 KB for 32 heads, assembled."""
+    assert result.output is not None and result.past_output is not None
+    block = torch.empty(result.past_output.shape[0] + 1, result.output.shape[0], result.output.shape[-1] + 1)
+    fill_packed(result, block)
+    return block
+
+
+def fill_packed(result: SequenceResult, block: torch.Tensor) -> None:
+    """Write a sequence's results into its [P + 1, Hq, d + 1] block of a packed reply (past rows, then the current
+    query's; log-sum-exp in the last column)."""
     out, lse, past_out, past_lse = result.output, result.lse, result.past_output, result.past_lse
     assert out is not None and lse is not None and past_out is not None and past_lse is not None
     count, dim = past_out.shape[0], out.shape[-1]
-    block = torch.empty(count + 1, out.shape[0], dim + 1)
     block[count, :, :dim] = out
     block[count, :, dim] = lse
     block[:count, :, :dim] = past_out
     block[:count, :, dim] = past_lse
-    return block
 
 
 def write_packed(codec: TensorCodec, writer: OutputWriter | None, results: list[SequenceResult],

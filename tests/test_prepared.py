@@ -11,6 +11,7 @@ import pytest
 import torch
 from kvd_client import FailedPreconditionError, InvalidArgumentError, KvdClient, NotFoundError
 from kvd_client.fastlane import PREPARE, RELEASE, RELEASE_BODY, RUN, RUN_HEADER, FastLane
+from kvd_client.prepared import NO_BOUND
 from kvd_client.shm import ShmRegion
 
 from kvd.v1 import kvd_pb2 as pb
@@ -273,6 +274,86 @@ def test_the_decode_loop_makes_its_retrieves_through_one_plan(shared_daemon):
         if prepared:
             assert len(runs) == cache.stats.retrieve_calls >= 2 * 24 and len({id(p) for p in runs}) == 1
         cache.close()
-        assert cache._plan is None
+        assert cache._plans == {}
+    assert torch.equal(logits[True], logits[False])
+    client.close()
+
+
+@pytest.mark.parametrize("kind", ["flat", "graph"])
+def test_runs_with_past_queries_equal_ordinary_retro_retrieves(shared_daemon, kind):
+    """RetroAttention through a plan (past=P stacked, seen ids and bounds rewritten per run, packed results):
+    the ordinary Retrieve's packed reply to the bit, a bound of NO_BOUND as no bound at all, and each past row the
+    float64 attention over the keys it had not seen."""
+    client = shared_daemon.client()
+    sid = f"prep-retro-{kind}"
+    n, sink, window, d, hq, k, count = 2500, 4, 64, 32, 4, 20, 2
+    client.create_session(sid, num_layers=1, num_kv_heads=2, num_query_heads=hq, head_dim=d, dtype="bf16",
+                          index=kind, sink_tokens=sink, window_tokens=window)
+    keys, values = clustered_kv(31, n)
+    keys, values = keys.bfloat16(), values.bfloat16()
+    client.append(sid, 0, keys.unsqueeze(0), values.unsqueeze(0),
+                  hint_queries=torch.randn(1, hq, 64, d, generator=torch.Generator().manual_seed(32)))
+    if kind == "graph":
+        wait_ready(client, sid, 1)
+    plan = client.prepare_retrieve(sid, k=k, past=count, seen=k)
+    assert tuple(plan.queries.shape) == (count + 1, hq, d) and tuple(plan.seen_ids.shape) == (count, hq, k)
+    assert (plan.seen_from == NO_BOUND).all()
+    gen = torch.Generator().manual_seed(33)
+    previous = torch.full((hq, k), -1, dtype=torch.int64)
+    for step in range(3):
+        stacked = torch.randn(count + 1, hq, d, generator=gen) * 2
+        seen = torch.stack([previous, torch.full((hq, k), -1, dtype=torch.int64)])
+        bounds = torch.tensor([NO_BOUND, 1500]) if step else None
+        plan.queries.copy_(stacked)
+        plan.seen_ids.copy_(seen)
+        plan.seen_from.copy_(bounds if bounds is not None else torch.full((count,), NO_BOUND))
+        run = plan.run(0)
+        ordinary = client.retrieve(sid, 0, stacked, k=k, mode="attention", past_in_queries=count, packed=True,
+                                   past_seen_ids=seen, past_seen_from=bounds)
+        assert run.output is None and run.lse is None
+        assert torch.equal(run.ids, ordinary.ids) and torch.equal(run.packed, ordinary.packed)
+        assert run.index_kinds == [kind]
+        for p in range(count):
+            bound = NO_BOUND if bounds is None else int(bounds[p])
+            for h in range(hq):
+                new = [i for i in run.ids[h].tolist() if 0 <= i < bound and i not in set(seen[p, h].tolist())]
+                if not new:
+                    assert run.packed[p, h, d] == float("-inf")
+                    continue
+                out, lse = full_attention(stacked[p, h:h + 1], keys[h // 2:h // 2 + 1].float(),
+                                          values[h // 2:h // 2 + 1].float(), d ** -0.5, new)
+                torch.testing.assert_close(run.packed[p, h, :d].double(), torch.from_numpy(out[0]), rtol=1e-5,
+                                           atol=1e-6)
+                torch.testing.assert_close(run.packed[p, h, d].double(), torch.tensor(lse[0]), rtol=1e-6, atol=1e-6)
+        previous = run.ids.clone()
+    plan.close()
+    fallback = shared_daemon.client(fast_lane=False)   # the same plan as ordinary Retrieves
+    with fallback.prepare_retrieve(sid, k=k, past=count, seen=k) as slow:
+        slow.queries.copy_(stacked)
+        slow.seen_ids.copy_(seen)
+        slow.seen_from.copy_(bounds)
+        assert torch.equal(slow.run(0).packed, run.packed)
+    fallback.close()
+    client.delete_session(sid)
+    client.close()
+
+
+def test_retro_decoding_through_plans_equals_ordinary_retrieves(shared_daemon):
+    """KVDCache(retro=True, retro_window=3): the retro steps' Retrieves are runs of plans with past queries too,
+    with the logits of ordinary Retrieves to the bit, while corrections happen (k is small)."""
+    from tests.test_transformers_kvd import SMALL, KVDCache, kvd_steps, sid, tiny_llama
+
+    model = tiny_llama(sharpen=3.0, seed=5)
+    ids = torch.randint(1, 97, (1, 80 + 20), generator=torch.Generator().manual_seed(5))
+    client = shared_daemon.client()
+    logits = {}
+    for prepared in (True, False):
+        cache = KVDCache(client, session=sid("retro-plan"), top_k=6, index="flat", prepared=prepared, retro=True,
+                         retro_window=3, **SMALL)
+        logits[prepared] = kvd_steps(model, cache, ids, 80)
+        if prepared:  # plans for 0, 1 and 2 past queries (the cache fills up over the first steps)
+            assert {key[-2] for key in cache._plans} == {0, 1, 2}, list(cache._plans)
+            assert cache.retro is not None and cache.retro.corrections > 0
+        cache.close()
     assert torch.equal(logits[True], logits[False])
     client.close()

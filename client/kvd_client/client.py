@@ -299,13 +299,16 @@ class KvdClient:
 
     def prepare_retrieve(self, session_ids: str | Sequence[str], *, k: int, scale: float | None = None,
                          exact: bool = False, search_params: dict[str, Any] | None = None,
-                         query_dtype: torch.dtype = torch.float32) -> PreparedRetrieve:
+                         query_dtype: torch.dtype = torch.float32, past: int = 0, seen: int = 0
+                         ) -> PreparedRetrieve:
         """A mode "attention" Retrieve of these sessions to run layer after layer with new queries: write them into
         plan.queries ([n, num_query_heads, head_dim], or [num_query_heads, head_dim] for one session id), then
         plan.run(layer, ranges). Over the fast lane a run costs a few bytes each way (kvd_client.prepared); the
-        results are the same as retrieve()'s with these arguments. Close the plan when done."""
+        results are the same as retrieve()'s with these arguments. past=P, seen=S: RetroAttention's P past
+        queries stacked before the current one, with S seen ids each (retrieve()'s past_in_queries, past_seen_ids,
+        past_seen_from, packed=True). Close the plan when done."""
         return PreparedRetrieve(self, session_ids, k=k, scale=scale, exact=exact, search_params=search_params,
-                                query_dtype=query_dtype)
+                                query_dtype=query_dtype, past=past, seen=seen)
 
     def fetch(self, session_id: str, begin: int = 0, end: int | None = None, *, layers: Sequence[int] | None = None,
               with_token_ids: bool = False) -> FetchResult:

@@ -5,6 +5,9 @@
         plan.queries.copy_(q)                      # [n, Hq, D]: a view of shared memory
         result = plan.run(layer, ranges)           # result.output / result.lse: views, valid until the next run
 
+With past queries (RetroAttention): prepare_retrieve(..., past=P, seen=S) adds plan.seen_ids / plan.seen_from,
+and results come packed.
+
 A mode "attention" Retrieve whose sessions, k, scale, exact and search params stay the same from call to call.
 Over the daemon's fast lane the plan is validated once; each run sends the plan id, the layer and the ranges and
 gets counts and timings back, the tensors staying in a shared-memory region of the plan's own (no protobuf on
@@ -35,34 +38,47 @@ if TYPE_CHECKING:
 _QUERY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+NO_BOUND = 1 << 62  # a past query's seen_from when it has no bound (every retrieved position may be new to it)
+
+
 class PreparedRetrieve:
     """A mode "attention" Retrieve prepared once and run per layer (KvdClient.prepare_retrieve). Not for use by
-    several threads at once; runs are serialized with the client's other calls."""
+    several threads at once; runs are serialized with the client's other calls.
+
+    With past=P (RetroAttention, see KvdClient.retrieve): `queries` is [n, P + 1, Hq, D] (the P past queries,
+    then the current one), `seen_ids` int64 [n, P, Hq, seen] and `seen_from` int64 [n, P] (NO_BOUND: none) are
+    rewritten before each run too, and results come as `packed` [n, P + 1, Hq, D + 1] (lse in the last column)."""
 
     def __init__(self, client: KvdClient, session_ids: str | Sequence[str], *, k: int, scale: float | None = None,
                  exact: bool = False, search_params: dict[str, Any] | None = None,
-                 query_dtype: torch.dtype = torch.float32) -> None:
+                 query_dtype: torch.dtype = torch.float32, past: int = 0, seen: int = 0) -> None:
         if query_dtype not in _QUERY_DTYPES:
             raise ValueError(f"query_dtype must be float32, bfloat16 or float16, not {query_dtype}")
         if k < 1:
             raise ValueError(f"k must be positive, not {k}")
+        if past < 0 or seen < 0 or (seen and not past):
+            raise ValueError("past and seen must be >= 0, and seen ids need past queries")
         self.client = client
         self.single = isinstance(session_ids, str)
         self.session_ids = [session_ids] if isinstance(session_ids, str) else list(session_ids)
         if not self.session_ids:
             raise ValueError("a prepared Retrieve needs at least one session")
         info = client._shape(self.session_ids[0])
-        num_query_heads, head_dim = info.num_query_heads, info.head_dim
-        self.k, self.scale, self.exact = k, scale, exact
+        n, heads, dim = len(self.session_ids), info.num_query_heads, info.head_dim
+        self.k, self.scale, self.exact, self.past = k, scale, exact, past
         self.search_params = {key: str(v) for key, v in (search_params or {}).items()}
-        n = len(self.session_ids)
-        self._shape = (n, num_query_heads, head_dim)
+        self._heads, self._dim = heads, dim
+        # the inputs rewritten before each run: name -> (dtype, shape); laid out in this order in the region
+        self._inputs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
+            "queries": (query_dtype, (n, past + 1, heads, dim) if past else (n, heads, dim))}
+        if past:
+            if seen:
+                self._inputs["seen_ids"] = (torch.int64, (n, past, heads, seen))
+            self._inputs["seen_from"] = (torch.int64, (n, past))
         self._region: ShmRegion | None = None
         self._lane: FastLane | None = None   # the connection the plan lives on
         self._plan_id = 0
-        self._views: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._local = torch.zeros(self._shape, dtype=query_dtype)   # the queries without a fast lane
-        self._query_dtype = query_dtype
+        self._views: tuple[torch.Tensor, ...] | None = None
         self.closed = False
         with client._lock:
             if client._transport.enabled and client._fast_lane_wanted:
@@ -76,18 +92,30 @@ class PreparedRetrieve:
                     else:
                         self._release_region()
                         raise
-        self.queries = self._queries_view()
+        inputs = self._input_tensors()
+        self.queries = inputs["queries"]
+        self.seen_ids: torch.Tensor | None = inputs.get("seen_ids")
+        self.seen_from: torch.Tensor | None = inputs.get("seen_from")
+        if self.seen_from is not None:
+            self.seen_from.fill_(NO_BOUND)
         client._plans.add(self)
 
     # -- set-up ----------------------------------------------------------------------------------------
 
+    def _layout(self) -> tuple[dict[str, int], int]:
+        """Byte offsets of the inputs in the region and where the output area starts."""
+        offsets, cursor = {}, 0
+        for name, (dtype, shape) in self._inputs.items():
+            offsets[name] = cursor = wire.align(cursor)
+            cursor += wire.byte_size(shape, dtype)
+        return offsets, wire.align(cursor)
+
     def _open_region(self) -> None:
-        """The plan's own shared memory (queries, then the results), registered with the daemon; left unset
+        """The plan's own shared memory (inputs, then the results), registered with the daemon; left unset
         (ordinary Retrieves) where the daemon cannot map it or offers no fast lane."""
-        n, heads, dim = self._shape
-        query_bytes = n * heads * dim * self._query_dtype.itemsize
-        self._output_at = wire.align(query_bytes)
-        size = self._output_at + calls.retrieve_output_bytes(n, heads, self.k, dim, "attention", 4)
+        n = len(self.session_ids)
+        _, output_at = self._layout()
+        size = output_at + calls.retrieve_output_bytes(n, self._heads, self.k, self._dim, "attention", 4, self.past)
         region = ShmRegion.create(size)
         try:
             self.client._register(region)
@@ -99,28 +127,39 @@ class PreparedRetrieve:
         if not self.client._fast_path:
             self._release_region()
 
-    def _queries_view(self) -> torch.Tensor:
-        if self._region is None:
-            view = self._local
-        else:
-            n, heads, dim = self._shape
-            view = wire.decode_bytes(self._region.buffer[: n * heads * dim * self._query_dtype.itemsize],
-                                     self._query_dtype, self._shape)
-        return view[0] if self.single else view
+    def _input_tensors(self) -> dict[str, torch.Tensor]:
+        """The inputs as views of the region, or as plain tensors without one (ordinary Retrieves)."""
+        offsets, _ = self._layout()
+        tensors = {}
+        for name, (dtype, shape) in self._inputs.items():
+            if self._region is None:
+                tensor = torch.zeros(shape, dtype=dtype)
+            else:
+                at = offsets[name]
+                tensor = wire.decode_bytes(self._region.buffer[at: at + wire.byte_size(shape, dtype)], dtype, shape)
+            tensors[name] = tensor[0] if self.single else tensor
+        return tensors
+
+    def _tensor_ref(self, name: str, offsets: dict[str, int]) -> pb.Tensor:
+        assert self._region is not None
+        dtype, shape = self._inputs[name]
+        return pb.Tensor(dtype=wire.WIRE_BY_TORCH[dtype], shape=list(shape), shm=pb.SharedMemoryRef(
+            region=self._region.key, offset=offsets[name], byte_size=wire.byte_size(shape, dtype)))
 
     def _prepare(self, lane: FastLane) -> None:
         """Send the plan's template on `lane` (its region registered again first if the daemon forgot it)."""
         assert self._region is not None
-        n, heads, dim = self._shape
         key = self._region.key
-        query_bytes = n * heads * dim * self._query_dtype.itemsize
+        offsets, output_at = self._layout()
         request = pb.RetrieveRequest(
             session_ids=self.session_ids, k=self.k, mode=pb.ATTENTION, scale=self.scale or 0.0, exact=self.exact,
-            search_params=self.search_params,
-            queries=pb.Tensor(dtype=wire.WIRE_BY_TORCH[self._query_dtype], shape=list(self._shape),
-                              shm=pb.SharedMemoryRef(region=key, offset=0, byte_size=query_bytes)),
-            output=pb.SharedMemoryRef(region=key, offset=self._output_at,
-                                      byte_size=self._region.size - self._output_at))
+            search_params=self.search_params, queries=self._tensor_ref("queries", offsets),
+            output=pb.SharedMemoryRef(region=key, offset=output_at, byte_size=self._region.size - output_at))
+        if self.past:
+            request.past.stacked, request.past.packed = self.past, True
+            request.past.seen_from.CopyFrom(self._tensor_ref("seen_from", offsets))
+            if "seen_ids" in self._inputs:
+                request.past.seen_ids.CopyFrom(self._tensor_ref("seen_ids", offsets))
         try:
             payload = lane.call_raw(PREPARE, request.SerializeToString(), "PrepareRetrieve")
         except NotFoundError as exc:
@@ -129,7 +168,8 @@ class PreparedRetrieve:
             self.client._register(self._region)  # a restarted daemon: register the region again
             payload = lane.call_raw(PREPARE, request.SerializeToString(), "PrepareRetrieve")
         reply = pb.PrepareRetrieveResponse.FromString(bytes(payload))
-        self._views = tuple(self._view(t) for t in (reply.ids, reply.output, reply.lse))  # type: ignore[assignment]
+        results = (reply.ids, reply.packed) if self.past else (reply.ids, reply.output, reply.lse)
+        self._views = tuple(self._view(t) for t in results)
         self._plan_id, self._lane = reply.plan_id, lane
 
     def _view(self, message: pb.Tensor) -> torch.Tensor:
@@ -189,16 +229,21 @@ class PreparedRetrieve:
             kinds.append(SERVED_BY_NAMES.get(kind, ""))
             promoted.append(bool(up))
         assert self._views is not None
-        ids, output, lse = self._views
-        return RetrieveResult(ids=ids, counts=counts, index_kinds=kinds, server_ms=server, promoted=promoted,
-                              output=output, lse=lse, search_ms=search, attend_ms=attend,
-                              search_kernel_ms=search_kernel, attend_kernel_ms=attend_kernel)
+        tensors = dict(zip(("ids", "packed") if self.past else ("ids", "output", "lse"), self._views, strict=True))
+        return RetrieveResult(counts=counts, index_kinds=kinds, server_ms=server, promoted=promoted, search_ms=search,
+                              attend_ms=attend, search_kernel_ms=search_kernel, attend_kernel_ms=attend_kernel,
+                              **tensors)
 
     def _retrieve(self, layer: int, ranges: Sequence[tuple[int, int]] | None) -> RetrieveResult:
         """The run as an ordinary Retrieve (no fast lane)."""
         sids: str | list[str] = self.session_ids[0] if self.single else self.session_ids
+        past: dict[str, Any] = {}
+        if self.past:
+            past = {"past_in_queries": self.past, "packed": True, "past_seen_ids": self.seen_ids,
+                    "past_seen_from": self.seen_from}
         return self.client.retrieve(sids, layer, self.queries, k=self.k, mode="attention", ranges=ranges,
-                                    scale=self.scale, exact=self.exact, search_params=self.search_params or None)
+                                    scale=self.scale, exact=self.exact, search_params=self.search_params or None,
+                                    **past)
 
     # -- end -------------------------------------------------------------------------------------------
 

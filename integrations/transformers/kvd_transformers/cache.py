@@ -25,6 +25,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from kvd_client.prepared import NO_BOUND
 from transformers.cache_utils import Cache
 
 from kvd_transformers import ops
@@ -59,6 +60,32 @@ def take_update(key: torch.Tensor) -> tuple[KVDCache, int] | None:
         return None
     _last_update.token = None
     return token.cache, token.layer_idx
+
+
+_PLANS_KEPT = 16  # prepared plans per cache (plain decode, retro's past counts and seen widths)
+
+
+def _run_plan(plan: Any, layer_idx: int, q_host: torch.Tensor, ranges: list[tuple[int, int]],
+              below: torch.Tensor | None, past: dict[str, Any], keep: bool) -> Any:
+    """One decode Retrieve as a run of its prepared plan: the query (and retro's cached queries, seen ids and
+    bounds) written into the plan's shared memory, then the run. The result's tensors are views that the plan's
+    next run rewrites: with `keep` (something holds on to the result: the retro cache its ids, a debug log), and
+    always with past queries, they are copied out."""
+    if below is None:
+        plan.queries.copy_(q_host)
+        res = plan.run(layer_idx, ranges)
+        return replace(res, ids=res.ids.clone(), output=res.output.clone(), lse=res.lse.clone()) if keep else res
+    count = below.shape[1]
+    plan.queries[:, :count].copy_(below)
+    plan.queries[:, count].copy_(q_host)
+    if plan.seen_ids is not None:
+        plan.seen_ids.copy_(past["past_seen_ids"])
+    if (seen_from := past.get("past_seen_from")) is not None:
+        plan.seen_from.copy_(seen_from)
+    else:
+        plan.seen_from.fill_(NO_BOUND)
+    res = plan.run(layer_idx, ranges)
+    return replace(res, ids=res.ids.clone(), packed=res.packed.clone())
 
 
 class KVDCache(Cache):
@@ -100,8 +127,7 @@ class KVDCache(Cache):
         self._error: BaseException | None = None
         self._ranges_cache: dict[tuple[int, ...], list[tuple[int, int]]] = {}
         self._stream: Any = None  # CUDA side stream of the device-to-host copies
-        self._plan: Any = None    # the decode Retrieves' prepared plan (config.prepared) and what it was made for
-        self._plan_key: tuple[Any, ...] | None = None
+        self._plans: dict[tuple[Any, ...], Any] = {}  # the decode Retrieves' prepared plans (config.prepared)
         if self.session_ids:
             self._rehydrate()
 
@@ -520,7 +546,7 @@ class KVDCache(Cache):
         finally:
             if self.lookahead is not None:
                 self.lookahead.close()
-            self._close_plan()
+            self._close_plans()
             self._finalizer()
 
     def __enter__(self) -> KVDCache:
@@ -580,7 +606,13 @@ class KVDCache(Cache):
         log = self.retrieve_log
         exact = cfg.exact
         stats = self.stats
-        plan = self._decode_plan(sids, scale) if below is None and not extra else None
+        plan = None
+        keep = log is not None or self.retro is not None
+        if below is None and not extra:
+            plan = self._decode_plan(sids, scale)
+        elif below is not None and "candidates" not in extra:
+            seen = extra.get("past_seen_ids")
+            plan = self._decode_plan(sids, scale, below.shape[1], 0 if seen is None else seen.shape[-1])
 
         def call() -> Any:
             started = time.perf_counter()
@@ -588,10 +620,7 @@ class KVDCache(Cache):
                 event.synchronize()
             synced = time.perf_counter()
             if plan is not None:
-                plan.queries.copy_(q_host)
-                res = plan.run(layer_idx, ranges)
-                if log is not None:  # the plan's views are rewritten by its next run
-                    res = replace(res, ids=res.ids.clone(), output=res.output.clone(), lse=res.lse.clone())
+                res = _run_plan(plan, layer_idx, q_host, ranges, below, extra, keep)
             else:
                 queries = q_host if below is None else torch.cat([below, q_host.unsqueeze(1)], dim=1)
                 res = client.retrieve(sids, layer_idx, queries, k=cfg.top_k, mode="attention", ranges=ranges,
@@ -614,24 +643,27 @@ class KVDCache(Cache):
             return lambda: result
         return self._retriever.submit(call).result
 
-    def _decode_plan(self, sids: list[str], scale: float) -> Any:
-        """The prepared plan of the decode Retrieves (made on first use, again when the sessions, scale or
-        search params change); None with config.prepared off or a client that cannot prepare."""
+    def _decode_plan(self, sids: list[str], scale: float, past: int = 0, seen: int = 0) -> Any:
+        """The prepared plan of these decode Retrieves (made on first use; one per set of sessions, scale, search
+        params and, with RetroAttention, past-query count and seen width); None with config.prepared off or a
+        client that cannot prepare."""
         cfg = self.config
         prepare = getattr(self.client, "prepare_retrieve", None)
         if not cfg.prepared or prepare is None:
             return None
-        key = (tuple(sids), scale, cfg.top_k, cfg.exact, tuple(sorted((cfg.search_params or {}).items())))
-        if key != self._plan_key:
-            self._close_plan()
-            self._plan = prepare(list(sids), k=cfg.top_k, scale=scale, exact=cfg.exact,
-                                 search_params=cfg.search_params)
-            self._plan_key = key
-        return self._plan
+        key = (tuple(sids), scale, cfg.top_k, cfg.exact, tuple(sorted((cfg.search_params or {}).items())), past,
+               seen)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= _PLANS_KEPT:
+                self._close_plans()
+            plan = self._plans[key] = prepare(list(sids), k=cfg.top_k, scale=scale, exact=cfg.exact,
+                                              search_params=cfg.search_params, past=past, seen=seen)
+        return plan
 
-    def _close_plan(self) -> None:
-        if self._plan is not None:
-            plan, self._plan, self._plan_key = self._plan, None, None
+    def _close_plans(self) -> None:
+        plans, self._plans = list(self._plans.values()), {}
+        for plan in plans:
             plan.close()
 
     def _attend_decode(self, layer_idx: int, layer: KVDLayer, query: torch.Tensor, key: torch.Tensor,
