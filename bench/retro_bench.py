@@ -86,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--exact", action="store_true", help="force kvd's exact scan")
     p.add_argument("--index-wait", type=float, default=240.0,
                    help="seconds to wait for the sessions' indexes after the prefill (non-flat kinds)")
+    p.add_argument("--prepared", action=argparse.BooleanOptionalAction, default=KVDConfig.prepared,
+                   help="decode Retrieves as runs of prepared plans (KvdClient.prepare_retrieve; KVDCache's default)")
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=KVDConfig.overlap,
                    help="the Retrieve in a worker thread (default: KVDCache's own default, off: two thread "
                         "hand-offs per layer cost more than the window attention's launch they overlap)")
@@ -219,7 +221,8 @@ def _id_sets(ids: torch.Tensor | None, bound: int, count: int) -> list[set[int]]
 # --- runs ------------------------------------------------------------------------------------------------------
 def knobs(args: argparse.Namespace, window: int) -> dict[str, Any]:
     got: dict[str, Any] = {"sink_tokens": args.sink, "window_tokens": args.window, "flush_tokens": args.flush,
-                           "top_k": args.top_k, "index": args.index, "exact": args.exact, "overlap": args.overlap}
+                           "top_k": args.top_k, "index": args.index, "exact": args.exact, "overlap": args.overlap,
+                           "prepared": args.prepared}
     if args.index_params:
         got["index_params"] = dict(item.split("=", 1) for item in args.index_params.split(",") if item)
     if args.search_params:

@@ -2,7 +2,8 @@
 and without P past queries, interleaved.
 
 One bf16 session of the 8B layer shape (8 KV / 32 query heads, head dim 128), --tokens keys per layer, k=100,
-partial attention over the offloaded range (sink 128, window 544 excluded), flat exact index. Each call goes to
+partial attention over the offloaded range (sink 128, window 544 excluded), flat exact index (--index graph: the
+graph's fused region). Each call goes to
 a layer that was not touched for a while (calls cycle over --layers, as the decode does), so the retrieved rows
 miss the caches as they do in a decode. Past queries are random, their seen ids the previous call's retrieval
 (so nearly every retrieved key is new to them, as with random weights). Reports medians of the call, of its
@@ -69,6 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stacked", action=argparse.BooleanOptionalAction, default=True,
                    help="send the past queries stacked in the queries tensor (past_in_queries), as the integration "
                         "does")
+    p.add_argument("--index", default="flat", choices=("flat", "graph"),
+                   help="the session's index: graph (fast-build preset, from random hints) serves the calls with "
+                        "the fused search-and-attention region, past queries inside it")
+    p.add_argument("--graph-threads", type=int, default=0,
+                   help="with --index graph: threads of its region (0 = one per core; more than the cores, with "
+                        "the daemon's server.region_threads raised too, emulates a many-core host's contention)")
     p.add_argument("--prepared", action="store_true",
                    help="also time every call as a run of a prepared plan (KvdClient.prepare_retrieve), interleaved "
                         "with the ordinary calls (needs --stacked and --packed, the defaults)")
@@ -108,13 +115,23 @@ class PlanCaller:
 def fill(client: Any, args: argparse.Namespace, sid: str) -> None:
     gen = torch.Generator().manual_seed(0)
     client.create_session(sid, num_layers=args.layers, num_kv_heads=KV_HEADS, num_query_heads=HEADS, head_dim=DIM,
-                          dtype=torch.bfloat16, index="flat", sink_tokens=SINK, window_tokens=WINDOW)
+                          dtype=torch.bfloat16, index=args.index, sink_tokens=SINK, window_tokens=WINDOW,
+                          index_params={"window": 2, "enhance_ef": 0, "threads": args.graph_threads}
+                          if args.index == "graph" else None)
     step = 2048
     for a in range(0, args.tokens, step):
         n = min(step, args.tokens - a)
         keys = torch.randn(args.layers, KV_HEADS, n, DIM, generator=gen).bfloat16()
         values = torch.randn(args.layers, KV_HEADS, n, DIM, generator=gen).bfloat16()
-        client.append(sid, a, keys, values)
+        hints = torch.randn(args.layers, HEADS, 256, DIM, generator=gen) if a + n >= args.tokens else None
+        client.append(sid, a, keys, values, hint_queries=hints if args.index == "graph" else None)
+    if args.index == "graph":  # served exactly until built: wait for every layer's graph
+        deadline = time.perf_counter() + 900
+        while not all(i.get("ready") for i in client.get_session(sid).indexes) \
+                or len(client.get_session(sid).indexes) < args.layers:
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"graphs of {sid} not ready")
+            time.sleep(0.5)
 
 
 def measure(clients: dict[str, Any], args: argparse.Namespace, sid: str, counts: list[int]

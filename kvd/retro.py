@@ -174,14 +174,47 @@ def _unseen(ids: np.ndarray, seen: np.ndarray, bound: np.ndarray, out: np.ndarra
                 out[p, h, j] = _is_new(table, ids[h, j], bound[p])
 
 
-@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+@njit(cache=True, nogil=True)
+def past_scratch(threads: int, count: int, seen_width: int, m: int, d: int) -> tuple:
+    """Per thread, the scratch of `attend_past_heads` for P = count past queries, `seen_width` seen ids each,
+    m retrieved keys per head and head dim d: allocated once per region, not per head (every malloc inside a
+    region contends for the daemon's few heap arenas)."""
+    return (np.empty((threads, count, _table_size(seen_width)), np.int64),
+            np.empty((threads, count, m), np.bool_),
+            np.empty((threads, m), np.bool_),
+            np.empty((threads, count + 1, m)),
+            np.empty((threads, m), np.int64),
+            np.empty((threads, count + 1)),
+            np.empty((threads, count + 1)),
+            np.empty((threads, count + 1, d), np.float32),
+            np.empty((threads, d), np.float32))
+
+
+@njit(cache=True, nogil=True)
 def attend_rows_past_heads(kstore: np.ndarray, vstore: np.ndarray, ids: np.ndarray, scores: np.ndarray, scale: float,
+                           group: int, past: np.ndarray, seen: np.ndarray, bound: np.ndarray, out: np.ndarray,
+                           lse: np.ndarray, past_out: np.ndarray, past_lse: np.ndarray, h0: int, h1: int) -> float:
+    """attend_past_heads with its own scratch (one range of heads per call)."""
+    tables, new, wanted, weights, live, top, total, acc, row = past_scratch(1, past.shape[0], seen.shape[2],
+                                                                            ids.shape[1], out.shape[1])
+    return attend_past_heads(kstore, vstore, ids, scores, scale, group, past, seen, bound, out, lse, past_out,
+                             past_lse, h0, h1, tables[0], new[0], wanted[0], weights[0], live[0], top[0], total[0],
+                             acc[0], row[0])
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def attend_past_heads(kstore: np.ndarray, vstore: np.ndarray, ids: np.ndarray, scores: np.ndarray, scale: float,
                       group: int, past: np.ndarray, seen: np.ndarray, bound: np.ndarray, out: np.ndarray,
-                      lse: np.ndarray, past_out: np.ndarray, past_lse: np.ndarray, h0: int, h1: int) -> float:
+                      lse: np.ndarray, past_out: np.ndarray, past_lse: np.ndarray, h0: int, h1: int,
+                      tables: np.ndarray, new: np.ndarray, wanted: np.ndarray, weights: np.ndarray, live: np.ndarray,
+                      top: np.ndarray, total: np.ndarray, acc: np.ndarray, row: np.ndarray) -> float:
     """Query heads h0..h1-1 of gather_kernels._attend_rows (the current query: the same arithmetic, so the same
     bits) fused with the past queries' attention over their newly seen keys. Per head, each key row is read
     once for all past queries and each value row once for the current and all past queries. Heads are
-    independent: disjoint head ranges may run at once (on threads: the kernel releases the GIL).
+    independent: disjoint head ranges may run at once (on threads: the kernel releases the GIL). The scratch
+    (`past_scratch`, one thread's): seen-id tables, which keys are new to which past query, which key rows are
+    read, weights (row 0: the current query; the past rows hold scaled scores first), the live positions, per
+    query maximum and total, accumulators and a widened row.
 
     Rows scattered over a large store miss the caches; gathered again per past query, one miss at a time
     behind an exp and a branch each, they cost more than the attention itself. Here a first pass per head
@@ -192,15 +225,6 @@ def attend_rows_past_heads(kstore: np.ndarray, vstore: np.ndarray, ids: np.ndarr
     m = ids.shape[1]
     d = out.shape[1]
     count = past.shape[0]
-    tables = np.empty((count, _table_size(seen.shape[2])), np.int64)
-    new = np.empty((count, m), np.bool_)
-    wanted = np.empty(m, np.bool_)      # some past query has not seen key j: its key row is read
-    weights = np.empty((count + 1, m))  # row 0: the current query; the past rows hold scaled scores first
-    live = np.empty(m, np.int64)        # the positions j whose value row some query weighs
-    top = np.empty(count + 1)
-    total = np.empty(count + 1)
-    acc = np.empty((count + 1, d), np.float32)
-    row = np.empty(d, np.float32)
     line = 64 // vstore.itemsize
     touched = 0.0
     for h in range(h0, h1):

@@ -76,7 +76,7 @@ from kvd.index import graph_kernels as gk
 from kvd.index.base import Attended, AttendSlots, BuildHints, IndexShape, KeyIndex, SearchResult, StoredKeys
 from kvd.index.graph_build import GraphParams, build_graph, exact_topn
 from kvd.index.wave_io import pack, unpack
-from kvd.retro import PastQueries, seen_arrays
+from kvd.retro import PastQueries, past_scratch, seen_arrays
 from kvd.workers import run_claimed, run_ranges
 
 _CONCURRENT_GRAPHS = 4
@@ -383,10 +383,11 @@ class GraphIndex(KeyIndex):
         count = past.queries.shape[0]
         seen, bound = seen_arrays(count, hq, past.seen_ids, past.seen_from)
         past_output, past_lse = torch.empty((count, hq, d)), torch.empty((count, hq))
+        scratch = _past_scratch(team, count, seen.shape[2], k, d)
         with parallel.timed():
             gk.search_attend_past_parallel(*search, np.ascontiguousarray(past.queries.numpy()), seen, bound,
                                            past_output.numpy(), past_lse.numpy(), np.empty(hq), visited, prefetch, cd,
-                                           ci, rd, ri, fresh)
+                                           ci, rd, ri, fresh, scratch)
         return Attended(ids=into.ids, output=into.output, lse=into.lse, count=int(counts[0]), past_output=past_output,
                         past_lse=past_lse)
 
@@ -449,6 +450,16 @@ def _keys_array(keys: torch.Tensor) -> np.ndarray:
 
 
 _SCRATCH = threading.local()
+
+
+def _past_scratch(team: int, count: int, seen_width: int, k: int, d: int) -> tuple:
+    """retro.past_scratch for `team` threads, kept per calling thread while the shapes stay the same (a decode's
+    retro steps all have them)."""
+    key = (team, count, seen_width, k, d)
+    kept = getattr(_SCRATCH, "past", None)
+    if kept is None or kept[0] != key:
+        kept = _SCRATCH.past = (key, past_scratch(team, count, seen_width, k, d))
+    return kept[1]
 
 
 def _search_scratch(count: int, rows: int, ef: int, entries: int, width: int, group: int = 1

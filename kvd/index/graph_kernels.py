@@ -18,7 +18,7 @@ from numba import get_thread_id, njit, prange, types
 from numba.extending import intrinsic, overload
 
 from kvd.gather_kernels import attend_head
-from kvd.retro import attend_rows_past_heads
+from kvd.retro import attend_past_heads
 
 _INF = np.float32(np.inf)
 
@@ -467,21 +467,24 @@ def search_attend_past_parallel(keys: np.ndarray, values: np.ndarray, key_base: 
                                 past: np.ndarray, seen: np.ndarray, bound: np.ndarray, past_out: np.ndarray,
                                 past_lse: np.ndarray, loaded: np.ndarray, visited: np.ndarray, prefetch: bool,
                                 cd: np.ndarray, ci: np.ndarray, rd: np.ndarray, ri: np.ndarray,
-                                fresh: np.ndarray) -> None:
+                                fresh: np.ndarray, scratch: tuple) -> None:
     """search_attend_parallel with RetroAttention's past queries (kvd.retro): per query head, after the search,
     the current query's attention and the past queries' over their newly seen keys in one pass over the rows
-    (retro.attend_rows_past_heads; past [P, Hq, d], seen [P, Hq, S], bound [P] -> past_out [P, Hq, d],
-    past_lse [P, Hq]). loaded: float64 [Hq] scratch that keeps the kernel's prefetching loads."""
+    (retro.attend_past_heads; past [P, Hq, d], seen [P, Hq, S], bound [P] -> past_out [P, Hq, d], past_lse
+    [P, Hq]). loaded: float64 [Hq] scratch that keeps the kernel's prefetching loads; scratch: retro.past_scratch
+    for the region's threads (allocated outside it: a malloc per head inside contends for the heap arenas)."""
     k = ids.shape[1]
     width = max(ef, k)
     group = queries.shape[0] // values.shape[0]
+    tables, new, wanted, weights, live, top, total, acc, row = scratch
     for h in prange(queries.shape[0]):
         t = get_thread_id()
         g = graph_of[h]
         counts[h] = _search_top(keys[key_of[h]], key_base, adj[g], entries[g], queries[h], count, width, tails,
                                 visited[t], prefetch, cd[t], ci[t], rd[t, 0], ri[t, 0], fresh[t], ids[h], scores[h])
-        loaded[h] = attend_rows_past_heads(keys, values, ids, scores, scale, group, past, seen, bound, out, lse,
-                                           past_out, past_lse, h, h + 1)
+        loaded[h] = attend_past_heads(keys, values, ids, scores, scale, group, past, seen, bound, out, lse, past_out,
+                                      past_lse, h, h + 1, tables[t], new[t], wanted[t], weights[t], live[t], top[t],
+                                      total[t], acc[t], row[t])
 
 
 # ------------------------------------------------------------------------------------------ construction
