@@ -184,27 +184,31 @@ def rpc_floor(client: KvdClient, cfg: LlamaConfig, dtype: torch.dtype, calls: in
                           index="flat")
     client.append(sid, 0, torch.randn(1, hkv, 1024, d).to(dtype), torch.randn(1, hkv, 1024, d).to(dtype))
     q = torch.randn(1, hq, d)
-    times = []
+    times: dict[str, list[float]] = {"ordinary": [], "prepared": []}
     parts: dict[str, list[float]] = {name: [] for name in ("server_ms", "search_ms", "search_kernel_ms", "attend_ms",
                                                            "attend_kernel_ms")}
-    for i in range(calls + 10):
-        t = time.perf_counter()
-        res = client.retrieve([sid], 0, q, k=100, mode="attention", ranges=[(16, 1000)])
-        if i >= 10:
-            times.append(time.perf_counter() - t)
-            for name, values in parts.items():
-                values.append(float(getattr(res, name, 0.0)))
-    prepared_times = []
     with client.prepare_retrieve([sid], k=100) as plan:
-        for i in range(calls + 10):
-            t = time.perf_counter()
+        def ordinary() -> Any:
+            return client.retrieve([sid], 0, q, k=100, mode="attention", ranges=[(16, 1000)])
+
+        def prepared() -> Any:
             plan.queries.copy_(q)
-            plan.run(0, [(16, 1000)])
-            if i >= 10:
-                prepared_times.append(time.perf_counter() - t)
+            return plan.run(0, [(16, 1000)])
+
+        for rnd in range(4):  # the two forms alternate in rounds: this host's speed drifts
+            forms = [("ordinary", ordinary), ("prepared", prepared)]
+            for form, call in forms if rnd % 2 == 0 else forms[::-1]:
+                for i in range(calls // 4 + 10):
+                    t = time.perf_counter()
+                    res = call()
+                    if i >= 10:
+                        times[form].append(time.perf_counter() - t)
+                        if form == "ordinary":
+                            for name, values in parts.items():
+                                values.append(float(getattr(res, name, 0.0)))
     client.delete_session(sid)
-    out = {"rpc_floor_ms_median": round(1000 * statistics.median(times), 3),
-           "rpc_floor_prepared_ms_median": round(1000 * statistics.median(prepared_times), 3),
+    out = {"rpc_floor_ms_median": round(1000 * statistics.median(times["ordinary"]), 3),
+           "rpc_floor_prepared_ms_median": round(1000 * statistics.median(times["prepared"]), 3),
            **{f"rpc_floor_{name}": round(statistics.median(values), 3) for name, values in parts.items()}}
     print(json.dumps(out), flush=True)
     return out
