@@ -22,6 +22,21 @@ def clustered_kv(seed: int, n: int, kv_heads: int = 2, d: int = 32):
     return keys, values
 
 
+def bf16_session(client, sid: str, seed: int, n: int, extra: int = 0, kind: str = "graph", sink: int = 4,
+                 window: int = 64, hq: int = 4, d: int = 32):
+    """A one-layer bf16 session (2 KV heads) of `kind` holding the first n of n + extra clustered keys, built
+    (graph) from 64 random hint queries per head; returns all n + extra keys and values."""
+    client.create_session(sid, num_layers=1, num_kv_heads=2, num_query_heads=hq, head_dim=d, dtype="bf16",
+                          index=kind, sink_tokens=sink, window_tokens=window)
+    keys, values = clustered_kv(seed, n + extra)
+    keys, values = keys.bfloat16(), values.bfloat16()
+    client.append(sid, 0, keys[:, :n].unsqueeze(0), values[:, :n].unsqueeze(0),
+                  hint_queries=torch.randn(1, hq, 64, d, generator=torch.Generator().manual_seed(seed + 1)))
+    if kind == "graph":
+        wait_ready(client, sid, 1)
+    return keys, values
+
+
 def wait_ready(client, sid: str, layers: int, timeout: float = 120) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -87,13 +102,7 @@ def test_graph_decode_attention_with_a_tail_is_fused_and_equals_the_stepwise_pat
     client = shared_daemon.client()
     sid = "graph-fused-tail"
     n, sink, window, d, hq = 2500, 4, 64, 32, 4
-    client.create_session(sid, num_layers=1, num_kv_heads=2, num_query_heads=hq, head_dim=d, dtype="bf16",
-                          index="graph", sink_tokens=sink, window_tokens=window)
-    keys, values = clustered_kv(11, n + 300)
-    keys, values = keys.bfloat16(), values.bfloat16()
-    client.append(sid, 0, keys[:, :n].unsqueeze(0), values[:, :n].unsqueeze(0),
-                  hint_queries=torch.randn(1, hq, 64, d, generator=torch.Generator().manual_seed(12)))
-    wait_ready(client, sid, 1)
+    keys, values = bf16_session(client, sid, 11, n, 300)
     target = n + 100  # offloaded after the build, fewer than a batch of keys: scanned as the tail
     probe = torch.randn(2, d, generator=torch.Generator().manual_seed(13)).repeat_interleave(2, 0)  # per KV head
     keys[:, target] = (probe[::2] * 8).bfloat16()

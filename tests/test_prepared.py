@@ -16,7 +16,7 @@ from kvd_client.shm import ShmRegion
 
 from kvd.v1 import kvd_pb2 as pb
 from tests.reference import brute_topk, full_attention
-from tests.test_index_manager import clustered_kv, wait_ready
+from tests.test_index_manager import bf16_session
 
 HQ, KV, D, N = 8, 2, 16, 400
 SCALE = D ** -0.5
@@ -82,14 +82,8 @@ def test_a_single_session_and_a_graph_index_served_in_place(shared_daemon):
     writes the plan's slots; the same ids and attention as an ordinary Retrieve."""
     client = shared_daemon.client()
     sid = "prep-graph"
-    n, sink, window, d, hq = 2500, 4, 64, 32, 4
-    client.create_session(sid, num_layers=1, num_kv_heads=2, num_query_heads=hq, head_dim=d, dtype="bf16",
-                          index="graph", sink_tokens=sink, window_tokens=window)
-    keys, values = clustered_kv(21, n + 200)
-    keys, values = keys.bfloat16(), values.bfloat16()
-    client.append(sid, 0, keys[:, :n].unsqueeze(0), values[:, :n].unsqueeze(0),
-                  hint_queries=torch.randn(1, hq, 64, d, generator=torch.Generator().manual_seed(22)))
-    wait_ready(client, sid, 1)
+    n, d, hq = 2500, 32, 4
+    keys, values = bf16_session(client, sid, 21, n, 200)
     client.append(sid, n, keys[:, n:].unsqueeze(0), values[:, n:].unsqueeze(0))
     plan = client.prepare_retrieve(sid, k=30, query_dtype=torch.bfloat16)
     assert tuple(plan.queries.shape) == (hq, d) and plan.queries.dtype == torch.bfloat16
@@ -286,15 +280,8 @@ def test_runs_with_past_queries_equal_ordinary_retro_retrieves(shared_daemon, ki
     float64 attention over the keys it had not seen."""
     client = shared_daemon.client()
     sid = f"prep-retro-{kind}"
-    n, sink, window, d, hq, k, count = 2500, 4, 64, 32, 4, 20, 2
-    client.create_session(sid, num_layers=1, num_kv_heads=2, num_query_heads=hq, head_dim=d, dtype="bf16",
-                          index=kind, sink_tokens=sink, window_tokens=window)
-    keys, values = clustered_kv(31, n)
-    keys, values = keys.bfloat16(), values.bfloat16()
-    client.append(sid, 0, keys.unsqueeze(0), values.unsqueeze(0),
-                  hint_queries=torch.randn(1, hq, 64, d, generator=torch.Generator().manual_seed(32)))
-    if kind == "graph":
-        wait_ready(client, sid, 1)
+    n, d, hq, k, count = 2500, 32, 4, 20, 2
+    keys, values = bf16_session(client, sid, 31, n, kind=kind)
     plan = client.prepare_retrieve(sid, k=k, past=count, seen=k)
     assert tuple(plan.queries.shape) == (count + 1, hq, d) and tuple(plan.seen_ids.shape) == (count, hq, k)
     assert (plan.seen_from == NO_BOUND).all()
