@@ -344,3 +344,31 @@ def test_retro_decoding_through_plans_equals_ordinary_retrieves(shared_daemon):
         cache.close()
     assert torch.equal(logits[True], logits[False])
     client.close()
+
+
+def test_plans_over_spilled_sessions_promote_them(daemon_factory):
+    """A memory budget spills sessions to disk while their plans live: a run brings its session back (promoted),
+    with the exact top-k, and the budget holds."""
+    from tests.test_tiering import DIM, HEADS, create, expected_kv, fill
+
+    daemon = daemon_factory(["--memory-budget", "600KiB"], tcp=False)
+    client = daemon.client()
+    n = 1024
+    plans = []
+    for i in range(6):
+        create(client, f"pm{i}")
+        fill(client, f"pm{i}", 20 + i, n, chunk=512)
+        plans.append(client.prepare_retrieve(f"pm{i}", k=10))
+    assert client.stats().sessions_on_disk >= 3
+    q = torch.randn(HEADS, DIM, generator=torch.Generator().manual_seed(4))
+    promoted = 0
+    for i, plan in enumerate(plans):
+        plan.queries.copy_(q)
+        run = plan.run(1)
+        keys, _ = expected_kv(20 + i, n, 512)
+        assert [sorted(row) for row in run.ids.tolist()] == [sorted(row) for row in brute_topk(q, keys[1], 10)]
+        promoted += run.promoted[0]
+        plan.close()
+    stats = client.stats()
+    assert promoted >= 3 and stats.memory_bytes <= stats.memory_budget_bytes
+    client.close()
