@@ -205,6 +205,10 @@ def test_the_wire_protocol_refuses_bad_frames_and_forgets_released_plans(shared_
     ids_mode = raw_template(region, "prep-raw", 4, 1024, 8192)
     ids_mode.mode = pb.IDS
     bad_cases.append((PREPARE, ids_mode.SerializeToString(), InvalidArgumentError, "mode ATTENTION"))
+    unstacked = raw_template(region, "prep-raw", 4, 1024, 8192)
+    unstacked.past.packed = True   # past queries in their own field: not a plan's form
+    unstacked.past.queries.CopyFrom(unstacked.queries)
+    bad_cases.append((PREPARE, unstacked.SerializeToString(), InvalidArgumentError, "stacked in its queries"))
     for kind, payload, error, message in bad_cases:
         with pytest.raises(error, match=message):
             lane.call_raw(kind, payload, "bad")
