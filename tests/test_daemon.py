@@ -224,6 +224,12 @@ def test_async_client_overlaps_calls(shared_daemon):
             q = torch.randn(1, 8)
             results = await asyncio.gather(*[client.retrieve("async", 0, q, k=5, mode="ids") for _ in range(4)])
             assert client.sync.uses_fast_lane  # the synchronous client underneath takes the fast lane too
+            plan = await client.prepare_retrieve("async", k=5)
+            plan.plan.queries.copy_(q)
+            ran = await plan.run(0)
+            ordinary = await client.retrieve("async", 0, q, k=5)
+            assert torch.equal(ran.ids, ordinary.ids) and torch.equal(ran.output, ordinary.output)
+            await plan.close()
             return q, keys, results
 
     q, keys, results = asyncio.run(main())

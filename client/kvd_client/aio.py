@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from kvd_client.client import KvdClient
+from kvd_client.prepared import PreparedRetrieve
 from kvd_client.types import FetchResult, RetrieveResult, SessionInfo, Stats
 
 
@@ -52,6 +53,10 @@ class AsyncKvdClient:
                        ) -> RetrieveResult:
         return await self._run("retrieve", session_ids, layer, queries, **kwargs)
 
+    async def prepare_retrieve(self, session_ids: str | Sequence[str], **kwargs: Any) -> AsyncPreparedRetrieve:
+        """KvdClient.prepare_retrieve; the plan's run() is awaitable."""
+        return AsyncPreparedRetrieve(self, await self._run("prepare_retrieve", session_ids, **kwargs))
+
     async def fetch(self, session_id: str, begin: int = 0, end: int | None = None, **kwargs: Any) -> FetchResult:
         return await self._run("fetch", session_id, begin, end, **kwargs)
 
@@ -73,3 +78,20 @@ class AsyncKvdClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+class AsyncPreparedRetrieve:
+    """A PreparedRetrieve (`plan`) whose run and close are awaitable; write the inputs into plan.queries (and
+    plan.seen_ids / plan.seen_from) before each run, as with the synchronous plan."""
+
+    def __init__(self, client: AsyncKvdClient, plan: PreparedRetrieve) -> None:
+        self.client = client
+        self.plan = plan
+
+    async def run(self, layer: int, ranges: Sequence[tuple[int, int]] | None = None) -> RetrieveResult:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.client._executor, self.plan.run, layer, ranges)
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.client._executor, self.plan.close)
