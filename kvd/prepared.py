@@ -19,7 +19,7 @@ from kvd_client.fastlane import RANGE, RELEASE_BODY, RUN_HEADER, RUN_REPLY, RUN_
 from kvd import convert, retro
 from kvd.engine import Engine, PreparedRetrieve
 from kvd.errors import FailedPrecondition, InvalidArgument, NotFound
-from kvd.retrieval import Mode
+from kvd.retrieval import Mode, fill_slots
 from kvd.service import MODES, attend_slots
 from kvd.shm import OutputWriter, Registration
 from kvd.v1 import kvd_pb2 as pb
@@ -135,13 +135,8 @@ class ConnectionPlans:
                 plan.ids[i].copy_(result.ids)
                 retro.fill_packed(result, plan.packed[i])
         else:
-            slots = plan.prepared.spec.into
-            assert slots is not None
-            for slot, result in zip(slots, results, strict=True):
-                if not result.in_place:
-                    slot.ids.copy_(result.ids)
-                    slot.output.copy_(result.output)
-                    slot.lse.copy_(result.lse)
+            assert plan.prepared.spec.into is not None
+            fill_slots(plan.prepared.spec.into, results)
         labels["mode"] = Mode.ATTENTION.value
         labels["index"] = results[0].index_kind
         labels["sequences"] = str(len(results))

@@ -197,5 +197,14 @@ def retrieve_batch(sessions: list[Session], queries: torch.Tensor, spec: Retriev
     return list(pool.map(one, range(len(sessions))))
 
 
+def fill_slots(into: list[AttendSlots], results: list[SequenceResult]) -> None:
+    """Copy into each sequence's slots the results that were not written there in place."""
+    for slots, result in zip(into, results, strict=True):
+        if not result.in_place:
+            slots.ids.copy_(result.ids)
+            slots.output.copy_(result.output)
+            slots.lse.copy_(result.lse)
+
+
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)

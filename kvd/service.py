@@ -17,7 +17,7 @@ from kvd import __version__, convert, retro
 from kvd.engine import Engine
 from kvd.errors import InvalidArgument, KvdError
 from kvd.index.base import AttendSlots
-from kvd.retrieval import Mode
+from kvd.retrieval import Mode, fill_slots
 from kvd.shm import OutputWriter
 from kvd.v1 import kvd_pb2 as pb
 from kvd.v1 import kvd_pb2_grpc as pb_grpc
@@ -188,11 +188,7 @@ class KvdServicer(pb_grpc.KvdServicer):
         reply.index_kinds.extend([convert.SERVED_BY_WIRE.get(r.index_kind, pb.FLAT) for r in results])
         reply.promoted.extend(promoted)
         if into is not None:  # the reply's slots are reserved: results not written there in place are copied
-            for slots, result in zip(into, results, strict=True):
-                if not result.in_place:
-                    slots.ids.copy_(result.ids)
-                    slots.output.copy_(result.output)
-                    slots.lse.copy_(result.lse)
+            fill_slots(into, results)
         else:
             codec.write_sequences(writer, [r.ids for r in results], reply.ids)
         if mode is Mode.IDS_KV:
