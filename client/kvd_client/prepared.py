@@ -30,6 +30,7 @@ from kvd_client import calls, wire
 from kvd_client.errors import KvdError, NotFoundError
 from kvd_client.fastlane import PREPARE, RELEASE, RELEASE_BODY, RUN, RUN_HEADER, RUN_REPLY, RUN_SEQUENCE, FastLane
 from kvd_client.shm import ShmRegion
+from kvd_client.transport import Placer
 from kvd_client.types import SERVED_BY_NAMES, RetrieveResult
 
 if TYPE_CHECKING:
@@ -174,11 +175,7 @@ class PreparedRetrieve:
 
     def _view(self, message: pb.Tensor) -> torch.Tensor:
         assert self._region is not None
-        if message.shm.region != self._region.key:
-            raise RuntimeError(f"the daemon placed a result in unknown region {message.shm.region!r}")
-        dtype, shape = wire.describe(message)
-        ref = message.shm
-        view = wire.decode_bytes(self._region.buffer[ref.offset: ref.offset + ref.byte_size], dtype, shape)
+        view = Placer(self._region, self._region.key).view(message)
         return view[0] if self.single else view
 
     # -- runs ------------------------------------------------------------------------------------------

@@ -49,14 +49,18 @@ class Placer:
         which = message.WhichOneof("data")
         if which is None and not message.shape:
             return None
-        dtype, shape = wire.describe(message)
         if which == "shm":
-            if self.region is None or message.shm.region != self.name:
-                raise RuntimeError(f"reply refers to unknown shared-memory region {message.shm.region!r}")
-            ref = message.shm
-            view = wire.decode_bytes(self.region.buffer[ref.offset: ref.offset + ref.byte_size], dtype, shape)
-            return view.clone()
+            return self.view(message).clone()
+        dtype, shape = wire.describe(message)
         return wire.decode_bytes(bytearray(message.inline), dtype, shape)
+
+    def view(self, message: pb.Tensor) -> torch.Tensor:
+        """A reply tensor in this region, as a view (valid until the region is rewritten)."""
+        if self.region is None or message.shm.region != self.name:
+            raise RuntimeError(f"reply refers to unknown shared-memory region {message.shm.region!r}")
+        dtype, shape = wire.describe(message)
+        ref = message.shm
+        return wire.decode_bytes(self.region.buffer[ref.offset: ref.offset + ref.byte_size], dtype, shape)
 
 
 class Transport:
