@@ -63,6 +63,7 @@ class PreparedRetrieve:
     sessions: list[Session]   # as validated (a recreated session is checked again)
     count_nonfinite: Callable[[], int]  # NaN/Inf in the queries' current values
     past: retro.PastQueries | None = None  # RetroAttention's past queries and seen ids: views too, checked per run
+    past_in_checked: bool = False  # count_nonfinite also covers the past queries (stacked in one slot)
 
 
 @dataclass
@@ -306,7 +307,8 @@ class Engine:
                          ) -> PreparedRetrieve:
         """Validate a mode ATTENTION Retrieve's fixed part once (kvd.prepared): `queries` (and `past`) are the
         slots whose contents change between runs, `into` where every run writes its results (without past
-        queries); `checked`: the tensor whose values each run checks for NaN/Inf (default `queries`)."""
+        queries); `checked`: the tensor whose values each run checks for NaN/Inf (default `queries`; the stacked
+        queries where the past queries are stacked with them, so that they are not checked twice)."""
         sessions = self._retrieve_sessions(tenant, session_ids)
         spec = self._retrieve_spec(sessions, queries, k, Mode.ATTENTION, scale, exact, params, into,
                                    searching=not exact)
@@ -314,7 +316,8 @@ class Engine:
             first = sessions[0].shape
             retro.check_past(past, len(sessions), first.num_query_heads, first.head_dim)
         return PreparedRetrieve(tenant, list(session_ids), queries, spec, sessions,
-                                ingest_kernels.nonfinite_counter(queries if checked is None else checked), past)
+                                ingest_kernels.nonfinite_counter(queries if checked is None else checked), past,
+                                past_in_checked=checked is not None)
 
     def retrieve_prepared(self, plan: PreparedRetrieve, layer: int, ranges: list[tuple[int, int]] | None
                           ) -> tuple[list[SequenceResult], list[bool]]:
@@ -334,7 +337,8 @@ class Engine:
         past = None
         if plan.past is not None:
             first = sessions[0].shape
-            past = retro.check_past(plan.past, len(sessions), first.num_query_heads, first.head_dim)
+            past = retro.check_past(plan.past, len(sessions), first.num_query_heads, first.head_dim,
+                                    finite=not plan.past_in_checked)
         spec = plan.spec
         spec.layer = layer  # a plan runs one call at a time (its connection's thread)
         return self._serve_retrieve(sessions, plan.queries, spec, ranges, past, None)

@@ -116,14 +116,18 @@ class FastLaneServer:
             return
         send_frame(conn, 0, b"")
         plans = ConnectionPlans(self.servicer.engine)
+        # the plan calls' bodies in KvdServicer.invoke's form, made once per connection (RUN is on the decode path)
+        bodies = {PREPARE: lambda _servicer, *args: plans.prepare(*args),
+                  RUN: lambda _servicer, *args: plans.run(*args),
+                  RELEASE: lambda _servicer, *args: plans.release(*args)}
         while not self.stopping.is_set():
             frame = recv_frame(conn, self.max_bytes)
             if frame is None:
                 return
-            status, reply = self._call(metadata, plans, *frame)
+            status, reply = self._call(metadata, bodies, *frame)
             send_frame(conn, status, reply)
 
-    def _call(self, metadata: Any, plans: ConnectionPlans, kind: int, payload: bytearray) -> tuple[int, bytes]:
+    def _call(self, metadata: Any, bodies: dict[int, Any], kind: int, payload: bytearray) -> tuple[int, bytes]:
         if kind in _PLAN_METHODS:
             method = _PLAN_METHODS[kind]
         elif kind in METHOD_BY_ID:
@@ -138,9 +142,8 @@ class FastLaneServer:
         try:
             tenant = self.auth.resolve(metadata, _PEER)
             if kind in _PLAN_METHODS:  # RUN is the decode loop's call: bytes in, bytes out
-                body = {PREPARE: plans.prepare, RUN: plans.run, RELEASE: plans.release}[kind]
                 request = pb.RetrieveRequest.FromString(bytes(payload)) if kind == PREPARE else bytes(payload)
-                reply = self.servicer.invoke(lambda _servicer, *args: body(*args), request, tenant,
+                reply = self.servicer.invoke(bodies[kind], request, tenant,
                                              name="Retrieve" if kind == RUN else method)  # a run's telemetry
                 return 0, reply.SerializeToString() if kind == PREPARE else reply
             request = METHOD_BY_ID[kind][1].FromString(bytes(payload))

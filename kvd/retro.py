@@ -76,8 +76,9 @@ def past_from_wire(codec: TensorCodec, message: pb.PastQueries, queries: torch.T
     return queries, PastQueries(past_queries, seen_ids, seen_from, message.packed)
 
 
-def check_past(past: PastQueries, sequences: int, heads: int, head_dim: int) -> PastQueries:
-    """Validate shapes, dtypes and values (the caller checks the mode); returns float32 queries and int64 ids."""
+def check_past(past: PastQueries, sequences: int, heads: int, head_dim: int, finite: bool = True) -> PastQueries:
+    """Validate shapes, dtypes and values (the caller checks the mode; `finite` False: it checked the queries'
+    values too); returns float32 queries and int64 ids."""
     queries = past.queries
     check_dtype("past.queries", queries, QUERY_DTYPES)
     if queries.dim() != 4 or queries.shape[0] != sequences or not 1 <= queries.shape[1] <= MAX_PAST:
@@ -85,7 +86,8 @@ def check_past(past: PastQueries, sequences: int, heads: int, head_dim: int) -> 
                               f"{head_dim}] with 1 <= P <= {MAX_PAST}")
     count = queries.shape[1]
     check_shape("past.queries", queries, (sequences, count, heads, head_dim))
-    check_finite("past.queries", queries)
+    if finite:
+        check_finite("past.queries", queries)
     seen_ids = past.seen_ids
     if seen_ids is not None:
         check_dtype("past.seen_ids", seen_ids, ID_DTYPES)

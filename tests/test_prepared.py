@@ -317,6 +317,10 @@ def test_runs_with_past_queries_equal_ordinary_retro_retrieves(shared_daemon, ki
                                            atol=1e-6)
                 torch.testing.assert_close(run.packed[p, h, d].double(), torch.tensor(lse[0]), rtol=1e-6, atol=1e-6)
         previous = run.ids.clone()
+    plan.queries[0, 1, 3] = float("inf")   # a past query's value: checked with the stacked slot
+    with pytest.raises(InvalidArgumentError, match="1 NaN or infinite"):
+        plan.run(0)
+    plan.queries.copy_(stacked)
     plan.close()
     fallback = shared_daemon.client(fast_lane=False)   # the same plan as ordinary Retrieves
     with fallback.prepare_retrieve(sid, k=k, past=count, seen=k) as slow:
