@@ -153,7 +153,7 @@ def search_heads(layer: Layer, lo: int, hi: int, ef: int, visited: np.ndarray,
     index = layer.index
     heaps = [a[0] for a in gk.search_scratch(1, max(ef, K), index._entries.shape[1], index._adj.shape[2])]
     gk.search_rows(layer.key_rows, layer.base, index._adj, index._entries, layer.next_queries(), layer.key_of,
-                   layer.graph_of, index.count, ef, 1, lo, hi, 0, *out, visited, True, *heaps)
+                   layer.graph_of, index.count, ef, 1, lo, hi, 0, *out, visited, True, 1, *heaps)
 
 
 def outputs(layer: Layer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("numba")
 
 from kvd.index.base import BuildHints, IndexShape, StoredKeys
-from kvd.index.graph import GraphIndex
+from kvd.index.graph import DEFAULTS, GraphIndex
 from kvd.index.hnsw import HnswIndex
 from tests.reference import mean_recall, topk_ids
 
@@ -65,11 +65,11 @@ def built(data: tuple) -> GraphIndex:
     return index
 
 
-def search_recall(index: GraphIndex | HnswIndex, keys: torch.Tensor, dec: torch.Tensor, k: int, ef: int
-                  ) -> tuple[float, float]:
+def search_recall(index: GraphIndex | HnswIndex, keys: torch.Tensor, dec: torch.Tensor, k: int, ef: int,
+                  params: dict[str, str] | None = None) -> tuple[float, float]:
     recalls, touched = [], []
     for q in dec:
-        res = index.search(q, k, 1.0, {"ef": str(ef)})
+        res = index.search(q, k, 1.0, {"ef": str(ef), **(params or {})})
         recalls.append(mean_recall(res.ids, topk_ids(q, keys, k)))
         touched.append(res.keys_touched / (q.shape[0] * keys.shape[1]))
     return float(np.mean(recalls)), float(np.mean(touched))
@@ -126,8 +126,10 @@ def test_keys_touched_is_exact(data: tuple, built: GraphIndex) -> None:
     assert quiet.keys_touched == 0 and torch.equal(quiet.ids, res.ids)
 
 
-def python_beam(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, q: np.ndarray, ef: int
-                ) -> tuple[list[int], int]:
+def python_beam(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, q: np.ndarray, ef: int,
+                expand: int = int(DEFAULTS["expand"])) -> tuple[list[int], int]:
+    """Best-first search taking up to `expand` frontier candidates per step (each while it can still enter the
+    results), then scoring all their unseen neighbours in order."""
     scored: dict[int, float] = {}
     cand: list[tuple[float, int]] = []
     top: list[tuple[float, int]] = []
@@ -139,15 +141,19 @@ def python_beam(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, q: np.nd
             if len(top) > ef:
                 heapq.heappop(top)
     while cand:
-        s, node = cand[0]
-        if len(top) >= ef and -s < top[0][0]:
+        taken = []
+        while cand and len(taken) < expand and not (len(top) >= ef and -cand[0][0] < top[0][0]):
+            taken.append(heapq.heappop(cand)[1])
+        if not taken:
             break
-        heapq.heappop(cand)
-        for nb in adj[node].tolist():
-            if nb < 0:
-                break
-            if nb in scored:
-                continue
+        fresh = []
+        for node in taken:
+            for nb in adj[node].tolist():
+                if nb < 0:
+                    break
+                if nb not in scored and nb not in fresh:
+                    fresh.append(nb)
+        for nb in fresh:
             scored[nb] = float(keys[nb] @ q)
             if len(top) < ef or scored[nb] > top[0][0]:
                 heapq.heappush(cand, (-scored[nb], nb))
@@ -155,6 +161,38 @@ def python_beam(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, q: np.nd
                 if len(top) > ef:
                     heapq.heappop(top)
     return [i for _, i in sorted(top, reverse=True)], len(scored)
+
+
+@pytest.mark.parametrize("expand", ["1", "2", "5"])
+def test_expanding_several_candidates_per_step_follows_the_reference(data: tuple, built: GraphIndex,
+                                                                     expand: str) -> None:
+    """expand=n takes n frontier candidates per step (the default 4 is tested through the other tests): the ids
+    and the keys scored of a Python search doing the same, and a recall against brute force no worse than one
+    candidate per step."""
+    keys, _, dec = data
+    for q in dec[:3]:
+        res = built.search(q, 20, 1.0, {"ef": "40", "expand": expand, "threads": "1"})
+        total = 0
+        for h in range(SHAPE.num_query_heads):
+            g = h // SHAPE.group_size
+            ids, touched = python_beam(keys[g].bfloat16().float().numpy(), built._adj[g], built._entries[g],
+                                       q[h].numpy(), 40, int(expand))
+            assert ids[:20] == res.ids[h].tolist()
+            total += touched
+        assert res.keys_touched == round(total / SHAPE.num_query_heads)
+        region = built.search(q, 20, 1.0, {"ef": "40", "expand": expand, "schedule": "region", "threads": "3"})
+        assert torch.equal(region.ids, res.ids) and torch.equal(region.scores, res.scores)
+    one, _ = search_recall(built, keys, dec, 20, 40, {"expand": "1"})
+    several, _ = search_recall(built, keys, dec, 20, 40, {"expand": expand})
+    assert several >= one - 0.01
+
+
+@pytest.mark.parametrize("expand", ["0", "9", "x"])
+def test_bad_expand_is_refused(data: tuple, built: GraphIndex, expand: str) -> None:
+    with pytest.raises(ValueError, match="expand"):
+        GraphIndex(SHAPE, {"expand": expand})
+    with pytest.raises(ValueError, match="expand"):
+        built.check_search_params({"expand": expand})
 
 
 def test_build_without_topn_hints_matches(data: tuple, built: GraphIndex) -> None:
@@ -486,11 +524,12 @@ def fused_layer(data: tuple, dtype: torch.dtype, base: int, covered: int, params
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("threads", ["1", "3"])
+@pytest.mark.parametrize(("threads", "expand"), [("1", "1"), ("3", "1"), ("3", "4")])
 def test_fused_search_attend_equals_search_then_tail_scan_then_attention(data: tuple, dtype: torch.dtype,
-                                                                        threads: str) -> None:
+                                                                        threads: str, expand: str) -> None:
     """search_attend (one compiled region) returns the ids of the step-by-step path (graph search, exact scan of
-    the sink-side and uncovered tails, top-k of both) and the float64 softmax attention over exactly those ids."""
+    the sink-side and uncovered tails, top-k of both) and the float64 softmax attention over exactly those ids,
+    with one or several frontier candidates per search step."""
     from tests.reference import full_attention
 
     base, covered = 5, 2600
@@ -499,8 +538,9 @@ def test_fused_search_attend_equals_search_then_tail_scan_then_attention(data: t
     scale = D ** -0.5
     for begin, end in ((base, base + covered), (base, keys.shape[1]), (1, keys.shape[1])):
         for q in dec[:4]:
-            fused = slot.search_attend(q, keys, values, 20, scale, begin, end, {"threads": threads})
-            stepwise = slot.search(q, keys, 20, scale, begin, end, {"threads": threads, "touched": "off"})
+            fused = slot.search_attend(q, keys, values, 20, scale, begin, end, {"threads": threads, "expand": expand})
+            stepwise = slot.search(q, keys, 20, scale, begin, end, {"threads": threads, "touched": "off",
+                                                                    "expand": expand})
             assert fused is not None and stepwise is not None
             assert torch.equal(fused.ids, stepwise[0])
             assert fused.count == int((stepwise[0][0] >= 0).sum()) == 20

@@ -21,15 +21,16 @@ auto = session when the caller passes the session's keys and their dtype allows,
 (auto: region where the host allows it, else claim | region: one numba parallel region, kvd.parallel |
 claim: a search's query heads are claimed one at a time by worker-pool threads | ranges: one fixed range per
 pool thread), chunk (region: query heads claimed together by one thread, 1; consecutive heads share a
-KV head's graph), prefetch (1: key rows are
-requested from memory before they are scored | 0; same results), group (1: each query head searches alone |
-g > 1 dividing the GQA group, per=kv: g heads of one KV head search its graph together, each key read once and
-scored for all g, the frontier ordered by the best score over them, each head keeping its own ef best),
-touched (exact: keys_touched is reported | off: left 0, one reduction less per call; the daemon serves with
-off), fuse (1: a decode Retrieve in mode ATTENTION runs the search, the exact scan of the keys not yet added
-and the attention, with RetroAttention's past queries, as one compiled parallel region, search_attend | current:
-the past queries in their own pass afterwards | 0: step by step; same results); threads,
-schedule, prefetch, chunk, group, touched and fuse can also be given per call.
+KV head's graph), prefetch (1: key rows are requested from memory before they are scored | 0; same results), expand
+(4: frontier candidates taken per search step, their rows and their neighbours' key rows requested together, so a
+search with cold caches waits on memory once per step, and may score a few more keys; 1: one at a time, hnswlib's
+order; at most 8), group (1: each query head searches alone | g > 1 dividing the GQA group, per=kv: g heads of one
+KV head search its graph together, each key read once and scored for all g, the frontier ordered by the best score
+over them, each head keeping its own ef best), touched (exact: keys_touched is reported | off: left 0, one reduction
+less per call; the daemon serves with off), fuse (1: a decode Retrieve in mode ATTENTION runs the search, the exact
+scan of the keys not yet added and the attention, with RetroAttention's past queries, as one compiled parallel
+region, search_attend | current: the past queries in their own pass afterwards | 0: step by step; same results);
+threads, schedule, prefetch, expand, chunk, group, touched and fuse can also be given per call.
 With StoredKeys (base b), a search returns positions b + local id (SearchResult.id_base = b): the kernel writes
 them, so a decode Retrieve needs no pass over the ids to shift them.
 Presets: default = quality; pivots=32 = balanced; window=2,enhance_ef=0 = fast build.
@@ -83,7 +84,7 @@ _CONCURRENT_GRAPHS = 4
 DEFAULTS = {"m": "32", "ef": "512", "enhance_ef": "32", "entries": "128", "per": "kv", "sample": "4096",
             "topn": "100", "insert_ef": "64", "pivots": "100000", "window": "0", "store": "auto",
             "threads": "0", "schedule": "auto", "prefetch": "1", "chunk": "1", "group": "1", "touched": "exact",
-            "fuse": "1"}
+            "fuse": "1", "expand": "4"}
 _STORE_DTYPES = {"bf16": np.uint16, "fp32": np.float32}  # bf16 keys are kept as their bit patterns
 _STORES = ("auto", "session", *_STORE_DTYPES)
 _SESSION_DTYPES = (torch.bfloat16, torch.float32)  # session stores the kernels read as they are
@@ -115,6 +116,7 @@ class GraphIndex(KeyIndex):
         if self._param("fuse") not in _FUSE:
             raise ValueError(f"graph param 'fuse' must be one of {list(_FUSE)}")
         self._search_group(None)  # validates 'group'
+        self._expand(None)
         self._mode = ""  # where the keys are read: "session" or a copy ("bf16" | "fp32"); set by the first build/add
         self._keys = np.zeros((shape.num_kv_heads, 0, shape.head_dim), dtype=np.uint16)  # the copy: [Hkv, cap, d]
         self._adj = np.zeros((self.num_graphs, 0, self._graph_params().width), dtype=np.int32)   # [G, cap, W]
@@ -151,6 +153,14 @@ class GraphIndex(KeyIndex):
         if params.get("fuse", "1") not in _FUSE:
             raise ValueError(f"graph search param 'fuse' must be one of {list(_FUSE)}")
         self._search_group(params)
+        self._expand(params)
+
+    def _expand(self, params: dict[str, str] | None) -> int:
+        """Frontier candidates a search takes per step (gk._beam)."""
+        expand = self._param("expand", params)
+        if not expand.isdigit() or not 1 <= int(expand) <= gk.MAX_EXPAND:
+            raise ValueError(f"graph param 'expand' must be an integer from 1 to {gk.MAX_EXPAND}, not {expand!r}")
+        return int(expand)
 
     def _search_group(self, params: dict[str, str] | None) -> int:
         """Query heads searched together (one beam over their KV head's graph, each key read once)."""
@@ -317,6 +327,7 @@ class GraphIndex(KeyIndex):
         touched = np.zeros(hq, dtype=np.int64)
         threads = int(self._param("threads", params)) or min(hq, parallel.CORES)
         prefetch = self._param("prefetch", params) != "0"
+        expand = self._expand(params)
         group = self._search_group(params)
         searches = hq // group
 
@@ -325,7 +336,7 @@ class GraphIndex(KeyIndex):
         def rows(lo: int, hi: int) -> None:
             visited, heaps = _search_scratch(self._count, 1, ef, n_entries, width, group)
             gk.search_rows(key_rows, base, self._adj, self._entries, q, key_of, graph_of, self._count, ef, group, lo,
-                           hi, id_base, ids, scores, touched, visited[0], prefetch, *(a[0] for a in heaps))
+                           hi, id_base, ids, scores, touched, visited[0], prefetch, expand, *(a[0] for a in heaps))
 
         schedule = self._param("schedule", params)
         if schedule in ("auto", "region") and parallel.enabled() and threads > 1:
@@ -333,7 +344,7 @@ class GraphIndex(KeyIndex):
             visited, heaps = _search_scratch(self._count, team, ef, n_entries, width, group)
             with parallel.timed():
                 gk.search_rows_parallel(key_rows, base, self._adj, self._entries, q, key_of, graph_of, self._count,
-                                        ef, group, id_base, ids, scores, touched, visited, prefetch, *heaps)
+                                        ef, group, id_base, ids, scores, touched, visited, prefetch, expand, *heaps)
         elif schedule == "ranges":
             run_ranges(rows, searches, threads, "search")
         else:
@@ -375,10 +386,10 @@ class GraphIndex(KeyIndex):
                   np.ascontiguousarray(queries.float().numpy()), key_of, graph_of, self._count, ef,
                   np.array(tails, dtype=np.int64).reshape(-1, 2), float(scale), into.ids.numpy(), scores,
                   into.output.numpy(), into.lse.numpy(), counts)
-        prefetch = self._param("prefetch", params) != "0"
+        pipeline = (self._param("prefetch", params) != "0", self._expand(params))
         if past is None:
             with parallel.timed():
-                gk.search_attend_parallel(*search, visited, prefetch, cd, ci, rd, ri, fresh, weights, row)
+                gk.search_attend_parallel(*search, visited, *pipeline, cd, ci, rd, ri, fresh, weights, row)
             return Attended(ids=into.ids, output=into.output, lse=into.lse, count=int(counts[0]))
         count = past.queries.shape[0]
         seen, bound = seen_arrays(count, hq, past.seen_ids, past.seen_from)
@@ -386,8 +397,8 @@ class GraphIndex(KeyIndex):
         scratch = _past_scratch(team, count, seen.shape[2], k, d)
         with parallel.timed():
             gk.search_attend_past_parallel(*search, np.ascontiguousarray(past.queries.numpy()), seen, bound,
-                                           past_output.numpy(), past_lse.numpy(), np.empty(hq), visited, prefetch, cd,
-                                           ci, rd, ri, fresh, scratch)
+                                           past_output.numpy(), past_lse.numpy(), np.empty(hq), visited, *pipeline,
+                                           cd, ci, rd, ri, fresh, scratch)
         return Attended(ids=into.ids, output=into.output, lse=into.lse, count=int(counts[0]), past_output=past_output,
                         past_lse=past_lse)
 

@@ -21,6 +21,7 @@ from kvd.gather_kernels import attend_head
 from kvd.retro import attend_past_heads
 
 _INF = np.float32(np.inf)
+MAX_EXPAND = 8  # search param 'expand': frontier candidates taken per step, at most
 
 
 @intrinsic
@@ -171,22 +172,28 @@ def _fresh_neighbours(keys: np.ndarray, adj: np.ndarray, node: int, limit: int, 
 
 @njit(cache=True, nogil=True, fastmath=True)
 def _beam(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, q: np.ndarray, ef: int, limit: int,
-          visited: np.ndarray, prefetch: bool, cd: np.ndarray, ci: np.ndarray, rd: np.ndarray,
+          visited: np.ndarray, prefetch: bool, expand: int, cd: np.ndarray, ci: np.ndarray, rd: np.ndarray,
           ri: np.ndarray, fresh: np.ndarray) -> tuple[int, int]:
     """Best-first search with a result queue of size ef, maximizing q.k (hnswlib's searchBaseLayer, with
     several entry points), over nodes 0..limit-1 (links to higher ids are ignored).
 
+    expand: candidates taken from the frontier per step (1: hnswlib's order). Taking several, each still good
+    enough to enter the results, lets their graph rows and then all their neighbours' key rows be requested from
+    memory together: a search with cold caches waits on one memory round trip per step instead of one per
+    candidate. It may score a few more keys than expand=1 (a later candidate is expanded before the earlier
+    ones' neighbours could have made it fall out of the results).
     visited: uint64 scratch of at least visited_words(limit) words, a bitset cleared here: it stays in the
     nearest cache, where a per-node array (4 bytes a key) went cold between a decode's layers. prefetch: request
     key rows before scoring them (same results).
     Scratch from the caller (no allocation per search: in a parallel region every malloc would contend for the
     daemon's few heap arenas): candidate heap cd/ci (grown here if it fills), result heap rd/ri (>= ef + 1),
-    fresh (>= adj width). Leaves the best ef found as the min-heap rd/ri; returns its size and how many keys
-    were scored."""
+    fresh (>= expand * (adj width + 1): the neighbours, then the step's candidates at its end). Leaves the best
+    ef found as the min-heap rd/ri; returns its size and how many keys were scored."""
     cap = cd.shape[0]
     cs = 0
     rs = 0
     touched = 0
+    taken = fresh.shape[0] - expand  # the step's candidates are kept at fresh[taken:]
     _clear_visited(visited, limit)
     for e in entries:
         if e < 0 or e >= limit or not _first_visit(visited, e):
@@ -200,11 +207,20 @@ def _beam(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, q: np.ndarray,
         if rs > ef:
             rs = _pop(rd, ri, rs)
     while cs > 0:
-        if rs >= ef and -cd[0] < rd[0]:
+        steps = 0
+        while cs > 0 and steps < expand:
+            if rs >= ef and -cd[0] < rd[0]:
+                break
+            fresh[taken + steps] = ci[0]
+            steps += 1
+            cs = _pop(cd, ci, cs)
+            if prefetch and steps < expand and cs > 0:
+                _prefetch_row(adj, ci[0])
+        if steps == 0:
             break
-        node = ci[0]
-        cs = _pop(cd, ci, cs)
-        count = _fresh_neighbours(keys, adj, node, limit, visited, prefetch, fresh)
+        count = 0
+        for x in range(steps):
+            count += _fresh_neighbours(keys, adj, fresh[taken + x], limit, visited, prefetch, fresh[count:])
         for j in range(count):
             nb = fresh[j]
             s = _dot(keys[nb], q)
@@ -320,8 +336,8 @@ def beam_search(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, q: np.nd
     cap = 4 * ef + entries.shape[0] + width
     rd = np.empty(ef + 1, np.float32)
     ri = np.empty(ef + 1, np.int64)
-    rs, touched = _beam(keys, adj, entries, q, ef, limit, visited, prefetch, np.empty(cap, np.float32),
-                        np.empty(cap, np.int64), rd, ri, np.empty(width, np.int64))
+    rs, touched = _beam(keys, adj, entries, q, ef, limit, visited, prefetch, 1, np.empty(cap, np.float32),
+                        np.empty(cap, np.int64), rd, ri, np.empty(width + 1, np.int64))
     order = np.argsort(-rd[:rs])
     return ri[:rs][order], rd[:rs][order], touched
 
@@ -329,11 +345,12 @@ def beam_search(keys: np.ndarray, adj: np.ndarray, entries: np.ndarray, q: np.nd
 def search_scratch(rows: int, ef: int, entries: int, width: int, group: int = 1) -> tuple[np.ndarray, ...]:
     """Scratch for `rows` concurrent searches of `group` queries each (search_rows / search_rows_parallel):
     candidate heap keys and ids, result heap keys and ids [rows, group, ef + 1], result heap sizes and scores
-    [rows, group], fresh neighbours."""
-    cap = 4 * ef + entries + width
+    [rows, group], fresh neighbours (room for MAX_EXPAND steps' candidates and their neighbours)."""
+    cap = 4 * ef + entries + MAX_EXPAND * width
     return (np.empty((rows, cap), np.float32), np.empty((rows, cap), np.int64),
             np.empty((rows, group, ef + 1), np.float32), np.empty((rows, group, ef + 1), np.int64),
-            np.empty((rows, group), np.int64), np.empty((rows, group), np.float32), np.empty((rows, width), np.int64))
+            np.empty((rows, group), np.int64), np.empty((rows, group), np.float32),
+            np.empty((rows, MAX_EXPAND * (width + 1)), np.int64))
 
 
 @njit(cache=True, nogil=True)
@@ -350,8 +367,8 @@ def _grow(hd: np.ndarray, hi: np.ndarray, size: int) -> tuple[np.ndarray, np.nda
 def search_rows(keys: np.ndarray, key_base: int, adj: np.ndarray, entries: np.ndarray, queries: np.ndarray,
                 key_of: np.ndarray, graph_of: np.ndarray, count: int, ef: int, group: int, lo: int, hi: int,
                 id_base: int, ids: np.ndarray, scores: np.ndarray, touched: np.ndarray, visited: np.ndarray,
-                prefetch: bool, cd: np.ndarray, ci: np.ndarray, rd: np.ndarray, ri: np.ndarray, sizes: np.ndarray,
-                s: np.ndarray, fresh: np.ndarray) -> None:
+                prefetch: bool, expand: int, cd: np.ndarray, ci: np.ndarray, rd: np.ndarray, ri: np.ndarray,
+                sizes: np.ndarray, s: np.ndarray, fresh: np.ndarray) -> None:
     """Search the query rows of groups lo..hi-1, group i being rows i*group .. i*group+group-1 (one search for
     the group, _beam_group, which must share a graph and key head; group 1: _beam per row). keys [G_k, rows, d]
     with node i at row key_base + i, adj [G_a, cap, W], entries [G_a, E] (-1 padded), queries [m, d]; row i
@@ -366,8 +383,8 @@ def search_rows(keys: np.ndarray, key_base: int, adj: np.ndarray, entries: np.nd
         g = graph_of[first]
         kv = keys[key_of[first], key_base:]
         if group == 1:
-            sizes[0], t = _beam(kv, adj[g], entries[g], queries[first], width, count, visited, prefetch, cd, ci,
-                                rd[0], ri[0], fresh)
+            sizes[0], t = _beam(kv, adj[g], entries[g], queries[first], width, count, visited, prefetch, expand,
+                                cd, ci, rd[0], ri[0], fresh)
         else:
             t = _beam_group(kv, adj[g], entries[g], queries[first:first + group], width, count, visited, prefetch,
                             cd, ci, rd, ri, sizes, fresh, s)
@@ -396,24 +413,25 @@ def _write_top(rd: np.ndarray, ri: np.ndarray, rs: int, id_base: int, ids: np.nd
 def search_rows_parallel(keys: np.ndarray, key_base: int, adj: np.ndarray, entries: np.ndarray,
                          queries: np.ndarray, key_of: np.ndarray, graph_of: np.ndarray, count: int, ef: int,
                          group: int, id_base: int, ids: np.ndarray, scores: np.ndarray, touched: np.ndarray,
-                         visited: np.ndarray, prefetch: bool, cd: np.ndarray, ci: np.ndarray, rd: np.ndarray,
-                         ri: np.ndarray, sizes: np.ndarray, s: np.ndarray, fresh: np.ndarray) -> None:
+                         visited: np.ndarray, prefetch: bool, expand: int, cd: np.ndarray, ci: np.ndarray,
+                         rd: np.ndarray, ri: np.ndarray, sizes: np.ndarray, s: np.ndarray, fresh: np.ndarray) -> None:
     """search_rows over every group of query rows as one parallel region (kvd.parallel): visited
     [team, >= visited_words(count)] and the search_scratch arrays [team, ...] are per thread of the region."""
     for i in prange(queries.shape[0] // group):
         t = get_thread_id()
         search_rows(keys, key_base, adj, entries, queries, key_of, graph_of, count, ef, group, i, i + 1, id_base, ids,
-                    scores, touched, visited[t], prefetch, cd[t], ci[t], rd[t], ri[t], sizes[t], s[t], fresh[t])
+                    scores, touched, visited[t], prefetch, expand, cd[t], ci[t], rd[t], ri[t], sizes[t], s[t],
+                    fresh[t])
 
 
 @njit(cache=True, nogil=True, fastmath=True)
 def _search_with_tails(keys: np.ndarray, key_base: int, adj: np.ndarray, entries: np.ndarray, q: np.ndarray,
-                       count: int, width: int, tails: np.ndarray, visited: np.ndarray, prefetch: bool,
+                       count: int, width: int, tails: np.ndarray, visited: np.ndarray, prefetch: bool, expand: int,
                        cd: np.ndarray, ci: np.ndarray, rd: np.ndarray, ri: np.ndarray, fresh: np.ndarray) -> int:
     """_beam over one key head keys [rows, d] (node i at row key_base + i), then every row of the position
     ranges tails [T, 2] (keys not in the graph: e.g. decode keys offloaded since its last add) scored exactly
     into the same result heap (as node p - key_base). Returns the heap's size."""
-    rs, _ = _beam(keys[key_base:], adj, entries, q, width, count, visited, prefetch, cd, ci, rd, ri, fresh)
+    rs, _ = _beam(keys[key_base:], adj, entries, q, width, count, visited, prefetch, expand, cd, ci, rd, ri, fresh)
     for t in range(tails.shape[0]):
         for p in range(tails[t, 0], tails[t, 1]):
             s = _dot(keys[p], q)
@@ -426,12 +444,13 @@ def _search_with_tails(keys: np.ndarray, key_base: int, adj: np.ndarray, entries
 
 @njit(cache=True, nogil=True)
 def _search_top(keys: np.ndarray, key_base: int, adj: np.ndarray, entries: np.ndarray, q: np.ndarray, count: int,
-                width: int, tails: np.ndarray, visited: np.ndarray, prefetch: bool, cd: np.ndarray, ci: np.ndarray,
-                rd: np.ndarray, ri: np.ndarray, fresh: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> int:
+                width: int, tails: np.ndarray, visited: np.ndarray, prefetch: bool, expand: int, cd: np.ndarray,
+                ci: np.ndarray, rd: np.ndarray, ri: np.ndarray, fresh: np.ndarray, ids: np.ndarray,
+                scores: np.ndarray) -> int:
     """_search_with_tails, then its best k = len(ids) as session positions into ids / scores (_write_top);
     returns how many are valid."""
-    rs = _search_with_tails(keys, key_base, adj, entries, q, count, width, tails, visited, prefetch, cd, ci, rd, ri,
-                            fresh)
+    rs = _search_with_tails(keys, key_base, adj, entries, q, count, width, tails, visited, prefetch, expand, cd, ci,
+                            rd, ri, fresh)
     _write_top(rd, ri, rs, key_base, ids, scores)
     return min(ids.shape[0], rs)
 
@@ -441,8 +460,9 @@ def search_attend_parallel(keys: np.ndarray, values: np.ndarray, key_base: int, 
                            entries: np.ndarray, queries: np.ndarray, key_of: np.ndarray, graph_of: np.ndarray,
                            count: int, ef: int, tails: np.ndarray, scale: float, ids: np.ndarray,
                            scores: np.ndarray, out: np.ndarray, lse: np.ndarray, counts: np.ndarray,
-                           visited: np.ndarray, prefetch: bool, cd: np.ndarray, ci: np.ndarray, rd: np.ndarray,
-                           ri: np.ndarray, fresh: np.ndarray, weights: np.ndarray, row: np.ndarray) -> None:
+                           visited: np.ndarray, prefetch: bool, expand: int, cd: np.ndarray, ci: np.ndarray,
+                           rd: np.ndarray, ri: np.ndarray, fresh: np.ndarray, weights: np.ndarray, row: np.ndarray
+                           ) -> None:
     """A decode Retrieve's whole compiled part as one parallel region: per query head h, the graph search, the
     exact scan of the tail ranges (session positions), the top k = ids.shape[1] as session positions into
     ids[h] / scores[h] (-1 / -inf padded; counts[h] valid) and the softmax attention over their values into
@@ -455,7 +475,8 @@ def search_attend_parallel(keys: np.ndarray, values: np.ndarray, key_base: int, 
         t = get_thread_id()
         g = graph_of[h]
         counts[h] = _search_top(keys[key_of[h]], key_base, adj[g], entries[g], queries[h], count, width, tails,
-                                visited[t], prefetch, cd[t], ci[t], rd[t, 0], ri[t, 0], fresh[t], ids[h], scores[h])
+                                visited[t], prefetch, expand, cd[t], ci[t], rd[t, 0], ri[t, 0], fresh[t], ids[h],
+                                scores[h])
         lse[h] = attend_head(values[key_of[h]], ids[h], scores[h], scale, weights[t], row[t], out[h])
 
 
@@ -466,7 +487,7 @@ def search_attend_past_parallel(keys: np.ndarray, values: np.ndarray, key_base: 
                                 scores: np.ndarray, out: np.ndarray, lse: np.ndarray, counts: np.ndarray,
                                 past: np.ndarray, seen: np.ndarray, bound: np.ndarray, past_out: np.ndarray,
                                 past_lse: np.ndarray, loaded: np.ndarray, visited: np.ndarray, prefetch: bool,
-                                cd: np.ndarray, ci: np.ndarray, rd: np.ndarray, ri: np.ndarray,
+                                expand: int, cd: np.ndarray, ci: np.ndarray, rd: np.ndarray, ri: np.ndarray,
                                 fresh: np.ndarray, scratch: tuple) -> None:
     """search_attend_parallel with RetroAttention's past queries (kvd.retro): per query head, after the search,
     the current query's attention and the past queries' over their newly seen keys in one pass over the rows
@@ -481,7 +502,8 @@ def search_attend_past_parallel(keys: np.ndarray, values: np.ndarray, key_base: 
         t = get_thread_id()
         g = graph_of[h]
         counts[h] = _search_top(keys[key_of[h]], key_base, adj[g], entries[g], queries[h], count, width, tails,
-                                visited[t], prefetch, cd[t], ci[t], rd[t, 0], ri[t, 0], fresh[t], ids[h], scores[h])
+                                visited[t], prefetch, expand, cd[t], ci[t], rd[t, 0], ri[t, 0], fresh[t], ids[h],
+                                scores[h])
         loaded[h] = attend_past_heads(keys, values, ids, scores, scale, group, past, seen, bound, out, lse, past_out,
                                       past_lse, h, h + 1, tables[t], new[t], wanted[t], weights[t], live[t], top[t],
                                       total[t], acc[t], row[t])
