@@ -24,13 +24,13 @@ pool thread), chunk (region: query heads claimed together by one thread, 1; cons
 KV head's graph), prefetch (1: key rows are requested from memory before they are scored | 0; same results), expand
 (4: frontier candidates taken per search step, their rows and their neighbours' key rows requested together, so a
 search with cold caches waits on memory once per step, and may score a few more keys; 1: one at a time, hnswlib's
-order; at most 8), group (1: each query head searches alone | g > 1 dividing the GQA group, per=kv: g heads of one
-KV head search its graph together, each key read once and scored for all g, the frontier ordered by the best score
-over them, each head keeping its own ef best), touched (exact: keys_touched is reported | off: left 0, one reduction
-less per call; the daemon serves with off), fuse (1: a decode Retrieve in mode ATTENTION runs the search, the exact
-scan of the keys not yet added and the attention, with RetroAttention's past queries, as one compiled parallel
-region, search_attend | current: the past queries in their own pass afterwards | 0: step by step; same results);
-threads, schedule, prefetch, expand, chunk, group, touched and fuse can also be given per call.
+order; at most 8; group searches take one), group (1: each query head searches alone | g > 1 dividing the GQA group,
+per=kv: g heads of one KV head search its graph together, each key read once and scored for all g, the frontier
+ordered by the best score over them, each head keeping its own ef best), touched (exact: keys_touched is reported |
+off: left 0, one reduction less per call; the daemon serves with off), fuse (1: a decode Retrieve in mode ATTENTION
+runs the search, the exact scan of the keys not yet added and the attention, with RetroAttention's past queries, as
+one compiled parallel region, search_attend | current: the past queries in their own pass afterwards | 0: step by
+step; same results); threads, schedule, prefetch, expand, chunk, group, touched and fuse can also be given per call.
 With StoredKeys (base b), a search returns positions b + local id (SearchResult.id_base = b): the kernel writes
 them, so a decode Retrieve needs no pass over the ids to shift them.
 Presets: default = quality; pivots=32 = balanced; window=2,enhance_ef=0 = fast build.
