@@ -75,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--index-params", default="",
                    help="index params of the sessions, k=v,... (e.g. window=2,enhance_ef=0,ef=256 for graph)")
     p.add_argument("--exact", action="store_true", help="force kvd's exact scan")
+    p.add_argument("--launch-ahead", action=argparse.BooleanOptionalAction, default=KVDConfig.launch_ahead,
+                   help="decode on CUDA: launch the rest of each layer while kvd searches (KVDConfig.launch_ahead)")
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=KVDConfig.overlap,
                    help="the Retrieve in a worker thread (default: KVDCache's own default, off: two thread "
                         "hand-offs per layer cost more than the window attention's launch they overlap)")
@@ -99,7 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="variants (';' between them) timed after the plain steps on the same cache, as many steps "
                         "each: k=v,... search params; lookahead=N turns lookahead on with N candidates; la.k=v is "
                         "a lookahead search param; overlap=0/1 switches the Retrieve worker thread; prepared=0/1 "
-                        "the prepared plan (KvdClient.prepare_retrieve) against an ordinary Retrieve per call. E.g. "
+                        "the prepared plan (KvdClient.prepare_retrieve) against an ordinary Retrieve per call; "
+                        "ahead=0/1 launch-ahead (KVDConfig.launch_ahead). E.g. "
                         "'ef=384;group=4,ef=256;lookahead=512,threads=4,la.threads=12;overlap=0'")
     p.add_argument("--compare-switch-interval", type=float, default=0.0,
                    help="after the timed steps, time as many more with sys.setswitchinterval(this) in the client "
@@ -267,6 +270,7 @@ def run_kvd(model: Any, cfg: LlamaConfig, client: Any, ctx: int, synthetic: bool
     dtype = next(model.parameters()).dtype
     knobs = {"sink_tokens": args.sink, "window_tokens": args.window, "top_k": args.top_k,
              "flush_tokens": args.flush, "index": index, "exact": args.exact, "overlap": args.overlap,
+             "launch_ahead": args.launch_ahead,
              "hint_samples": args.hint_samples, "index_params": parse_params(args.index_params) or None,
              "lookahead": args.lookahead > 0 and not isinstance(client, StubRetrieval),
              "lookahead_candidates": args.lookahead or 512,
@@ -370,11 +374,13 @@ def time_variant(cache: KVDCache, text: str, more_steps: Any, steps: int) -> dic
     candidates = int(params.pop("lookahead", 0))
     overlap = params.pop("overlap", None)
     prepared = params.pop("prepared", None)
+    ahead = params.pop("ahead", None)
     lookahead = {k.removeprefix("la."): v for k, v in params.items() if k.startswith("la.")}
     search = {k: v for k, v in params.items() if not k.startswith("la.")}
     before = cache.config
     cache.config = replace(before, search_params=search or None, lookahead_params=lookahead or None,
-                           prepared=before.prepared if prepared is None else prepared != "0")
+                           prepared=before.prepared if prepared is None else prepared != "0",
+                           launch_ahead=before.launch_ahead if ahead is None else ahead != "0")
     if candidates:
         cache.set_lookahead(candidates)
     if overlap is not None:

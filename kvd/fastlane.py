@@ -18,7 +18,7 @@ import threading
 from typing import Any
 
 import grpc
-from kvd_client.fastlane import HELLO, METHOD_BY_ID, PREPARE, RELEASE, RUN, recv_frame, send_frame
+from kvd_client.fastlane import HELLO, METHOD_BY_ID, PREPARE, RELEASE, RUN, RUN_SIGNALLED, recv_frame, send_frame
 
 from kvd import auth, metrics
 from kvd.errors import KvdError
@@ -28,7 +28,9 @@ from kvd.v1 import kvd_pb2 as pb
 
 log = logging.getLogger("kvd.fastlane")
 _PEER = "unix:fast-lane"
-_PLAN_METHODS = {PREPARE: "PrepareRetrieve", RUN: "RetrievePrepared", RELEASE: "ReleasePrepared"}
+_RUNS = frozenset({RUN, RUN_SIGNALLED})
+_PLAN_METHODS = {PREPARE: "PrepareRetrieve", RUN: "RetrievePrepared", RUN_SIGNALLED: "RetrievePrepared",
+                 RELEASE: "ReleasePrepared"}
 _ACCEPT_POLL_SECONDS = 0.2
 
 
@@ -119,6 +121,7 @@ class FastLaneServer:
         # the plan calls' bodies in KvdServicer.invoke's form, made once per connection (RUN is on the decode path)
         bodies = {PREPARE: lambda _servicer, *args: plans.prepare(*args),
                   RUN: lambda _servicer, *args: plans.run(*args),
+                  RUN_SIGNALLED: lambda _servicer, *args: plans.run_signalled(*args),
                   RELEASE: lambda _servicer, *args: plans.release(*args)}
         while not self.stopping.is_set():
             frame = recv_frame(conn, self.max_bytes)
@@ -144,7 +147,7 @@ class FastLaneServer:
             if kind in _PLAN_METHODS:  # RUN is the decode loop's call: bytes in, bytes out
                 request = pb.RetrieveRequest.FromString(bytes(payload)) if kind == PREPARE else bytes(payload)
                 reply = self.servicer.invoke(bodies[kind], request, tenant,
-                                             name="Retrieve" if kind == RUN else method)  # a run's telemetry
+                                             name="Retrieve" if kind in _RUNS else method)  # a run's telemetry
                 return 0, reply.SerializeToString() if kind == PREPARE else reply
             request = METHOD_BY_ID[kind][1].FromString(bytes(payload))
             return 0, self.servicer.invoke_named(method, request, tenant).SerializeToString()

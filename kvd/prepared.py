@@ -13,8 +13,9 @@ import struct
 import time
 from collections import OrderedDict
 
+import numpy as np
 import torch
-from kvd_client.fastlane import RANGE, RELEASE_BODY, RUN_HEADER, RUN_REPLY, RUN_SEQUENCE
+from kvd_client.fastlane import RANGE, RELEASE_BODY, RUN_HEADER, RUN_REPLY, RUN_SEQUENCE, SIGNAL
 
 from kvd import convert, retro
 from kvd.engine import Engine, PreparedRetrieve
@@ -33,12 +34,32 @@ class Plan:
     reply's ids and packed slots (results are copied there: the fused region writes in place only without)."""
 
     def __init__(self, prepared: PreparedRetrieve, registration: Registration, ids: torch.Tensor | None = None,
-                 packed: torch.Tensor | None = None) -> None:
+                 packed: torch.Tensor | None = None, spans: list[tuple[int, int]] | None = None) -> None:
         self.prepared = prepared
         self.registration = registration
         self.sequences = len(prepared.session_ids)
         self.ids = ids
         self.packed = packed
+        self.spans = spans or []  # the byte ranges [begin, end) of the plan's tensors in its region
+        self.signal_words: dict[int, np.ndarray] = {}  # a RUN_SIGNALLED's offset -> a uint32 view of that word
+
+    def signal_word(self, offset: int) -> np.ndarray:
+        """The uint32 word at byte `offset` of the plan's region, checked: 4-aligned, inside the region and outside
+        the plan's tensors (a signal there would overwrite a query or a result)."""
+        word = self.signal_words.get(offset)
+        if word is None:
+            if offset % 4 or offset + 4 > self.registration.byte_size:
+                raise InvalidArgument(f"a run's signal word must be 4-aligned and inside the plan's region of "
+                                      f"{self.registration.byte_size} bytes, not at byte {offset}")
+            if any(begin < offset + 4 and offset < end for begin, end in self.spans):
+                raise InvalidArgument(f"a run's signal word at byte {offset} overlaps the plan's tensors")
+            start = self.registration.offset + offset
+            # a single aligned 4-byte store: a stream waiting on the word never sees half of it
+            word = np.frombuffer(self.registration.region.buffer[start: start + 4], dtype=np.uint32)
+            if len(self.signal_words) >= 4:
+                self.signal_words.clear()
+            self.signal_words[offset] = word
+        return word
 
 
 class ConnectionPlans:
@@ -92,7 +113,9 @@ class ConnectionPlans:
         reply.plan_id = self.next_id
         if len(self.plans) >= self.limit:  # a client that dropped its plans without releasing them
             self.plans.popitem(last=False)
-        self.plans[self.next_id] = Plan(prepared, registration, ids, packed)
+        spans = [(t.shm.offset, t.shm.offset + t.shm.byte_size) for t in inputs]
+        spans.append((output_ref.offset, output_ref.offset + output_ref.byte_size))
+        self.plans[self.next_id] = Plan(prepared, registration, ids, packed, spans)
         self.next_id += 1
         return reply
 
@@ -146,6 +169,19 @@ class ConnectionPlans:
             1000 * sum(r.attend_kernel_s for r in results))
         return head + b"".join(RUN_SEQUENCE.pack(r.count, convert.SERVED_BY_WIRE.get(r.index_kind, pb.FLAT), p)
                                for r, p in zip(results, promoted, strict=True))
+
+    def run_signalled(self, payload: bytes, tenant: str, labels: dict) -> bytes:
+        """A run that then stores its signal value in the plan's region, whether it succeeded or failed (a device
+        stream may be waiting on that word), before the reply is sent."""
+        if len(payload) < SIGNAL.size + RUN_HEADER.size:
+            raise InvalidArgument(f"a signalled run needs at least {SIGNAL.size + RUN_HEADER.size} bytes")
+        offset, value = SIGNAL.unpack_from(payload)
+        plan_id = RUN_HEADER.unpack_from(payload, SIGNAL.size)[0]
+        word = self._plan(plan_id, tenant).signal_word(offset)
+        try:
+            return self.run(payload[SIGNAL.size:], tenant, labels)
+        finally:
+            word[0] = value
 
     def release(self, payload: bytes, tenant: str, labels: dict) -> bytes:
         if len(payload) != RELEASE_BODY.size:

@@ -19,6 +19,10 @@ Prepared Retrieves (kvd_client.prepared), the decode loop's call without protobu
   sequence) then that many RANGE (begin, end; end 0 = the session's length); reply = RUN_REPLY (server, search,
   attend, search-kernel and attend-kernel ms) then one RUN_SEQUENCE (count, IndexKind wire value, promoted) per
   sequence; the ids, output and lse are in the plan's shared-memory slots;
+- RUN_SIGNALLED: payload = SIGNAL (offset, value) then a RUN payload; the same run, after which (also when it
+  fails) the daemon stores the uint32 `value` at byte `offset` of the plan's shared-memory region (4-aligned,
+  outside the plan's tensors) before it replies. A GPU stream can wait on that word (cuStreamWaitValue32), so the
+  client may launch work that consumes the results before it has read the reply (kvd_transformers.launch_ahead);
 - RELEASE: payload = RELEASE_BODY (plan id), empty reply.
 Plans belong to their connection: they end with it.
 """
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -44,12 +49,13 @@ METHODS: dict[str, tuple[int, type, type]] = {
     "Fetch": (3, pb.FetchRequest, pb.FetchResponse),
 }
 METHOD_BY_ID = {ident: (name, request, reply) for name, (ident, request, reply) in METHODS.items()}
-PREPARE, RUN, RELEASE = 4, 5, 6
+PREPARE, RUN, RELEASE, RUN_SIGNALLED = 4, 5, 6, 7
 RUN_HEADER = struct.Struct("<III")
 RANGE = struct.Struct("<qq")
 RUN_REPLY = struct.Struct("<5d")
 RUN_SEQUENCE = struct.Struct("<IBB")
 RELEASE_BODY = struct.Struct("<I")
+SIGNAL = struct.Struct("<QI")
 STATUS_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 
 
@@ -93,6 +99,7 @@ class FastLane:
         self.path = path
         self.max_bytes = max_bytes
         self.broken = False  # set when the connection failed; the caller then drops this lane
+        self._pending: tuple[str, Callable[[bytearray | KvdError], None]] | None = None  # send_only()'s reply
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.sock.settimeout(timeout if timeout is not None else 10.0)
@@ -113,9 +120,36 @@ class FastLane:
 
     def call_raw(self, kind: int, payload: bytes, what: str) -> bytearray:
         """call() with a payload and reply that are bytes (the prepared Retrieve's binary frames)."""
+        self.collect()
+        return self._exchange(kind, payload, what, True)
+
+    def send_only(self, kind: int, payload: bytes, what: str,
+                  on_reply: Callable[[bytearray | KvdError], None]) -> None:
+        """Send a request whose reply is read later: by collect(), or before this lane's next call, whichever
+        comes first; `on_reply` then gets the reply's payload or its error. Raises as call_raw() when the send
+        fails (on_reply is then never called)."""
+        self.collect()
+        self._exchange(kind, payload, what, False)
+        self._pending = (what, on_reply)
+
+    def collect(self) -> None:
+        """Read the reply of the request that send_only() sent, if it has not been read yet."""
+        if self._pending is None:
+            return
+        what, on_reply = self._pending
+        self._pending = None
         try:
-            send_frame(self.sock, kind, payload)
-            return self._reply()
+            reply: bytearray | KvdError = self._exchange(None, b"", what, True)
+        except KvdError as exc:
+            reply = exc
+        on_reply(reply)
+
+    def _exchange(self, kind: int | None, payload: bytes, what: str, wait: bool) -> bytearray:
+        """Send a frame (kind None: none) and, with `wait`, read the reply; connection failures mark the lane broken."""
+        try:
+            if kind is not None:
+                send_frame(self.sock, kind, payload)
+            return self._reply() if wait else bytearray()
         except TimeoutError:
             self.broken = True
             raise KvdError(grpc.StatusCode.DEADLINE_EXCEEDED, f"fast-lane {what} timed out") from None
@@ -135,3 +169,7 @@ class FastLane:
 
     def close(self) -> None:
         self.sock.close()
+        if self._pending is not None:  # a reply nobody will read now
+            what, on_reply = self._pending
+            self._pending = None
+            on_reply(UnavailableError(grpc.StatusCode.UNAVAILABLE, f"fast-lane {what}: the connection was closed"))

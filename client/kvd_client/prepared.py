@@ -8,6 +8,12 @@
 With past queries (RetroAttention): prepare_retrieve(..., past=P, seen=S) adds plan.seen_ids / plan.seen_from,
 and results come packed.
 
+A run can also be split (a device that consumes the results before the client has read the reply):
+
+    value = plan.start(layer, ranges)              # sent; None: no fast lane now, use run()
+    ...                                            # plan.signal_word(): stored `value` once the results are in
+    result = plan.finish()                         # the reply (errors raise here)
+
 A mode "attention" Retrieve whose sessions, k, scale, exact and search params stay the same from call to call.
 Over the daemon's fast lane the plan is validated once; each run sends the plan id, the layer and the ranges and
 gets counts and timings back, the tensors staying in a shared-memory region of the plan's own (no protobuf on
@@ -20,15 +26,28 @@ from __future__ import annotations
 import struct
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import numpy as np
 import torch
 
 from kvd.v1 import kvd_pb2 as pb
 from kvd_client import calls, wire
 from kvd_client.errors import KvdError, NotFoundError
-from kvd_client.fastlane import PREPARE, RELEASE, RELEASE_BODY, RUN, RUN_HEADER, RUN_REPLY, RUN_SEQUENCE, FastLane
+from kvd_client.fastlane import (
+    PREPARE,
+    RELEASE,
+    RELEASE_BODY,
+    RUN,
+    RUN_HEADER,
+    RUN_REPLY,
+    RUN_SEQUENCE,
+    RUN_SIGNALLED,
+    SIGNAL,
+    FastLane,
+)
 from kvd_client.shm import ShmRegion
 from kvd_client.transport import Placer
 from kvd_client.types import SERVED_BY_NAMES, RetrieveResult
@@ -40,6 +59,16 @@ _QUERY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 NO_BOUND = 1 << 62  # a past query's seen_from when it has no bound (every retrieved position may be new to it)
+_RETRIED = ("no prepared Retrieve", "unregistered")  # a run's errors that another run (prepared again) can fix
+
+
+@dataclass
+class _Started:
+    """A run begun by start(): what finish() needs to read its reply or to run it again."""
+    layer: int
+    ranges: Sequence[tuple[int, int]] | None
+    value: int
+    reply: bytearray | KvdError | None = None  # set when the lane reads the reply
 
 
 class PreparedRetrieve:
@@ -80,6 +109,10 @@ class PreparedRetrieve:
         self._lane: FastLane | None = None   # the connection the plan lives on
         self._plan_id = 0
         self._views: tuple[torch.Tensor, ...] | None = None
+        self._started: _Started | None = None
+        self._signal: np.ndarray | None = None  # the signal word (uint32) of split runs, in the region
+        self.signal_offset = -1
+        self._signal_value = 0
         self.closed = False
         with client._lock:
             if client._transport.enabled and client._fast_lane_wanted:
@@ -104,12 +137,14 @@ class PreparedRetrieve:
     # -- set-up ----------------------------------------------------------------------------------------
 
     def _layout(self) -> tuple[dict[str, int], int]:
-        """Byte offsets of the inputs in the region and where the output area starts."""
+        """Byte offsets of the inputs in the region (and of the signal word, "signal", after them) and where the
+        output area starts."""
         offsets, cursor = {}, 0
         for name, (dtype, shape) in self._inputs.items():
             offsets[name] = cursor = wire.align(cursor)
             cursor += wire.byte_size(shape, dtype)
-        return offsets, wire.align(cursor)
+        offsets["signal"] = cursor = wire.align(cursor)
+        return offsets, wire.align(cursor + 4)
 
     def _open_region(self) -> None:
         """The plan's own shared memory (inputs, then the results), registered with the daemon; left unset
@@ -132,6 +167,9 @@ class PreparedRetrieve:
         """The inputs as views of the region, or as plain tensors without one (ordinary Retrieves)."""
         offsets, _ = self._layout()
         tensors = {}
+        if self._region is not None:
+            at = self.signal_offset = offsets["signal"]
+            self._signal = np.frombuffer(self._region.buffer[at: at + 4], dtype=np.uint32)
         for name, (dtype, shape) in self._inputs.items():
             if self._region is None:
                 tensor = torch.zeros(shape, dtype=dtype)
@@ -216,6 +254,87 @@ class PreparedRetrieve:
                     raise
                 return self._result(reply)
         raise AssertionError("unreachable")
+
+    def start(self, layer: int, ranges: Sequence[tuple[int, int]] | None = None) -> int | None:
+        """Begin a run whose reply finish() reads; returns the value that the plan's signal word (signal_word())
+        holds once the results are in the plan's slots (slots()), or None when the run cannot be split now (no
+        fast lane: use run()). Until finish(), the plan takes no other run."""
+        if self.closed:
+            raise ValueError("this prepared Retrieve is closed")
+        if layer < 0:
+            raise ValueError(f"layer must not be negative, not {layer}")
+        if self._started is not None:
+            raise ValueError("finish() the started run first")
+        count = 0 if ranges is None else len(ranges)
+        bounds = struct.pack(f"<{2 * count}q", *(int(x) for pair in ranges for x in pair)) if ranges else b""
+        value = (self._signal_value + 1) & 0xFFFFFFFF
+        with self.client._lock:
+            lane = self.client._lane() if self._signal is not None else None
+            if lane is None:
+                return None
+            try:
+                if lane is not self._lane:
+                    self._prepare(lane)
+                started = _Started(layer, ranges, value)
+                lane.send_only(RUN_SIGNALLED, SIGNAL.pack(self.signal_offset, value)
+                               + RUN_HEADER.pack(self._plan_id, layer, count) + bounds, "RetrievePrepared",
+                               lambda reply: setattr(started, "reply", reply))
+            except KvdError:
+                if lane.broken:
+                    self.client._drop_lane()
+                return None
+            self._signal_value, self._started = value, started
+            return value
+
+    def finish(self) -> RetrieveResult:
+        """The reply of the run that start() began. Where the daemon could not take the run (a new connection, a
+        plan it let go), the run is made again here, its results copied into the slots and the signal stored."""
+        started, self._started = self._started, None
+        if started is None:
+            raise ValueError("no started run to finish")
+        with self.client._lock:
+            lane = self._lane
+            if started.reply is None and lane is not None:
+                lane.collect()
+            lost = lane is None or lane.broken or lane is not self.client._fast
+            if lane is not None and lane.broken:
+                self.client._drop_lane()
+        reply = started.reply
+        if isinstance(reply, bytearray):
+            return self._result(reply)
+        assert self._signal is not None
+        if not lost and isinstance(reply, KvdError) and not any(text in reply.details for text in _RETRIED):
+            self._signal[0] = started.value
+            raise reply
+        try:
+            result = self.run(started.layer, started.ranges)
+            self._fill_slots(result)
+        finally:
+            self._signal[0] = started.value
+        return result
+
+    def signal_word(self) -> np.ndarray | None:
+        """The uint32 word (a view of the plan's region, at byte signal_offset) that split runs store their value
+        in; None without a region."""
+        return self._signal
+
+    def shared_memory(self) -> memoryview | None:
+        """The plan's whole shared-memory region (inputs, signal word, slots); None without one."""
+        return None if self._region is None else self._region.buffer
+
+    def slots(self) -> dict[str, torch.Tensor] | None:
+        """The views of the region that runs write their results to (ids, output, lse; with past queries ids,
+        packed); None before the plan was prepared on the daemon."""
+        if self._views is None:
+            return None
+        return dict(zip(("ids", "packed") if self.past else ("ids", "output", "lse"), self._views, strict=True))
+
+    def _fill_slots(self, result: RetrieveResult) -> None:
+        """Copy a result made elsewhere (an ordinary Retrieve) into the slots, where a started run's reader looks."""
+        for name, slot in (self.slots() or {}).items():
+            got = getattr(result, name)
+            if got is not None and got.data_ptr() != slot.data_ptr():
+                slot.copy_(got)
 
     def _result(self, reply: bytearray) -> RetrieveResult:
         server, search, attend, search_kernel, attend_kernel = RUN_REPLY.unpack_from(reply)

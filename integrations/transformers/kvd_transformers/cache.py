@@ -30,6 +30,7 @@ from transformers.cache_utils import Cache
 
 from kvd_transformers import ops
 from kvd_transformers.config import CacheStats, KVDConfig
+from kvd_transformers.launch_ahead import RegisteredPlan, StreamWaiter, ahead_threads, stream_waiter
 from kvd_transformers.layer import Job, KVDLayer, resident_padding, resident_valid
 from kvd_transformers.lookahead import LookaheadState
 from kvd_transformers.retro import RetroState
@@ -128,6 +129,12 @@ class KVDCache(Cache):
         self._ranges_cache: dict[tuple[int, ...], list[tuple[int, int]]] = {}
         self._stream: Any = None  # CUDA side stream of the device-to-host copies
         self._plans: dict[tuple[Any, ...], Any] = {}  # the decode Retrieves' prepared plans (config.prepared)
+        self._registered: dict[int, RegisteredPlan] = {}  # id(plan) -> its region registered (launch_ahead)
+        self._ahead_started: Any = None  # the plan whose started run the device waits on (launch_ahead)
+        self._ahead_event: Any = None  # marks the query's copy into the plan's region (launch_ahead)
+        self._ahead_device = False  # the model's device offers launch-ahead (set when the cache opens)
+        self._decode_forwards = 0  # completed decode forwards (launch-ahead waits for the first: CUDA's lazy
+        #                            module loading may wait for the stream, which must not wait on kvd then)
         if self.session_ids:
             self._rehydrate()
 
@@ -240,6 +247,7 @@ class KVDCache(Cache):
         b, hq, _, d = query.shape
         hkv = key.shape[1]
         self.batch = b
+        self._ahead_device = self._waiter(query.device) is not None
         if self.session_ids is None:
             self.session_ids = [f"kvd-{uuid.uuid4().hex}" for _ in range(b)]
         if len(self.session_ids) != b:
@@ -565,6 +573,8 @@ class KVDCache(Cache):
         layer: KVDLayer = self.layers[layer_idx]
         layer.consumed = True
         n = query.shape[2]
+        if not (n == 1 and layer.pending_new == 0 and self.retro is None):
+            self._finish_ahead()  # (a launch-ahead decode reads the previous reply later, after its own launches)
         if self.lookahead is not None and not (n == 1 and layer.pending_new == 0):
             self.lookahead.drop(layer_idx)
         if self.retro is not None and layer.pending_new == 0 and n == (self.retro.rows or 0) + 1:
@@ -575,6 +585,8 @@ class KVDCache(Cache):
         if n == 1 and layer.pending_new == 0:
             out = self._attend_decode(layer_idx, layer, query, key, value, mask, scale)
             if layer_idx == self.num_layers - 1:
+                self._finish_ahead()  # a failed run stops this forward, before its logits are used
+                self._decode_forwards += 1
                 self._maybe_flush_decode()
             return out
         return self._attend_multi(module, layer_idx, layer, query, key, value, mask, scale)
@@ -627,12 +639,7 @@ class KVDCache(Cache):
                                       scale=scale, exact=exact, search_params=cfg.search_params, **extra)
             stats.query_sync_s += synced - started
             stats.retrieve_rpc_s += time.perf_counter() - synced
-            # (a stand-in client's result may have no timings)
-            stats.retrieve_server_s += getattr(res, "server_ms", 0.0) / 1000
-            stats.retrieve_search_s += getattr(res, "search_ms", 0.0) / 1000
-            stats.retrieve_attend_s += getattr(res, "attend_ms", 0.0) / 1000
-            stats.retrieve_search_kernel_s += getattr(res, "search_kernel_ms", 0.0) / 1000
-            stats.retrieve_attend_kernel_s += getattr(res, "attend_kernel_ms", 0.0) / 1000
+            self._note_result(res)
             if log is not None:
                 log.append((layer_idx, res))
             return res
@@ -651,18 +658,27 @@ class KVDCache(Cache):
         prepare = getattr(self.client, "prepare_retrieve", None)
         if not cfg.prepared or prepare is None:
             return None
-        key = (tuple(sids), scale, cfg.top_k, cfg.exact, tuple(sorted((cfg.search_params or {}).items())), past,
-               seen)
+        params = dict(cfg.search_params or {})
+        if cfg.launch_ahead and self._ahead_device and not past and "threads" not in params:
+            params["threads"] = str(ahead_threads())
+        key = (tuple(sids), scale, cfg.top_k, cfg.exact, tuple(sorted(params.items())), past, seen)
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= _PLANS_KEPT:
                 self._close_plans()
             plan = self._plans[key] = prepare(list(sids), k=cfg.top_k, scale=scale, exact=cfg.exact,
-                                              search_params=cfg.search_params, past=past, seen=seen)
+                                              search_params=params or None, past=past, seen=seen)
         return plan
 
     def _close_plans(self) -> None:
+        self._finish_ahead()
         plans, self._plans = list(self._plans.values()), {}
+        if self._registered:
+            registered = list(self._registered.values())
+            self._registered.clear()
+            registered[0].waiter.synchronize()  # no copy may still read a region unregistered and unmapped next
+            for each in registered:
+                each.unregister()
         for plan in plans:
             plan.close()
 
@@ -674,6 +690,7 @@ class KVDCache(Cache):
         end = layer.offloaded_end()
         valid = resident_valid(mask, layer) if mask is not None else None
         if end <= self.config.sink_tokens:  # nothing offloaded yet: the device holds the whole sequence
+            self._finish_ahead()
             out_w, _ = ops.window_attention(query, key, value, scale, mask=valid)
             stats.decode_s += time.perf_counter() - t0
             return out_w.to(query.dtype)
@@ -681,9 +698,14 @@ class KVDCache(Cache):
         chosen = {}
         if self.lookahead is not None and (candidates := self.lookahead.take(layer_idx, end)) is not None:
             chosen["candidates"] = candidates
-        q_host, event = layer.stage_query(query)
         ranges = self._ranges(end, mask)
         sids = self.session_ids or []
+        if not chosen and (registered := self._ahead_plan(query, sids, scale)) is not None:
+            out = self._attend_ahead(layer_idx, registered, query, key, value, valid, ranges, scale)
+            stats.decode_s += time.perf_counter() - t0
+            return out
+        self._finish_ahead()
+        q_host, event = layer.stage_query(query)
         if self._retriever is not None:
             wait = self._start_retrieve(layer_idx, q_host, event, ranges, sids, scale, **chosen)
             out_w, lse_w = ops.window_attention(query, key, value, scale, mask=valid)
@@ -699,6 +721,83 @@ class KVDCache(Cache):
         out = out.to(query.dtype)
         stats.decode_s += time.perf_counter() - t0
         return out
+
+    def _ahead_plan(self, query: torch.Tensor, sids: list[str], scale: float) -> RegisteredPlan | None:
+        """The registered plan of a launch-ahead decode Retrieve, or None where this call takes the blocking path
+        (config.launch_ahead off, not CUDA, the first decode forward, overlap, a debug log, no plan or fast lane)."""
+        if not (self.config.launch_ahead and self._decode_forwards and self._retriever is None
+                and self.retrieve_log is None) or (waiter := self._waiter(query.device)) is None:
+            return None
+        plan = self._decode_plan(sids, scale)
+        if plan is None or plan.slots() is None or plan.signal_word() is None:
+            return None
+        registered = self._registered.get(id(plan))
+        if registered is None or registered.plan is not plan:
+            registered = self._registered[id(plan)] = RegisteredPlan(plan, waiter)
+        return registered
+
+    @staticmethod
+    def _waiter(device: torch.device) -> StreamWaiter | None:
+        """The device's launch-ahead primitives (kvd_transformers.launch_ahead); None: the blocking path."""
+        return stream_waiter() if device.type == "cuda" else None
+
+    def _attend_ahead(self, layer_idx: int, registered: RegisteredPlan, query: torch.Tensor, key: torch.Tensor,
+                      value: torch.Tensor, valid: Any, ranges: list[tuple[int, int]], scale: float) -> torch.Tensor:
+        """Decode attention with launch-ahead (kvd_transformers.launch_ahead): the query is copied into the plan's
+        region, the window attention launched, the run sent, and the device told to wait for its results, which it
+        then copies and merges; returns without waiting for kvd."""
+        stats, plan = self.stats, registered.plan
+        plan.queries.copy_(query[:, :, 0].to(torch.float32), non_blocking=True)
+        if self._ahead_event is None:
+            self._ahead_event = registered.waiter.event()
+        self._ahead_event.record()
+        out_w, lse_w = ops.window_attention(query, key, value, scale, mask=valid)
+        self._finish_ahead()  # the previous layer's reply: read after this layer's launches, which it overlapped
+        finished = time.perf_counter()
+        self._ahead_event.synchronize()  # the query is in the region (and the previous run's results were read)
+        synced = time.perf_counter()
+        stats.query_sync_s += synced - finished
+        stats.retrieve_calls += 1
+        signal = plan.start(layer_idx, ranges)
+        sent = time.perf_counter()
+        stats.retrieve_rpc_s += sent - synced
+        if signal is None:  # no fast lane at the moment: the blocking run
+            res = plan.run(layer_idx, ranges)
+            self._note_result(res)
+            stats.retrieve_rpc_s += time.perf_counter() - sent
+            output, lse = res.output, res.lse
+        else:
+            registered.wait(registered.waiter.stream(query.device), signal)
+            stats.ahead_runs += 1
+            self._ahead_started = plan
+            slots = plan.slots()
+            output, lse = slots["output"], slots["lse"]
+        d = query.shape[-1]
+        out_r = output.to(query.device, non_blocking=True).unsqueeze(2)
+        lse_r = lse.to(query.device, non_blocking=True).unsqueeze(2)
+        assert out_r.shape[-1] == d
+        return ops.merge_into_window(out_w, lse_w, out_r, lse_r).to(query.dtype)
+
+    def _finish_ahead(self) -> None:
+        """Read the reply of the launch-ahead run the device waits on (errors raise here)."""
+        if self._ahead_started is None:
+            return
+        plan, self._ahead_started = self._ahead_started, None
+        waited = time.perf_counter()
+        res = plan.finish()
+        done = time.perf_counter()
+        self.stats.retrieve_wait_s += done - waited
+        self.stats.retrieve_rpc_s += done - waited
+        self._note_result(res)
+
+    def _note_result(self, res: Any) -> None:
+        """A Retrieve's timings into the stats (a stand-in client's result may have none)."""
+        stats = self.stats
+        stats.retrieve_server_s += getattr(res, "server_ms", 0.0) / 1000
+        stats.retrieve_search_s += getattr(res, "search_ms", 0.0) / 1000
+        stats.retrieve_attend_s += getattr(res, "attend_ms", 0.0) / 1000
+        stats.retrieve_search_kernel_s += getattr(res, "search_kernel_ms", 0.0) / 1000
+        stats.retrieve_attend_kernel_s += getattr(res, "attend_kernel_ms", 0.0) / 1000
 
     def set_overlap(self, on: bool) -> None:
         """Turn the Retrieve worker thread (config.overlap) on or off between forwards. Off, the calling thread

@@ -32,6 +32,10 @@ class KVDConfig:
     overlap: bool = False            # run the Retrieve RPC in a worker thread while the window attention runs
     prepared: bool = True            # decode Retrieves through one prepared plan (KvdClient.prepare_retrieve: a few
     #                                  bytes per call over the fast lane); False: an ordinary Retrieve per call
+    launch_ahead: bool = True        # decode on CUDA: the model's thread launches the rest of the layer while kvd
+    #                                  searches; the device waits for the results (kvd_transformers.launch_ahead).
+    #                                  Needs prepared plans and a fast lane; from the second decode forward on.
+    #                                  Its runs leave one core to the model's thread (search param threads)
     async_append: bool = True        # appends from a background thread (False: inline, for debugging)
     kv_dtype: torch.dtype | None = None  # session dtype (default: the model's K/V dtype)
     pinned: bool = False
@@ -76,6 +80,7 @@ class CacheStats:
     """Counters of one cache (per-token overhead measurements in the benchmark)."""
 
     retrieve_calls: int = 0
+    ahead_runs: int = 0            # of which: launch-ahead runs (the device waited for the results, not the thread)
     decode_calls: int = 0          # decode attention calls (one per layer per step)
     decode_s: float = 0.0          # wall time inside decode attention, RPC wait included
     retrieve_wait_s: float = 0.0   # of which: blocked waiting for kvd's answer
@@ -93,7 +98,7 @@ class CacheStats:
     retrieve_attend_kernel_s: float = 0.0  # of retrieve_attend_s: the compiled attention kernel alone
 
     def reset(self) -> None:
-        self.retrieve_calls = self.decode_calls = self.appends = 0
+        self.retrieve_calls = self.decode_calls = self.appends = self.ahead_runs = 0
         self.lookahead_searches = self.lookahead_used = self.lookahead_failed = 0
         self.lookahead_wait_s = self.query_sync_s = self.retrieve_rpc_s = self.retrieve_server_s = 0.0
         self.retrieve_search_s = self.retrieve_attend_s = self.retrieve_search_kernel_s = 0.0

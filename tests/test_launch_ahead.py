@@ -1,0 +1,234 @@
+"""Split prepared runs (PreparedRetrieve.start / finish, the fast lane's RUN_SIGNALLED) and the integration's
+launch-ahead decode built on them, against the real daemon.
+
+A split run's results must be in the plan's slots, and its signal word stored, before the daemon replies; also when
+the run fails (a device stream may be waiting on the word). On CUDA the device waits on that word; here a host
+stand-in (HostWaiter) spins on it instead, so the integration's launch-ahead path runs on the CPU with the same
+order of steps: the logits must equal those of the blocking path to the bit."""
+
+from __future__ import annotations
+
+import ctypes
+import time
+
+import pytest
+import torch
+from kvd_client import InvalidArgumentError, NotFoundError
+from kvd_client.fastlane import PREPARE, RUN_HEADER, RUN_SIGNALLED, SIGNAL, FastLane
+from kvd_client.shm import ShmRegion
+
+from kvd.v1 import kvd_pb2 as pb
+from tests.test_prepared import SCALE, assert_same, fill, queries, raw_template
+
+
+def test_split_runs_equal_runs_and_the_daemon_stores_their_signal(shared_daemon):
+    client = shared_daemon.client()
+    for seed, sid in enumerate(["split-a", "split-b"]):
+        fill(client, sid, seed)
+    plan = client.prepare_retrieve(["split-a", "split-b"], k=12, scale=SCALE)
+    word = plan.signal_word()
+    assert word is not None and word[0] == 0
+    for step, (layer, ranges) in enumerate([(0, None), (1, [(3, 350), (0, 0)]), (0, [(100, 120), (7, 9)])]):
+        q = queries(step, 2)
+        plan.queries.copy_(q)
+        value = plan.start(layer, ranges)
+        assert value == step + 1
+        with pytest.raises(ValueError, match="finish"):
+            plan.start(layer, ranges)
+        split = plan.finish()
+        assert word[0] == value   # stored by the daemon: this client writes it only when a run failed
+        slots = plan.slots()
+        assert split.output.data_ptr() == slots["output"].data_ptr()   # the results are the slots themselves
+        ordinary = client.retrieve(["split-a", "split-b"], layer, q, k=12, mode="attention", ranges=ranges,
+                                   scale=SCALE)
+        assert_same(split, ordinary)
+    with pytest.raises(ValueError, match="no started run"):
+        plan.finish()
+    plan.close()
+    client.close()
+
+
+def test_a_failed_split_run_still_stores_its_signal_and_raises_at_finish(shared_daemon):
+    client = shared_daemon.client()
+    fill(client, "split-fail", 3)
+    plan = client.prepare_retrieve("split-fail", k=5)
+    plan.queries.copy_(queries(1))
+    value = plan.start(7)   # the session has 2 layers
+    with pytest.raises(InvalidArgumentError, match="layer"):
+        plan.finish()
+    assert plan.signal_word()[0] == value
+    plan.queries.copy_(queries(2))
+    assert plan.start(1) == value + 1   # the plan and its connection go on
+    assert plan.finish().counts == [5]
+    plan.close()
+    client.close()
+
+
+def test_another_call_on_the_connection_reads_a_pending_reply_first(shared_daemon):
+    client = shared_daemon.client()
+    fill(client, "split-pending", 4)
+    plan = client.prepare_retrieve("split-pending", k=7)
+    q = queries(3)
+    plan.queries.copy_(q)
+    plan.start(1)
+    # a Retrieve over the same fast lane while the run's reply is unread: both replies reach their callers
+    other = client.retrieve("split-pending", 0, q, k=3, mode="ids")
+    assert client.uses_fast_lane
+    assert torch.equal(other.ids, client.retrieve("split-pending", 0, q, k=3, mode="ids").ids)
+    split = plan.finish()
+    assert_same(split, client.retrieve("split-pending", 1, q, k=7, mode="attention"))
+    plan.close()
+    client.close()
+
+
+def test_a_split_run_cut_off_by_a_daemon_restart_is_made_again_at_finish(kvd_daemon):
+    client = kvd_daemon.client()
+    fill(client, "split-restart", 5)
+    client.persist("split-restart")
+    plan = client.prepare_retrieve("split-restart", k=9)
+    plan.queries.copy_(queries(6))
+    expected = plan.run(1)
+    ids, output = expected.ids.clone(), expected.output.clone()
+    plan.slots()["output"].zero_()
+    kvd_daemon.stop()
+    value = plan.start(1)   # sent on a connection whose daemon is gone, or refused at once
+    kvd_daemon.start()
+    if value is None:   # the send itself failed: the caller makes the blocking run
+        again = plan.run(1)
+    else:
+        again = plan.finish()   # no reply: made again on a new connection, its results put in the slots
+        assert plan.signal_word()[0] == value
+    assert torch.equal(again.ids, ids) and torch.equal(plan.slots()["output"], output)
+    plan.close()
+    client.close()
+
+
+def test_signal_words_outside_the_region_or_on_the_plan_tensors_are_refused(shared_daemon):
+    client = shared_daemon.client()
+    fill(client, "split-raw", 8)
+    region = ShmRegion.create(1 << 16)
+    client._register(region)
+    lane = FastLane(shared_daemon.socket + ".fast", None, 30)
+    template = raw_template(region, "split-raw", 4, 1024, 8192)   # queries at [0, 512), output at [1024, 9216)
+    reply = pb.PrepareRetrieveResponse.FromString(bytes(lane.call_raw(PREPARE, template.SerializeToString(), "p")))
+    run = RUN_HEADER.pack(reply.plan_id, 0, 0)
+    word = torch.frombuffer(region.buffer[768:772], dtype=torch.int32)
+    lane.call_raw(RUN_SIGNALLED, SIGNAL.pack(768, 41) + run, "r")
+    assert int(word[0]) == 41
+    for offset, message in [(769, "4-aligned"), (1 << 16, "inside the plan's region"), (256, "overlaps"),
+                            (2048, "overlaps")]:
+        with pytest.raises(InvalidArgumentError, match=message):
+            lane.call_raw(RUN_SIGNALLED, SIGNAL.pack(offset, 42) + run, "bad")
+    with pytest.raises(InvalidArgumentError, match="at least"):
+        lane.call_raw(RUN_SIGNALLED, SIGNAL.pack(768, 42), "short")
+    with pytest.raises(NotFoundError, match="no prepared Retrieve"):
+        lane.call_raw(RUN_SIGNALLED, SIGNAL.pack(768, 42) + RUN_HEADER.pack(reply.plan_id + 5, 0, 0), "unknown")
+    assert int(word[0]) == 41
+    lane.close()
+    region.close()
+    client.close()
+
+
+class HostEvent:
+    def record(self) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+class HostWaiter:
+    """launch_ahead.StreamWaiter's methods on the host: "registering" records the region, and the stream's wait
+    is this thread spinning until the signal word has reached the value (as cuStreamWaitValue32's GEQ)."""
+
+    def __init__(self) -> None:
+        self.registered: dict[int, int] = {}
+        self.waits = 0
+
+    def register(self, address: int, size: int) -> int:
+        self.registered[address] = size
+        return address
+
+    def unregister(self, address: int) -> None:
+        del self.registered[address]
+
+    def wait(self, stream: object, address: int, value: int) -> None:
+        word = ctypes.c_uint32.from_address(address)
+        deadline = time.monotonic() + 60
+        while (word.value - value) & 0xFFFFFFFF >= 1 << 31:
+            assert time.monotonic() < deadline, "the signal word was never stored"
+        self.waits += 1
+
+    def stream(self, device: torch.device) -> None:
+        return None
+
+    def event(self) -> HostEvent:
+        return HostEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_launch_ahead_decoding_gives_the_logits_of_the_blocking_path(shared_daemon, monkeypatch, batch):
+    """Every decode Retrieve after the first decode forward is a split run; the device side (here HostWaiter)
+    waits for the signal and reads the slots, and the reply is read at the next layer. Same logits to the bit."""
+    from kvd_transformers import KVDCache
+    from kvd_transformers.launch_ahead import ahead_threads
+
+    from tests.test_transformers_kvd import SMALL, kvd_steps, sid, tiny_llama
+
+    model = tiny_llama(sharpen=3.0, seed=5)
+    ids = torch.randint(1, 97, (batch, 80 + 24), generator=torch.Generator().manual_seed(5))
+    client = shared_daemon.client()
+    waiter = HostWaiter()
+    monkeypatch.setattr(KVDCache, "_waiter", staticmethod(lambda device: waiter))
+    logits = {}
+    for ahead in (True, False):
+        cache = KVDCache(client, session=[sid(f"ahead-{i}") for i in range(batch)], top_k=6, index="flat",
+                         launch_ahead=ahead, **SMALL)
+        logits[ahead] = kvd_steps(model, cache, ids, 80)
+        layers = cache.num_layers
+        if ahead:
+            # 24 decode forwards: the first blocks (kernel loading), each later one splits every layer's run
+            assert cache.stats.ahead_runs == waiter.waits == 23 * layers
+            assert len(waiter.registered) == 1 and cache._ahead_started is None
+            (plan,) = cache._plans.values()   # its runs leave a core to the model's thread
+            assert plan.search_params == {"threads": str(ahead_threads())}
+        else:
+            assert cache.stats.ahead_runs == 0
+        assert cache.stats.retrieve_calls == 24 * layers
+        cache.close()
+        assert waiter.registered == {} and cache._plans == {}
+    assert torch.equal(logits[True], logits[False])
+    client.close()
+
+
+def test_a_failed_launch_ahead_run_stops_the_forward(shared_daemon, monkeypatch):
+    """The device has used whatever the slots held; the error must surface before the forward returns logits."""
+    import kvd_transformers
+    from kvd_client import KvdError
+    from kvd_transformers import KVDCache
+
+    from tests.test_transformers_kvd import SMALL, sid, tiny_llama
+
+    model = tiny_llama(sharpen=3.0, seed=6)
+    kvd_transformers.enable(model)
+    ids = torch.randint(1, 97, (1, 90), generator=torch.Generator().manual_seed(6))
+    client = shared_daemon.client()
+    waiter = HostWaiter()
+    monkeypatch.setattr(KVDCache, "_waiter", staticmethod(lambda device: waiter))
+    name = sid("ahead-fail")
+    cache = KVDCache(client, session=name, top_k=6, index="flat", **SMALL)
+    with torch.no_grad():
+        model(ids[:, :80], past_key_values=cache)
+        for t in range(80, 83):
+            model(ids[:, t:t + 1], past_key_values=cache)
+        assert cache.stats.ahead_runs > 0
+        client.delete_session(name)
+        with pytest.raises(KvdError):
+            model(ids[:, 83:84], past_key_values=cache)
+    assert cache._ahead_started is None
+    cache._close_plans()
+    assert waiter.registered == {}
+    client.close()
