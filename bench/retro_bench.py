@@ -88,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds to wait for the sessions' indexes after the prefill (non-flat kinds)")
     p.add_argument("--prepared", action=argparse.BooleanOptionalAction, default=KVDConfig.prepared,
                    help="decode Retrieves as runs of prepared plans (KvdClient.prepare_retrieve; KVDCache's default)")
+    p.add_argument("--launch-ahead", action=argparse.BooleanOptionalAction, default=KVDConfig.launch_ahead,
+                   help="decode on CUDA: launch the rest of each layer while kvd searches (KVDConfig.launch_ahead)")
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=KVDConfig.overlap,
                    help="the Retrieve in a worker thread (default: KVDCache's own default, off: two thread "
                         "hand-offs per layer cost more than the window attention's launch they overlap)")
@@ -222,6 +224,7 @@ def _id_sets(ids: torch.Tensor | None, bound: int, count: int) -> list[set[int]]
 def knobs(args: argparse.Namespace, window: int) -> dict[str, Any]:
     got: dict[str, Any] = {"sink_tokens": args.sink, "window_tokens": args.window, "flush_tokens": args.flush,
                            "top_k": args.top_k, "index": args.index, "exact": args.exact, "overlap": args.overlap,
+                           "launch_ahead": args.launch_ahead,
                            "prepared": args.prepared}
     if args.index_params:
         got["index_params"] = dict(item.split("=", 1) for item in args.index_params.split(",") if item)
@@ -342,6 +345,7 @@ def interleaved_runs(model: Any, client: Any, prompt: torch.Tensor, windows: lis
         st = caches[w].stats
         rows[w].update({"steps": steps, "ms_per_token_median": round(1000 * statistics.median(timed), 3),
                         "ms_per_token_mean": round(1000 * statistics.mean(timed), 3),
+                        "step_ms": [round(1000 * t, 2) for t in timed],
                         "attention_ms_per_token": round(1000 * st.decode_s / len(timed), 3),
                         **kvd_time_split(st, len(timed))})
         if w > 1:

@@ -232,3 +232,32 @@ def test_a_failed_launch_ahead_run_stops_the_forward(shared_daemon, monkeypatch)
     cache._close_plans()
     assert waiter.registered == {}
     client.close()
+
+
+@pytest.mark.parametrize(("window", "batch"), [(2, 2), (3, 1)])
+def test_launch_ahead_retro_steps_give_the_logits_of_blocking_retro_steps(shared_daemon, monkeypatch, window,
+                                                                          batch):
+    """RetroAttention's steps split their runs too: the cached queries are written once the previous run read its
+    inputs, all rows merge on the device side, and the seen ids and the commit follow the reply. Corrections happen
+    (k is small); the logits equal those of blocking retro steps to the bit."""
+    from kvd_transformers import KVDCache
+
+    from tests.test_transformers_kvd import SMALL, kvd_steps, sid, tiny_llama
+
+    model = tiny_llama(sharpen=3.0, seed=7)
+    ids = torch.randint(1, 97, (batch, 80 + 20), generator=torch.Generator().manual_seed(7))
+    client = shared_daemon.client()
+    waiter = HostWaiter()
+    monkeypatch.setattr(KVDCache, "_waiter", staticmethod(lambda device: waiter))
+    logits, corrections = {}, {}
+    for ahead in (True, False):
+        cache = KVDCache(client, session=[sid(f"ahead-retro-{i}") for i in range(batch)], top_k=6, index="flat",
+                         retro=True, retro_window=window, launch_ahead=ahead, **SMALL)
+        logits[ahead] = kvd_steps(model, cache, ids, 80)
+        assert cache.retro is not None
+        corrections[ahead] = cache.retro.corrections
+        assert (cache.stats.ahead_runs == 19 * cache.num_layers) is ahead
+        cache.close()
+    assert corrections[True] == corrections[False] > 0
+    assert torch.equal(logits[True], logits[False])
+    client.close()

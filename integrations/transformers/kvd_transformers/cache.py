@@ -76,17 +76,21 @@ def _run_plan(plan: Any, layer_idx: int, q_host: torch.Tensor, ranges: list[tupl
         plan.queries.copy_(q_host)
         res = plan.run(layer_idx, ranges)
         return replace(res, ids=res.ids.clone(), output=res.output.clone(), lse=res.lse.clone()) if keep else res
-    count = below.shape[1]
-    plan.queries[:, :count].copy_(below)
-    plan.queries[:, count].copy_(q_host)
+    _write_past(plan, below, past)
+    plan.queries[:, below.shape[1]].copy_(q_host)
+    res = plan.run(layer_idx, ranges)
+    return replace(res, ids=res.ids.clone(), packed=res.packed.clone())
+
+
+def _write_past(plan: Any, below: torch.Tensor, past: dict[str, Any]) -> None:
+    """RetroAttention's cached queries [B, P, Hq, D], their seen ids and bounds, written into a plan's inputs."""
+    plan.queries[:, :below.shape[1]].copy_(below)
     if plan.seen_ids is not None:
         plan.seen_ids.copy_(past["past_seen_ids"])
     if (seen_from := past.get("past_seen_from")) is not None:
         plan.seen_from.copy_(seen_from)
     else:
         plan.seen_from.fill_(NO_BOUND)
-    res = plan.run(layer_idx, ranges)
-    return replace(res, ids=res.ids.clone(), packed=res.packed.clone())
 
 
 class KVDCache(Cache):
@@ -130,7 +134,8 @@ class KVDCache(Cache):
         self._stream: Any = None  # CUDA side stream of the device-to-host copies
         self._plans: dict[tuple[Any, ...], Any] = {}  # the decode Retrieves' prepared plans (config.prepared)
         self._registered: dict[int, RegisteredPlan] = {}  # id(plan) -> its region registered (launch_ahead)
-        self._ahead_started: Any = None  # the plan whose started run the device waits on (launch_ahead)
+        # the plan whose started run the device waits on (launch_ahead), and what to do with its reply
+        self._ahead_started: tuple[Any, Callable[[Any], None] | None] | None = None
         self._ahead_event: Any = None  # marks the query's copy into the plan's region (launch_ahead)
         self._ahead_device = False  # the model's device offers launch-ahead (set when the cache opens)
         self._decode_forwards = 0  # completed decode forwards (launch-ahead waits for the first: CUDA's lazy
@@ -573,17 +578,17 @@ class KVDCache(Cache):
         layer: KVDLayer = self.layers[layer_idx]
         layer.consumed = True
         n = query.shape[2]
-        if not (n == 1 and layer.pending_new == 0 and self.retro is None):
-            self._finish_ahead()  # (a launch-ahead decode reads the previous reply later, after its own launches)
-        if self.lookahead is not None and not (n == 1 and layer.pending_new == 0):
+        retro_step = self.retro is not None and layer.pending_new == 0 and n == (self.retro.rows or 0) + 1
+        decode = n == 1 and layer.pending_new == 0
+        if not (retro_step or decode):
+            self._finish_ahead()  # (decode steps read the previous launch-ahead reply later, after their launches)
+        if self.lookahead is not None and not decode:
             self.lookahead.drop(layer_idx)
-        if self.retro is not None and layer.pending_new == 0 and n == (self.retro.rows or 0) + 1:
-            out = self._attend_retro(layer_idx, layer, query, key, value, mask, scale)
-            if layer_idx == self.num_layers - 1:
-                self._maybe_flush_decode()
-            return out
-        if n == 1 and layer.pending_new == 0:
-            out = self._attend_decode(layer_idx, layer, query, key, value, mask, scale)
+        if retro_step or decode:
+            if retro_step:
+                out = self._attend_retro(layer_idx, layer, query, key, value, mask, scale)
+            else:
+                out = self._attend_decode(layer_idx, layer, query, key, value, mask, scale)
             if layer_idx == self.num_layers - 1:
                 self._finish_ahead()  # a failed run stops this forward, before its logits are used
                 self._decode_forwards += 1
@@ -659,7 +664,7 @@ class KVDCache(Cache):
         if not cfg.prepared or prepare is None:
             return None
         params = dict(cfg.search_params or {})
-        if cfg.launch_ahead and self._ahead_device and not past and "threads" not in params:
+        if cfg.launch_ahead and self._ahead_device and "threads" not in params:
             params["threads"] = str(ahead_threads())
         key = (tuple(sids), scale, cfg.top_k, cfg.exact, tuple(sorted(params.items())), past, seen)
         plan = self._plans.get(key)
@@ -722,13 +727,14 @@ class KVDCache(Cache):
         stats.decode_s += time.perf_counter() - t0
         return out
 
-    def _ahead_plan(self, query: torch.Tensor, sids: list[str], scale: float) -> RegisteredPlan | None:
+    def _ahead_plan(self, query: torch.Tensor, sids: list[str], scale: float, past: int = 0, seen: int = 0
+                    ) -> RegisteredPlan | None:
         """The registered plan of a launch-ahead decode Retrieve, or None where this call takes the blocking path
         (config.launch_ahead off, not CUDA, the first decode forward, overlap, a debug log, no plan or fast lane)."""
         if not (self.config.launch_ahead and self._decode_forwards and self._retriever is None
                 and self.retrieve_log is None) or (waiter := self._waiter(query.device)) is None:
             return None
-        plan = self._decode_plan(sids, scale)
+        plan = self._decode_plan(sids, scale, past, seen)
         if plan is None or plan.slots() is None or plan.signal_word() is None:
             return None
         registered = self._registered.get(id(plan))
@@ -746,30 +752,14 @@ class KVDCache(Cache):
         """Decode attention with launch-ahead (kvd_transformers.launch_ahead): the query is copied into the plan's
         region, the window attention launched, the run sent, and the device told to wait for its results, which it
         then copies and merges; returns without waiting for kvd."""
-        stats, plan = self.stats, registered.plan
-        plan.queries.copy_(query[:, :, 0].to(torch.float32), non_blocking=True)
-        if self._ahead_event is None:
-            self._ahead_event = registered.waiter.event()
-        self._ahead_event.record()
+        plan = registered.plan
+        self._copy_query(registered, plan.queries, query)
         out_w, lse_w = ops.window_attention(query, key, value, scale, mask=valid)
-        self._finish_ahead()  # the previous layer's reply: read after this layer's launches, which it overlapped
-        finished = time.perf_counter()
-        self._ahead_event.synchronize()  # the query is in the region (and the previous run's results were read)
-        synced = time.perf_counter()
-        stats.query_sync_s += synced - finished
-        stats.retrieve_calls += 1
-        signal = plan.start(layer_idx, ranges)
-        sent = time.perf_counter()
-        stats.retrieve_rpc_s += sent - synced
-        if signal is None:  # no fast lane at the moment: the blocking run
-            res = plan.run(layer_idx, ranges)
-            self._note_result(res)
-            stats.retrieve_rpc_s += time.perf_counter() - sent
+        res = self._start_ahead(layer_idx, registered, ranges, query.device)
+        if res is not None:  # no fast lane at the moment: it was a blocking run
             output, lse = res.output, res.lse
         else:
-            registered.wait(registered.waiter.stream(query.device), signal)
-            stats.ahead_runs += 1
-            self._ahead_started = plan
+            self._ahead_started = (plan, None)
             slots = plan.slots()
             output, lse = slots["output"], slots["lse"]
         d = query.shape[-1]
@@ -778,17 +768,53 @@ class KVDCache(Cache):
         assert out_r.shape[-1] == d
         return ops.merge_into_window(out_w, lse_w, out_r, lse_r).to(query.dtype)
 
+    def _copy_query(self, registered: RegisteredPlan, into: torch.Tensor, query: torch.Tensor) -> None:
+        """The new token's query ([B, Hq, 1, D] on the device) copied into a plan input (float32 [B, Hq, D]) on the
+        stream; the event marks its arrival."""
+        into.copy_(query[:, :, 0].to(torch.float32), non_blocking=True)
+        if self._ahead_event is None:
+            self._ahead_event = registered.waiter.event()
+        self._ahead_event.record()
+
+    def _start_ahead(self, layer_idx: int, registered: RegisteredPlan, ranges: list[tuple[int, int]],
+                     device: torch.device, write_inputs: Callable[[], None] | None = None) -> Any:
+        """Read the previous layer's reply (after this layer's launches, which it overlapped), write the plan's
+        host-side inputs (`write_inputs`: the previous run has read them by now), wait for the query's copy and
+        send the run, the stream told to wait for its results. Returns None, or the result of a blocking run where
+        the run could not be split (no fast lane at the moment)."""
+        stats, plan = self.stats, registered.plan
+        self._finish_ahead()
+        if write_inputs is not None:
+            write_inputs()
+        finished = time.perf_counter()
+        self._ahead_event.synchronize()  # the query is in the region (and the previous run's results were read)
+        synced = time.perf_counter()
+        stats.query_sync_s += synced - finished
+        stats.retrieve_calls += 1
+        signal = plan.start(layer_idx, ranges)
+        if signal is None:
+            res = plan.run(layer_idx, ranges)
+            self._note_result(res)
+            stats.retrieve_rpc_s += time.perf_counter() - synced
+            return res
+        registered.wait(registered.waiter.stream(device), signal)
+        stats.retrieve_rpc_s += time.perf_counter() - synced
+        stats.ahead_runs += 1
+        return None
+
     def _finish_ahead(self) -> None:
         """Read the reply of the launch-ahead run the device waits on (errors raise here)."""
         if self._ahead_started is None:
             return
-        plan, self._ahead_started = self._ahead_started, None
+        (plan, after), self._ahead_started = self._ahead_started, None
         waited = time.perf_counter()
         res = plan.finish()
         done = time.perf_counter()
         self.stats.retrieve_wait_s += done - waited
         self.stats.retrieve_rpc_s += done - waited
         self._note_result(res)
+        if after is not None:
+            after(res)
 
     def _note_result(self, res: Any) -> None:
         """A Retrieve's timings into the stats (a stand-in client's result may have none)."""
@@ -911,16 +937,25 @@ class KVDCache(Cache):
         end = layer.offloaded_end()
         valid = resident_valid(mask, layer) if mask is not None else None
         if end <= self.config.sink_tokens:  # nothing offloaded: the device holds the whole sequence
+            self._finish_ahead()
             out_w, lse_w = ops.window_attention(q_new, key, value, scale, mask=valid)
             out, lse = cache.rows(out_w[:, :, 0], lse_w[:, :, 0])
             q_copy = q_new[:, :, 0].to("cpu", torch.float32, copy=True)
             seen = torch.empty(*q_copy.shape[:2], 0, dtype=torch.int64)
         else:
             self._await_kvd(layer_idx, layer, end)
-            q_host, event = layer.stage_query(q_new)
             ranges = self._ranges(end, mask)
             sids = self.session_ids or []
             past = cache.request(retro.bounds, end) if count else {}
+            seen_ids = past.get("past_seen_ids")
+            registered = self._ahead_plan(q_new, sids, scale, count, 0 if seen_ids is None else seen_ids.shape[-1])
+            if registered is not None:
+                out = self._attend_retro_ahead(layer_idx, registered, cache, q_new, key, value, valid, ranges, scale,
+                                               past, end)
+                self.stats.decode_s += time.perf_counter() - t0
+                return out.transpose(1, 2).to(query.dtype)
+            self._finish_ahead()
+            q_host, event = layer.stage_query(q_new)
             if self._retriever is not None:
                 wait = self._start_retrieve(layer_idx, q_host, event, ranges, sids, scale, **past)
                 out_w, lse_w = ops.window_attention(q_new, key, value, scale, mask=valid)
@@ -938,6 +973,41 @@ class KVDCache(Cache):
         cache.commit(out, lse, q_copy, seen, end, retro.capacity)
         self.stats.decode_s += time.perf_counter() - t0
         return out.transpose(1, 2).to(query.dtype)
+
+    def _attend_retro_ahead(self, layer_idx: int, registered: RegisteredPlan, cache: Any, q_new: torch.Tensor,
+                            key: torch.Tensor, value: torch.Tensor, valid: Any, ranges: list[tuple[int, int]],
+                            scale: float, past: dict[str, Any], end: int) -> torch.Tensor:
+        """A retro step's attention with launch-ahead: as `_attend_decode`'s, the cached queries, their seen ids
+        and bounds written into the plan once the previous run read its own; the merge of all rows is queued on
+        the device, and the host's part of the step (the retrieved ids as seen, the commit) is done when the reply
+        is read (RetroState.record). Returns float32 [B, P + 1, Hq, D]."""
+        assert self.retro is not None
+        retro, plan, count, device = self.retro, registered.plan, len(cache), q_new.device
+        query_slot = plan.queries[:, count] if count else plan.queries
+        self._copy_query(registered, query_slot, q_new)
+        out_w, lse_w = ops.window_attention(q_new, key, value, scale, mask=valid)
+        base = cache.rows(out_w[:, :, 0], lse_w[:, :, 0])
+        write = (lambda: _write_past(plan, past["below"], past)) if count else None
+        res = self._start_ahead(layer_idx, registered, ranges, device, write)
+        query_host = query_slot.clone()  # the new token's query, kept by the commit
+        if res is not None:  # a blocking run: its results may be views that the next run rewrites
+            kept = {name: t.clone() for name in ("ids", "packed", "output", "lse")
+                    if (t := getattr(res, name, None)) is not None}
+            return retro.finish(cache, replace(res, **kept), base, query_host, end, device)
+        slots = plan.slots()
+        if count:
+            both = slots["packed"].to(device, non_blocking=True)
+        else:
+            output = slots["output"].to(device, non_blocking=True)
+            both = torch.cat([output, slots["lse"].to(device, non_blocking=True).unsqueeze(-1)], -1).unsqueeze(1)
+        out, lse = retro.merge(both, count, base)
+
+        def record(reply: Any) -> None:
+            past_lse = reply.packed[:, :count, :, -1].clone() if count else None
+            retro.record(cache, reply.ids.clone(), past_lse, out, lse, query_host, end)
+
+        self._ahead_started = (plan, record)
+        return out
 
     def _attend_multi(self, module: torch.nn.Module, layer_idx: int, layer: KVDLayer, query: torch.Tensor,
                       key: torch.Tensor, value: torch.Tensor, mask: Any, scale: float) -> torch.Tensor:

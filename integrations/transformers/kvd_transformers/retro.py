@@ -210,21 +210,37 @@ class RetroState:
         token's host query [B, Hq, D] is kept as given: the caller passes a copy). Returns the outputs of all
         rows, float32 [B, P + 1, Hq, D]."""
         count = len(cache)
-        if count:
-            cache.note_retrieved(res.ids, self.capacity)
-            packed = getattr(res, "packed", None)
-            self._uncounted.append(res.past_lse if packed is None else packed[:, :count, :, -1])
-            if len(self._uncounted) >= 256:
-                self._count()
+        both = cache.stage(res, count).to(device, non_blocking=True)
+        out, lse = self.merge(both, count, base)
+        packed = getattr(res, "packed", None)
+        past_lse = (res.past_lse if packed is None else packed[:, :count, :, -1]) if count else None
+        self.record(cache, res.ids, past_lse, out, lse, query, seen_from)
+        return out
+
+    def merge(self, both: torch.Tensor, count: int, base: tuple[torch.Tensor, torch.Tensor]
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """kvd's answer on the device ([B, P + 1, Hq, D + 1], as `RetroLayer.stage`) merged with `base`: the
+        outputs of all rows and the log-sum-exps of those that stay cached."""
         base_out, base_lse = base
         d = base_out.shape[-1]
-        both = cache.stage(res, count).to(device, non_blocking=True)
         lse_r = both[..., d]
         out = torch.lerp(base_out, both[..., :d], torch.sigmoid(lse_r - base_lse).unsqueeze(-1))
         keep = min(self.capacity, count + 1)  # only the rows that stay cached need their log-sum-exp
         lse = torch.logaddexp(base_lse[:, count + 1 - keep:], lse_r[:, count + 1 - keep:])
-        cache.commit(out, lse, query, res.ids, seen_from, self.capacity)
-        return out
+        return out, lse
+
+    def record(self, cache: RetroLayer, ids: torch.Tensor, past_lse: torch.Tensor | None, out: torch.Tensor,
+               lse: torch.Tensor, query: torch.Tensor, seen_from: int) -> None:
+        """The host side of a step once its reply is read: the retrieved ids ([B, Hq, k], kept: not a view that
+        the next call rewrites) count as seen by the cached queries, the past rows' lse are counted, and the
+        step's rows are committed."""
+        if len(cache):
+            cache.note_retrieved(ids, self.capacity)
+            if past_lse is not None:
+                self._uncounted.append(past_lse)
+                if len(self._uncounted) >= 256:
+                    self._count()
+        cache.commit(out, lse, query, ids, seen_from, self.capacity)
 
 
 # --- the forward hooks that turn a one-token decode call into a retro step -------------------------------------
