@@ -9,6 +9,8 @@ order of steps: the logits must equal those of the blocking path to the bit."""
 from __future__ import annotations
 
 import ctypes
+import os
+import signal
 import time
 
 import pytest
@@ -99,6 +101,32 @@ def test_a_split_run_cut_off_by_a_daemon_restart_is_made_again_at_finish(kvd_dae
         again = plan.finish()   # no reply: made again on a new connection, its results put in the slots
         assert plan.signal_word()[0] == value
     assert torch.equal(again.ids, ids) and torch.equal(plan.slots()["output"], output)
+    plan.close()
+    client.close()
+
+
+def test_the_signal_is_stored_when_the_daemon_dies_mid_run(kvd_daemon):
+    """A device stream waiting on a run whose daemon died would wait forever, and so might the thread meant to read
+    the reply (a CUDA call that waits for that stream): the client's watch stores the word once the connection
+    hangs up, without anyone reading it."""
+    client = kvd_daemon.client()
+    fill(client, "split-died", 9)
+    client.persist("split-died")
+    plan = client.prepare_retrieve("split-died", k=9)
+    plan.queries.copy_(queries(8))
+    expected = plan.run(1).ids.clone()
+    os.kill(kvd_daemon.proc.pid, signal.SIGSTOP)   # the run is sent but not served
+    value = plan.start(1)
+    assert value is not None
+    time.sleep(0.5)
+    assert plan.signal_word()[0] != value
+    kvd_daemon.kill()
+    deadline = time.monotonic() + 10
+    while plan.signal_word()[0] != value:
+        assert time.monotonic() < deadline, "the watch never stored the signal"
+        time.sleep(0.05)
+    kvd_daemon.start()
+    assert torch.equal(plan.finish().ids, expected)   # made again on a new connection
     plan.close()
     client.close()
 

@@ -14,6 +14,8 @@ A run can also be split (a device that consumes the results before the client ha
     ...                                            # plan.signal_word(): stored `value` once the results are in
     result = plan.finish()                         # the reply (errors raise here)
 
+If the daemon dies before storing the word, the client's watch (kvd_client.signal_watch) stores it.
+
 A mode "attention" Retrieve whose sessions, k, scale, exact and search params stay the same from call to call.
 Over the daemon's fast lane the plan is validated once; each run sends the plan id, the layer and the ranges and
 gets counts and timings back, the tensors staying in a shared-memory region of the plan's own (no protobuf on
@@ -49,6 +51,7 @@ from kvd_client.fastlane import (
     FastLane,
 )
 from kvd_client.shm import ShmRegion
+from kvd_client.signal_watch import WATCH
 from kvd_client.transport import Placer
 from kvd_client.types import SERVED_BY_NAMES, RetrieveResult
 
@@ -284,6 +287,8 @@ class PreparedRetrieve:
                     self.client._drop_lane()
                 return None
             self._signal_value, self._started = value, started
+            signal = self._signal
+            WATCH.watch(id(self), lane.sock, lambda: signal.__setitem__(0, value))
             return value
 
     def finish(self) -> RetrieveResult:
@@ -292,6 +297,7 @@ class PreparedRetrieve:
         started, self._started = self._started, None
         if started is None:
             raise ValueError("no started run to finish")
+        WATCH.forget(id(self))
         with self.client._lock:
             lane = self._lane
             if started.reply is None and lane is not None:
@@ -368,6 +374,9 @@ class PreparedRetrieve:
         if self.closed:
             return
         self.closed = True
+        if self._started is not None:  # never finished: its reply is read by the connection's next call
+            WATCH.forget(id(self))
+            self._started = None
         with self.client._lock:
             lane = self.client._fast
             if lane is not None and lane is self._lane and not lane.broken:
