@@ -16,11 +16,20 @@ import time
 import pytest
 import torch
 from kvd_client import InvalidArgumentError, NotFoundError
-from kvd_client.fastlane import PREPARE, RUN_HEADER, RUN_SIGNALLED, SIGNAL, FastLane
-from kvd_client.shm import ShmRegion
+from kvd_client.fastlane import RUN_HEADER, RUN_SIGNALLED, SIGNAL
 
-from kvd.v1 import kvd_pb2 as pb
-from tests.test_prepared import SCALE, assert_same, fill, queries, raw_template
+from tests.test_prepared import SCALE, assert_same, fill, queries, raw_plan
+
+
+def one_session_plan(client, sid: str, seed: int, k: int, query_seed: int, persist: bool = False):
+    """A filled 2-layer session and a plan over it, its queries written; returns (plan, queries)."""
+    fill(client, sid, seed)
+    if persist:
+        client.persist(sid)
+    plan = client.prepare_retrieve(sid, k=k)
+    q = queries(query_seed)
+    plan.queries.copy_(q)
+    return plan, q
 
 
 def test_split_runs_equal_runs_and_the_daemon_stores_their_signal(shared_daemon):
@@ -52,9 +61,7 @@ def test_split_runs_equal_runs_and_the_daemon_stores_their_signal(shared_daemon)
 
 def test_a_failed_split_run_still_stores_its_signal_and_raises_at_finish(shared_daemon):
     client = shared_daemon.client()
-    fill(client, "split-fail", 3)
-    plan = client.prepare_retrieve("split-fail", k=5)
-    plan.queries.copy_(queries(1))
+    plan, _ = one_session_plan(client, "split-fail", 3, 5, 1)
     value = plan.start(7)   # the session has 2 layers
     with pytest.raises(InvalidArgumentError, match="layer"):
         plan.finish()
@@ -68,10 +75,7 @@ def test_a_failed_split_run_still_stores_its_signal_and_raises_at_finish(shared_
 
 def test_another_call_on_the_connection_reads_a_pending_reply_first(shared_daemon):
     client = shared_daemon.client()
-    fill(client, "split-pending", 4)
-    plan = client.prepare_retrieve("split-pending", k=7)
-    q = queries(3)
-    plan.queries.copy_(q)
+    plan, q = one_session_plan(client, "split-pending", 4, 7, 3)
     plan.start(1)
     # a Retrieve over the same fast lane while the run's reply is unread: both replies reach their callers
     other = client.retrieve("split-pending", 0, q, k=3, mode="ids")
@@ -85,10 +89,7 @@ def test_another_call_on_the_connection_reads_a_pending_reply_first(shared_daemo
 
 def test_a_split_run_cut_off_by_a_daemon_restart_is_made_again_at_finish(kvd_daemon):
     client = kvd_daemon.client()
-    fill(client, "split-restart", 5)
-    client.persist("split-restart")
-    plan = client.prepare_retrieve("split-restart", k=9)
-    plan.queries.copy_(queries(6))
+    plan, _ = one_session_plan(client, "split-restart", 5, 9, 6, persist=True)
     expected = plan.run(1)
     ids, output = expected.ids.clone(), expected.output.clone()
     plan.slots()["output"].zero_()
@@ -110,10 +111,7 @@ def test_the_signal_is_stored_when_the_daemon_dies_mid_run(kvd_daemon):
     the reply (a CUDA call that waits for that stream): the client's watch stores the word once the connection
     hangs up, without anyone reading it."""
     client = kvd_daemon.client()
-    fill(client, "split-died", 9)
-    client.persist("split-died")
-    plan = client.prepare_retrieve("split-died", k=9)
-    plan.queries.copy_(queries(8))
+    plan, _ = one_session_plan(client, "split-died", 9, 9, 8, persist=True)
     expected = plan.run(1).ids.clone()
     os.kill(kvd_daemon.proc.pid, signal.SIGSTOP)   # the run is sent but not served
     value = plan.start(1)
@@ -132,13 +130,7 @@ def test_the_signal_is_stored_when_the_daemon_dies_mid_run(kvd_daemon):
 
 
 def test_signal_words_outside_the_region_or_on_the_plan_tensors_are_refused(shared_daemon):
-    client = shared_daemon.client()
-    fill(client, "split-raw", 8)
-    region = ShmRegion.create(1 << 16)
-    client._register(region)
-    lane = FastLane(shared_daemon.socket + ".fast", None, 30)
-    template = raw_template(region, "split-raw", 4, 1024, 8192)   # queries at [0, 512), output at [1024, 9216)
-    reply = pb.PrepareRetrieveResponse.FromString(bytes(lane.call_raw(PREPARE, template.SerializeToString(), "p")))
+    client, region, lane, _, reply = raw_plan(shared_daemon, "split-raw")   # queries [0, 512), output [1024, 9216)
     run = RUN_HEADER.pack(reply.plan_id, 0, 0)
     word = torch.frombuffer(region.buffer[768:772], dtype=torch.int32)
     lane.call_raw(RUN_SIGNALLED, SIGNAL.pack(768, 41) + run, "r")
@@ -288,4 +280,40 @@ def test_launch_ahead_retro_steps_give_the_logits_of_blocking_retro_steps(shared
         cache.close()
     assert corrections[True] == corrections[False] > 0
     assert torch.equal(logits[True], logits[False])
+    client.close()
+
+
+def test_two_chat_turns_through_generate_match_the_blocking_path(shared_daemon, monkeypatch):
+    """generate() with sampling, then a second turn that continues the stored session in a new cache: its prompt
+    is a multi-token forward right after launch-ahead decode steps. Tokens and scores equal the blocking path's."""
+    import kvd_transformers
+    from kvd_transformers import KVDCache
+
+    from tests.test_transformers_kvd import SMALL, generate, sid, tiny_llama
+
+    model = tiny_llama(sharpen=3.0, seed=8)
+    kvd_transformers.enable(model)
+    waiter = HostWaiter()
+    monkeypatch.setattr(KVDCache, "_waiter", staticmethod(lambda device: waiter))
+    prompt = torch.randint(1, 97, (1, 90), generator=torch.Generator().manual_seed(8))
+    more = torch.randint(1, 97, (1, 25), generator=torch.Generator().manual_seed(9))
+    client = shared_daemon.client()
+    runs = {}
+    for ahead in (True, False):
+        session = sid(f"ahead-chat-{int(ahead)}")
+        cache = KVDCache(client, session=session, top_k=6, index="flat", launch_ahead=ahead, **SMALL)
+        torch.manual_seed(10)
+        with torch.no_grad():
+            turn1 = model.generate(prompt, past_key_values=cache, max_new_tokens=16, do_sample=True, top_k=20,
+                                   output_scores=True, return_dict_in_generate=True)
+        cache.close()
+        history = torch.cat([turn1.sequences, more], dim=1)
+        cache = KVDCache(client, session=session, top_k=6, index="flat", launch_ahead=ahead, **SMALL)
+        turn2 = generate(model, history, cache, 16)
+        assert (cache.stats.ahead_runs > 0) is ahead
+        cache.close()
+        runs[ahead] = (turn1, turn2)
+    for got, want in zip(runs[True], runs[False], strict=True):
+        assert torch.equal(got.sequences, want.sequences)
+        assert all(torch.equal(a, b) for a, b in zip(got.scores, want.scores, strict=True))
     client.close()

@@ -173,14 +173,21 @@ def raw_template(region: ShmRegion, sid: str, k: int, output_at: int, output_byt
         output=pb.SharedMemoryRef(region=region.key, offset=output_at, byte_size=output_bytes))
 
 
-def test_the_wire_protocol_refuses_bad_frames_and_forgets_released_plans(shared_daemon):
-    client = shared_daemon.client()
-    fill(client, "prep-raw", 8)
+def raw_plan(daemon, sid: str) -> tuple:
+    """A filled session, a registered 64 KiB region and a plan prepared over a raw fast-lane connection: queries at
+    bytes [0, 512) of the region, output at [1024, 9216), k=4. Returns (client, region, lane, template, reply)."""
+    client = daemon.client()
+    fill(client, sid, 8)
     region = ShmRegion.create(1 << 16)
     client._register(region)
-    lane = FastLane(shared_daemon.socket + ".fast", None, 30)
-    good = raw_template(region, "prep-raw", 4, 1024, 8192)
-    reply = pb.PrepareRetrieveResponse.FromString(bytes(lane.call_raw(PREPARE, good.SerializeToString(), "p")))
+    lane = FastLane(daemon.socket + ".fast", None, 30)
+    template = raw_template(region, sid, 4, 1024, 8192)
+    reply = pb.PrepareRetrieveResponse.FromString(bytes(lane.call_raw(PREPARE, template.SerializeToString(), "p")))
+    return client, region, lane, template, reply
+
+
+def test_the_wire_protocol_refuses_bad_frames_and_forgets_released_plans(shared_daemon):
+    client, region, lane, good, reply = raw_plan(shared_daemon, "prep-raw")
     plan_id = reply.plan_id
     assert list(reply.ids.shape) == [1, HQ, 4] and list(reply.lse.shape) == [1, HQ]
     assert reply.ids.shm.offset >= 1024
