@@ -317,3 +317,48 @@ def test_two_chat_turns_through_generate_match_the_blocking_path(shared_daemon, 
         assert torch.equal(got.sequences, want.sequences)
         assert all(torch.equal(a, b) for a, b in zip(got.scores, want.scores, strict=True))
     client.close()
+
+
+class RefusingWaiter(HostWaiter):
+    """A device that refuses to page-lock the region ("register") or to make a stream wait ("wait")."""
+
+    def __init__(self, refuses: str) -> None:
+        super().__init__()
+        self.refuses = refuses
+
+    def register(self, address: int, size: int) -> int:
+        if self.refuses == "register":
+            raise RuntimeError("cudaHostRegister of a plan's region failed (cudaError 1)")
+        return super().register(address, size)
+
+    def wait(self, stream: object, address: int, value: int) -> None:
+        if self.refuses == "wait":
+            raise RuntimeError("cuStreamWaitValue32 failed (CUresult 801)")
+        super().wait(stream, address, value)
+
+
+@pytest.mark.parametrize("refuses", ["register", "wait"])
+def test_a_device_that_refuses_launch_ahead_falls_back_to_the_blocking_path(shared_daemon, monkeypatch, refuses):
+    """A warning, then blocking decode steps with the same logits; a run already sent is read by this thread."""
+    from kvd_transformers import KVDCache
+
+    from tests.test_transformers_kvd import SMALL, kvd_steps, sid, tiny_llama
+
+    model = tiny_llama(sharpen=3.0, seed=11)
+    ids = torch.randint(1, 97, (1, 80 + 8), generator=torch.Generator().manual_seed(11))
+    client = shared_daemon.client()
+    logits = {}
+    for waiter in (RefusingWaiter(refuses), None):
+        monkeypatch.setattr(KVDCache, "_waiter", staticmethod(lambda device, waiter=waiter: waiter))
+        cache = KVDCache(client, session=sid("ahead-refused"), top_k=6, index="flat", **SMALL)
+        if waiter is None:
+            logits[False] = kvd_steps(model, cache, ids, 80)
+        else:
+            with pytest.warns(RuntimeWarning, match="launch-ahead is off"):
+                logits[True] = kvd_steps(model, cache, ids, 80)
+            assert cache.stats.ahead_runs == 0
+        assert cache.stats.retrieve_calls == 8 * cache.num_layers
+        cache.close()
+        assert waiter is None or waiter.registered == {}
+    assert torch.equal(logits[True], logits[False])
+    client.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -731,7 +732,7 @@ class KVDCache(Cache):
                     ) -> RegisteredPlan | None:
         """The registered plan of a launch-ahead decode Retrieve, or None where this call takes the blocking path
         (config.launch_ahead off, not CUDA, the first decode forward, overlap, a debug log, no plan or fast lane)."""
-        if not (self.config.launch_ahead and self._decode_forwards and self._retriever is None
+        if not (self.config.launch_ahead and self._ahead_device and self._decode_forwards and self._retriever is None
                 and self.retrieve_log is None) or (waiter := self._waiter(query.device)) is None:
             return None
         plan = self._decode_plan(sids, scale, past, seen)
@@ -739,8 +740,17 @@ class KVDCache(Cache):
             return None
         registered = self._registered.get(id(plan))
         if registered is None or registered.plan is not plan:
-            registered = self._registered[id(plan)] = RegisteredPlan(plan, waiter)
+            try:
+                registered = self._registered[id(plan)] = RegisteredPlan(plan, waiter)
+            except RuntimeError as exc:  # e.g. the driver refused to page-lock the region
+                self._give_up_ahead(exc)
+                return None
         return registered
+
+    def _give_up_ahead(self, exc: BaseException) -> None:
+        """Launch-ahead failed on this device: this cache decodes on the blocking path from now on."""
+        self._ahead_device = False
+        warnings.warn(f"kvd launch-ahead is off for this cache: {exc}", RuntimeWarning, stacklevel=3)
 
     @staticmethod
     def _waiter(device: torch.device) -> StreamWaiter | None:
@@ -797,7 +807,14 @@ class KVDCache(Cache):
             self._note_result(res)
             stats.retrieve_rpc_s += time.perf_counter() - synced
             return res
-        registered.wait(registered.waiter.stream(device), signal)
+        try:
+            registered.wait(registered.waiter.stream(device), signal)
+        except RuntimeError as exc:  # the stream cannot wait: this thread does, for this run and the next ones
+            self._give_up_ahead(exc)
+            res = plan.finish()
+            self._note_result(res)
+            stats.retrieve_rpc_s += time.perf_counter() - synced
+            return res
         stats.retrieve_rpc_s += time.perf_counter() - synced
         stats.ahead_runs += 1
         return None
