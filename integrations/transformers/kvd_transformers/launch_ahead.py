@@ -72,8 +72,9 @@ def ahead_threads() -> int:
     """The daemon's region threads for launch-ahead runs, unless the search params name them: one per core but
     one. The model's thread now runs while kvd searches, and a region whose threads share a core with it waits for
     its slowest thread (H100 host, 128K: 76-78 ms/token with 15 threads, 115-128 with 16; BENCHMARKS.md). The fast
-    lane means the daemon runs on this host."""
-    return max(1, len(os.sched_getaffinity(0)) - 1)
+    lane means the daemon runs on this host; like the daemon's own default (kvd.parallel.CORES), this counts the
+    host's cores, not this process's affinity (a client pinned to one core must not shrink the daemon's regions)."""
+    return max(1, (os.cpu_count() or 2) - 1)
 
 
 @functools.cache
