@@ -41,24 +41,22 @@ class Plan:
         self.ids = ids
         self.packed = packed
         self.spans = spans or []  # the byte ranges [begin, end) of the plan's tensors in its region
-        self.signal_words: dict[int, np.ndarray] = {}  # a RUN_SIGNALLED's offset -> a uint32 view of that word
+        self._signal: tuple[int, np.ndarray] | None = None  # the last RUN_SIGNALLED's offset and a view of its word
 
     def signal_word(self, offset: int) -> np.ndarray:
         """The uint32 word at byte `offset` of the plan's region, checked: 4-aligned, inside the region and outside
         the plan's tensors (a signal there would overwrite a query or a result)."""
-        word = self.signal_words.get(offset)
-        if word is None:
-            if offset % 4 or offset + 4 > self.registration.byte_size:
-                raise InvalidArgument(f"a run's signal word must be 4-aligned and inside the plan's region of "
-                                      f"{self.registration.byte_size} bytes, not at byte {offset}")
-            if any(begin < offset + 4 and offset < end for begin, end in self.spans):
-                raise InvalidArgument(f"a run's signal word at byte {offset} overlaps the plan's tensors")
-            start = self.registration.offset + offset
-            # a single aligned 4-byte store: a stream waiting on the word never sees half of it
-            word = np.frombuffer(self.registration.region.buffer[start: start + 4], dtype=np.uint32)
-            if len(self.signal_words) >= 4:
-                self.signal_words.clear()
-            self.signal_words[offset] = word
+        if self._signal is not None and self._signal[0] == offset:
+            return self._signal[1]
+        if offset % 4 or offset + 4 > self.registration.byte_size:
+            raise InvalidArgument(f"a run's signal word must be 4-aligned and inside the plan's region of "
+                                  f"{self.registration.byte_size} bytes, not at byte {offset}")
+        if any(begin < offset + 4 and offset < end for begin, end in self.spans):
+            raise InvalidArgument(f"a run's signal word at byte {offset} overlaps the plan's tensors")
+        start = self.registration.offset + offset
+        # a single aligned 4-byte store: a stream waiting on the word never sees half of it
+        word = np.frombuffer(self.registration.region.buffer[start: start + 4], dtype=np.uint32)
+        self._signal = (offset, word)
         return word
 
 

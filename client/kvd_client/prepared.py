@@ -62,7 +62,6 @@ _QUERY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 NO_BOUND = 1 << 62  # a past query's seen_from when it has no bound (every retrieved position may be new to it)
-_RETRIED = ("no prepared Retrieve", "unregistered")  # a run's errors that another run (prepared again) can fix
 
 
 @dataclass
@@ -292,8 +291,9 @@ class PreparedRetrieve:
             return value
 
     def finish(self) -> RetrieveResult:
-        """The reply of the run that start() began. Where the daemon could not take the run (a new connection, a
-        plan it let go), the run is made again here, its results copied into the slots and the signal stored."""
+        """The reply of the run that start() began. Where it brought none or an error, the run is made again here
+        (run(): a new connection, a plan the daemon let go; a lasting error raises again), its results copied into
+        the slots and the signal stored."""
         started, self._started = self._started, None
         if started is None:
             raise ValueError("no started run to finish")
@@ -302,16 +302,13 @@ class PreparedRetrieve:
             lane = self._lane
             if started.reply is None and lane is not None:
                 lane.collect()
-            lost = lane is None or lane.broken or lane is not self.client._fast
             if lane is not None and lane.broken:
                 self.client._drop_lane()
-        reply = started.reply
-        if isinstance(reply, bytearray):
-            return self._result(reply)
+        if isinstance(started.reply, bytearray):
+            return self._result(started.reply)
+        # no reply, or an error: run() makes the run again (preparing the plan again where the daemon lost it) or
+        # raises the run's error; either way the slots hold its results and the signal is stored
         assert self._signal is not None
-        if not lost and isinstance(reply, KvdError) and not any(text in reply.details for text in _RETRIED):
-            self._signal[0] = started.value
-            raise reply
         try:
             result = self.run(started.layer, started.ranges)
             self._fill_slots(result)

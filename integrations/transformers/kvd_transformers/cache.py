@@ -772,10 +772,8 @@ class KVDCache(Cache):
             self._ahead_started = (plan, None)
             slots = plan.slots()
             output, lse = slots["output"], slots["lse"]
-        d = query.shape[-1]
         out_r = output.to(query.device, non_blocking=True).unsqueeze(2)
         lse_r = lse.to(query.device, non_blocking=True).unsqueeze(2)
-        assert out_r.shape[-1] == d
         return ops.merge_into_window(out_w, lse_w, out_r, lse_r).to(query.dtype)
 
     def _copy_query(self, registered: RegisteredPlan, into: torch.Tensor, query: torch.Tensor) -> None:
