@@ -64,6 +64,7 @@ class PreparedRetrieve:
     count_nonfinite: Callable[[], int]  # NaN/Inf in the queries' current values
     past: retro.PastQueries | None = None  # RetroAttention's past queries and seen ids: views too, checked per run
     past_in_checked: bool = False  # count_nonfinite also covers the past queries (stacked in one slot)
+    checked_past: retro.PastQueries | None = None  # `past` as checked, where a check cannot change between runs
 
 
 @dataclass
@@ -306,9 +307,10 @@ class Engine:
                          past: retro.PastQueries | None = None, checked: torch.Tensor | None = None
                          ) -> PreparedRetrieve:
         """Validate a mode ATTENTION Retrieve's fixed part once (kvd.prepared): `queries` (and `past`) are the
-        slots whose contents change between runs, `into` where every run writes its results (without past
-        queries); `checked`: the tensor whose values each run checks for NaN/Inf (default `queries`; the stacked
-        queries where the past queries are stacked with them, so that they are not checked twice)."""
+        slots whose contents change between runs, `into` where every run writes its results (with past queries,
+        `index.base.packed_slots`); `checked`: the tensor whose values each run checks for NaN/Inf (default
+        `queries`; the stacked queries where the past queries are stacked with them, so that they are not checked
+        twice)."""
         sessions = self._retrieve_sessions(tenant, session_ids)
         spec = self._retrieve_spec(sessions, queries, k, Mode.ATTENTION, scale, exact, params, into,
                                    searching=not exact)
@@ -334,11 +336,15 @@ class Engine:
             raise InvalidArgument(f"{len(ranges)} ranges given for {len(sessions)} sequences")
         if bad := plan.count_nonfinite():
             raise InvalidArgument(f"queries contains {bad} NaN or infinite values")
-        past = None
-        if plan.past is not None:
+        past = plan.checked_past
+        if plan.past is not None and past is None:
             first = sessions[0].shape
             past = retro.check_past(plan.past, len(sessions), first.num_query_heads, first.head_dim,
                                     finite=not plan.past_in_checked)
+            if plan.past_in_checked and past.queries is plan.past.queries and past.seen_ids is plan.past.seen_ids \
+                    and past.seen_from is plan.past.seen_from:
+                # no value to check and nothing converted: the checked views serve every later run as they are
+                plan.checked_past = past = past.with_rows()
         spec = plan.spec
         spec.layer = layer  # a plan runs one call at a time (its connection's thread)
         return self._serve_retrieve(sessions, plan.queries, spec, ranges, past, None)

@@ -20,6 +20,7 @@ from kvd_client.fastlane import RANGE, RELEASE_BODY, RUN_HEADER, RUN_REPLY, RUN_
 from kvd import convert, retro
 from kvd.engine import Engine, PreparedRetrieve
 from kvd.errors import FailedPrecondition, InvalidArgument, NotFound
+from kvd.index.base import packed_slots
 from kvd.retrieval import Mode, fill_slots
 from kvd.service import MODES, attend_slots
 from kvd.shm import OutputWriter, Registration
@@ -31,7 +32,8 @@ MAX_PLANS = 64  # per connection (a decode loop needs one per batch of sessions)
 
 class Plan:
     """A prepared Retrieve with the shared-memory registration its views belong to; with past queries, the
-    reply's ids and packed slots (results are copied there: the fused region writes in place only without)."""
+    reply's ids and packed slots (the graph's fused region writes there in place; other paths' results are
+    copied there)."""
 
     def __init__(self, prepared: PreparedRetrieve, registration: Registration, ids: torch.Tensor | None = None,
                  packed: torch.Tensor | None = None, spans: list[tuple[int, int]] | None = None) -> None:
@@ -100,6 +102,7 @@ class ConnectionPlans:
         ids = packed = None
         if past is not None:
             ids, packed = self._past_slots(writer, reply, queries, sessions, request.k, past)
+            into = [packed_slots(ids[i], packed[i]) for i in range(sessions)]
         elif into is None:
             raise InvalidArgument(f"queries must be [{sessions}, num_query_heads, head_dim] and 1 <= k")
         prepared = self.engine.prepare_retrieve(tenant, list(request.session_ids), queries, request.k, request.scale,
@@ -153,8 +156,9 @@ class ConnectionPlans:
         results, promoted = self.engine.retrieve_prepared(plan.prepared, layer, ranges)
         if plan.packed is not None and plan.ids is not None:
             for i, result in enumerate(results):
-                plan.ids[i].copy_(result.ids)
-                retro.fill_packed(result, plan.packed[i])
+                if not result.in_place:  # the graph's fused region writes the packed block itself
+                    plan.ids[i].copy_(result.ids)
+                    retro.fill_packed(result, plan.packed[i])
         else:
             assert plan.prepared.spec.into is not None
             fill_slots(plan.prepared.spec.into, results)

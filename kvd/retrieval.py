@@ -39,11 +39,12 @@ class SequenceResult:
     lse: torch.Tensor | None = None     # float32 [Hq]
     past_output: torch.Tensor | None = None  # with past queries (kvd.retro): float32 [P, Hq, d]
     past_lse: torch.Tensor | None = None     # float32 [P, Hq]
+    packed: torch.Tensor | None = None  # with past queries: the block [P + 1, Hq, d + 1] that all four are views of
     search_s: float = 0.0   # time spent finding the keys (index search, exact scan or candidate scoring)
     attend_s: float = 0.0   # time spent attending them (mode ATTENTION)
     search_kernel_s: float = 0.0  # of search_s / attend_s: inside compiled parallel regions (kvd.parallel.timed)
     attend_kernel_s: float = 0.0
-    in_place: bool = False  # ids, output and lse are the RetrieveSpec.into slots, written there already
+    in_place: bool = False  # ids, output and lse (and packed) are the RetrieveSpec.into slots, written there already
 
 
 @dataclass
@@ -108,6 +109,7 @@ def retrieve_sequence(session: Session, queries: torch.Tensor, spec: RetrieveSpe
             if fused is not None:  # search, tail scan and attention in one compiled pass (attend_s is inside)
                 return SequenceResult(ids=fused.ids, count=fused.count, index_kind=slot.kind, output=fused.output,
                                       lse=fused.lse, past_output=fused.past_output, past_lse=fused.past_lse,
+                                      packed=fused.packed,
                                       search_s=time.perf_counter() - started, search_kernel_s=parallel.take_seconds(),
                                       in_place=into is not None)
         if candidates is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -46,11 +46,19 @@ class PastQueries:
     seen_ids: torch.Tensor | None     # int64 [n, P, Hq, S]
     seen_from: torch.Tensor | None    # int64 [n, P]
     packed: bool = False              # reply RetrieveResponse.packed (`write_packed`)
+    rows: list[PastQueries] | None = field(default=None, repr=False, compare=False)  # `with_rows`
 
     def row(self, i: int) -> PastQueries:
         """Sequence i's past queries ([P, Hq, d], [P, Hq, S], [P])."""
+        if self.rows is not None:
+            return self.rows[i]
         return PastQueries(self.queries[i], None if self.seen_ids is None else self.seen_ids[i],
                            None if self.seen_from is None else self.seen_from[i], self.packed)
+
+    def with_rows(self) -> PastQueries:
+        """The same past queries with every sequence's row made once (a prepared Retrieve's, whose tensors are
+        views of its slots: valid for every run)."""
+        return replace(self, rows=[self.row(i) for i in range(self.queries.shape[0])])
 
 
 def past_from_wire(codec: TensorCodec, message: pb.PastQueries, queries: torch.Tensor | None
@@ -441,7 +449,10 @@ def attend_past(keys: torch.Tensor, values: torch.Tensor, ids: torch.Tensor, pas
 
 
 def _packed_of(result: SequenceResult) -> torch.Tensor:
-    """A sequence's [P + 1, Hq, d + 1] block of RetrieveResponse.packed: ~33 KB for 32 heads, assembled."""
+    """A sequence's [P + 1, Hq, d + 1] block of RetrieveResponse.packed: ~33 KB for 32 heads, assembled unless
+    the kernel wrote it as such (the graph's fused region)."""
+    if result.packed is not None:
+        return result.packed
     assert result.output is not None and result.past_output is not None
     block = torch.empty(result.past_output.shape[0] + 1, result.output.shape[0], result.output.shape[-1] + 1)
     fill_packed(result, block)

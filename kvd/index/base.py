@@ -84,16 +84,31 @@ class Attended:
     count: int
     past_output: torch.Tensor | None = None  # with past queries (kvd.retro): float32 [P, Hq, head_dim]
     past_lse: torch.Tensor | None = None     # float32 [P, Hq]
+    packed: torch.Tensor | None = None       # with past queries: the block all of them are views of (AttendSlots)
 
 
 @dataclass(frozen=True)
 class AttendSlots:
     """Where one sequence's attention result is written in place (e.g. views of the reply's shared memory):
-    ids int64 [Hq, k], output float32 [Hq, head_dim], lse float32 [Hq]."""
+    ids int64 [Hq, k], output float32 [Hq, head_dim], lse float32 [Hq]. With past queries (kvd.retro), packed
+    float32 [P + 1, Hq, head_dim + 1]: the sequence's block of a packed reply (RetrieveResponse.packed), which
+    output and lse are views of (`packed_slots`)."""
 
     ids: torch.Tensor
     output: torch.Tensor
     lse: torch.Tensor
+    packed: torch.Tensor | None = None
+    past_output: torch.Tensor | None = None  # with packed: its views [P, Hq, head_dim] and [P, Hq]
+    past_lse: torch.Tensor | None = None
+
+
+def packed_slots(ids: torch.Tensor, packed: torch.Tensor) -> AttendSlots:
+    """The slots of a sequence with past queries: the past queries' outputs and lse are the first P rows of its
+    packed block [P + 1, Hq, d + 1] (the log-sum-exp in the last column), the current query's the last row.
+    The views are made once (torch indexing costs microseconds per call)."""
+    dim = packed.shape[-1] - 1
+    return AttendSlots(ids=ids, output=packed[-1, :, :dim], lse=packed[-1, :, dim], packed=packed,
+                       past_output=packed[:-1, :, :dim], past_lse=packed[:-1, :, dim])
 
 
 @dataclass(frozen=True)

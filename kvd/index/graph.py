@@ -74,7 +74,16 @@ import torch
 from kvd import hugepages, parallel
 from kvd.gather_kernels import store_array, supported
 from kvd.index import graph_kernels as gk
-from kvd.index.base import Attended, AttendSlots, BuildHints, IndexShape, KeyIndex, SearchResult, StoredKeys
+from kvd.index.base import (
+    Attended,
+    AttendSlots,
+    BuildHints,
+    IndexShape,
+    KeyIndex,
+    SearchResult,
+    StoredKeys,
+    packed_slots,
+)
 from kvd.index.graph_build import GraphParams, build_graph, exact_topn
 from kvd.index.wave_io import pack, unpack
 from kvd.retro import PastQueries, past_scratch, seen_arrays
@@ -378,29 +387,32 @@ class GraphIndex(KeyIndex):
         weights, row = _attend_scratch(team, k, d)
         # torch tensors made before the region: the first torch op after it would run with cold caches
         if into is None:
-            into = AttendSlots(ids=torch.empty((hq, k), dtype=torch.int64), output=torch.empty((hq, d)),
-                               lse=torch.empty(hq))
+            ids = torch.empty((hq, k), dtype=torch.int64)
+            into = (AttendSlots(ids=ids, output=torch.empty((hq, d)), lse=torch.empty(hq)) if past is None
+                    else packed_slots(ids, torch.empty((past.queries.shape[0] + 1, hq, d + 1))))
         scores, counts = _scratch_rows(hq, k)
         key_of, graph_of = self._heads
         search = (key_rows, store_array(values), base, self._adj, self._entries,
                   np.ascontiguousarray(queries.float().numpy()), key_of, graph_of, self._count, ef,
-                  np.array(tails, dtype=np.int64).reshape(-1, 2), float(scale), into.ids.numpy(), scores,
-                  into.output.numpy(), into.lse.numpy(), counts)
+                  np.array(tails, dtype=np.int64).reshape(-1, 2), float(scale), into.ids.numpy(), scores)
         pipeline = (self._param("prefetch", params) != "0", self._expand(params))
         if past is None:
             with parallel.timed():
-                gk.search_attend_parallel(*search, visited, *pipeline, cd, ci, rd, ri, fresh, weights, row)
+                gk.search_attend_parallel(*search, into.output.numpy(), into.lse.numpy(), counts, visited, *pipeline,
+                                          cd, ci, rd, ri, fresh, weights, row)
             return Attended(ids=into.ids, output=into.output, lse=into.lse, count=int(counts[0]))
+        packed = into.packed
         count = past.queries.shape[0]
+        if packed is None or packed.shape[0] != count + 1:
+            raise ValueError("past queries' results go to a packed block of P + 1 rows (index.base.packed_slots)")
         seen, bound = seen_arrays(count, hq, past.seen_ids, past.seen_from)
-        past_output, past_lse = torch.empty((count, hq, d)), torch.empty((count, hq))
         scratch = _past_scratch(team, count, seen.shape[2], k, d)
         with parallel.timed():
-            gk.search_attend_past_parallel(*search, np.ascontiguousarray(past.queries.numpy()), seen, bound,
-                                           past_output.numpy(), past_lse.numpy(), np.empty(hq), visited, *pipeline,
-                                           cd, ci, rd, ri, fresh, scratch)
-        return Attended(ids=into.ids, output=into.output, lse=into.lse, count=int(counts[0]), past_output=past_output,
-                        past_lse=past_lse)
+            gk.search_attend_past_parallel(*search, counts, np.ascontiguousarray(past.queries.numpy()), seen, bound,
+                                           packed.numpy(), np.empty(hq), visited, *pipeline, cd, ci, rd, ri, fresh,
+                                           scratch)
+        return Attended(ids=into.ids, output=into.output, lse=into.lse, count=int(counts[0]),
+                        past_output=into.past_output, past_lse=into.past_lse, packed=packed)
 
     # ---------------------------------------------------------------------------------- bookkeeping
     @property

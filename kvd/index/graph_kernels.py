@@ -484,19 +484,24 @@ def search_attend_parallel(keys: np.ndarray, values: np.ndarray, key_base: int, 
 def search_attend_past_parallel(keys: np.ndarray, values: np.ndarray, key_base: int, adj: np.ndarray,
                                 entries: np.ndarray, queries: np.ndarray, key_of: np.ndarray, graph_of: np.ndarray,
                                 count: int, ef: int, tails: np.ndarray, scale: float, ids: np.ndarray,
-                                scores: np.ndarray, out: np.ndarray, lse: np.ndarray, counts: np.ndarray,
-                                past: np.ndarray, seen: np.ndarray, bound: np.ndarray, past_out: np.ndarray,
-                                past_lse: np.ndarray, loaded: np.ndarray, visited: np.ndarray, prefetch: bool,
-                                expand: int, cd: np.ndarray, ci: np.ndarray, rd: np.ndarray, ri: np.ndarray,
-                                fresh: np.ndarray, scratch: tuple) -> None:
+                                scores: np.ndarray, counts: np.ndarray, past: np.ndarray, seen: np.ndarray,
+                                bound: np.ndarray, packed: np.ndarray, loaded: np.ndarray, visited: np.ndarray,
+                                prefetch: bool, expand: int, cd: np.ndarray, ci: np.ndarray, rd: np.ndarray,
+                                ri: np.ndarray, fresh: np.ndarray, scratch: tuple) -> None:
     """search_attend_parallel with RetroAttention's past queries (kvd.retro): per query head, after the search,
     the current query's attention and the past queries' over their newly seen keys in one pass over the rows
-    (retro.attend_past_heads; past [P, Hq, d], seen [P, Hq, S], bound [P] -> past_out [P, Hq, d], past_lse
-    [P, Hq]). loaded: float64 [Hq] scratch that keeps the kernel's prefetching loads; scratch: retro.past_scratch
-    for the region's threads (allocated outside it: a malloc per head inside contends for the heap arenas)."""
+    (retro.attend_past_heads; past [P, Hq, d], seen [P, Hq, S], bound [P]). The results go straight into one
+    sequence's block of a packed reply, packed float32 [P + 1, Hq, d + 1] (the past queries' rows, then the
+    current query's; log-sum-exp in the last column: RetrieveResponse.packed), so that nothing is copied after
+    the region. loaded: float64 [Hq] scratch that keeps the kernel's prefetching loads; scratch:
+    retro.past_scratch for the region's threads (allocated outside it: a malloc per head inside contends for the
+    heap arenas)."""
     k = ids.shape[1]
     width = max(ef, k)
     group = queries.shape[0] // values.shape[0]
+    rows, d = past.shape[0], past.shape[2]
+    out, lse = packed[rows, :, :d], packed[rows, :, d]
+    past_out, past_lse = packed[:rows, :, :d], packed[:rows, :, d]
     tables, new, wanted, weights, live, top, total, acc, row = scratch
     for h in prange(queries.shape[0]):
         t = get_thread_id()
