@@ -68,6 +68,7 @@ class StreamWaiter:
         torch.cuda.synchronize()
 
 
+@functools.cache  # asked at every decode Retrieve; os.cpu_count() reads /sys each time (~30 us in some sandboxes)
 def ahead_threads() -> int:
     """The daemon's region threads for launch-ahead runs, unless the search params name them: one per core but
     one. The model's thread now runs while kvd searches, and a region whose threads share a core with it waits for
