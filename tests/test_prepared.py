@@ -340,6 +340,36 @@ def test_runs_with_past_queries_equal_ordinary_retro_retrieves(shared_daemon, ki
     client.close()
 
 
+def test_a_batch_of_graph_sessions_writes_each_packed_block_in_place(shared_daemon):
+    """Two graph sessions in one plan with a past query: the fused region writes each sequence's ids and packed
+    block straight into the plan's slots (sequences run side by side); every run equals the ordinary batched
+    Retrieve's reply, also the run after the past queries' seen ids and queries changed."""
+    client = shared_daemon.client()
+    sids = ["prep-batch-graph-a", "prep-batch-graph-b"]
+    d, hq, k = 32, 4, 16
+    for i, sid in enumerate(sids):
+        bf16_session(client, sid, 41 + i, 2000)
+    plan = client.prepare_retrieve(sids, k=k, past=1, seen=k)
+    gen = torch.Generator().manual_seed(43)
+    previous = torch.full((2, 1, hq, k), -1, dtype=torch.int64)
+    for _ in range(3):
+        stacked = torch.randn(2, 2, hq, d, generator=gen) * 2
+        plan.queries.copy_(stacked)
+        plan.seen_ids.copy_(previous)
+        run = plan.run(0)
+        ordinary = client.retrieve(sids, 0, stacked, k=k, mode="attention", past_in_queries=1, packed=True,
+                                   past_seen_ids=previous)
+        assert run.index_kinds == ["graph", "graph"] and run.attend_ms == 0.0  # the fused region served both
+        assert torch.equal(run.ids, ordinary.ids) and torch.equal(run.packed, ordinary.packed)
+        assert not torch.equal(run.packed[0], run.packed[1])
+        assert torch.isfinite(run.packed[:, 0, :, d]).any()  # the past query attended new keys
+        previous = run.ids.clone().unsqueeze(1)
+    plan.close()
+    for sid in sids:
+        client.delete_session(sid)
+    client.close()
+
+
 def test_retro_decoding_through_plans_equals_ordinary_retrieves(shared_daemon):
     """KVDCache(retro=True, retro_window=3): the retro steps' Retrieves are runs of plans with past queries too,
     with the logits of ordinary Retrieves to the bit, while corrections happen (k is small)."""
