@@ -20,7 +20,7 @@ from kvd_client.fastlane import RANGE, RELEASE_BODY, RUN_HEADER, RUN_REPLY, RUN_
 from kvd import convert, retro
 from kvd.engine import Engine, PreparedRetrieve
 from kvd.errors import FailedPrecondition, InvalidArgument, NotFound
-from kvd.index.base import packed_slots
+from kvd.index.base import AttendSlots, packed_slots
 from kvd.retrieval import Mode, fill_slots
 from kvd.service import MODES, attend_slots
 from kvd.shm import OutputWriter, Registration
@@ -31,17 +31,14 @@ MAX_PLANS = 64  # per connection (a decode loop needs one per batch of sessions)
 
 
 class Plan:
-    """A prepared Retrieve with the shared-memory registration its views belong to; with past queries, the
-    reply's ids and packed slots (the graph's fused region writes there in place; other paths' results are
-    copied there)."""
+    """A prepared Retrieve with the shared-memory registration its views belong to (its result slots,
+    `spec.into`, are views there: with past queries, packed blocks)."""
 
-    def __init__(self, prepared: PreparedRetrieve, registration: Registration, ids: torch.Tensor | None = None,
-                 packed: torch.Tensor | None = None, spans: list[tuple[int, int]] | None = None) -> None:
+    def __init__(self, prepared: PreparedRetrieve, registration: Registration,
+                 spans: list[tuple[int, int]] | None = None) -> None:
         self.prepared = prepared
         self.registration = registration
         self.sequences = len(prepared.session_ids)
-        self.ids = ids
-        self.packed = packed
         self.spans = spans or []  # the byte ranges [begin, end) of the plan's tensors in its region
         self._signal: tuple[int, np.ndarray] | None = None  # the last RUN_SIGNALLED's offset and a view of its word
 
@@ -98,12 +95,9 @@ class ConnectionPlans:
         writer = codec.writer(output_ref, True)
         reply = pb.PrepareRetrieveResponse()
         sessions = len(request.session_ids)
-        into = attend_slots(writer, reply, queries, sessions, request.k) if past is None else None
-        ids = packed = None
         if past is not None:
-            ids, packed = self._past_slots(writer, reply, queries, sessions, request.k, past)
-            into = [packed_slots(ids[i], packed[i]) for i in range(sessions)]
-        elif into is None:
+            into = self._past_slots(writer, reply, queries, sessions, request.k, past)
+        elif (into := attend_slots(writer, reply, queries, sessions, request.k)) is None:
             raise InvalidArgument(f"queries must be [{sessions}, num_query_heads, head_dim] and 1 <= k")
         prepared = self.engine.prepare_retrieve(tenant, list(request.session_ids), queries, request.k, request.scale,
                                                 request.exact, dict(request.search_params), into, past, stacked)
@@ -116,21 +110,22 @@ class ConnectionPlans:
             self.plans.popitem(last=False)
         spans = [(t.shm.offset, t.shm.offset + t.shm.byte_size) for t in inputs]
         spans.append((output_ref.offset, output_ref.offset + output_ref.byte_size))
-        self.plans[self.next_id] = Plan(prepared, registration, ids, packed, spans)
+        self.plans[self.next_id] = Plan(prepared, registration, spans)
         self.next_id += 1
         return reply
 
     @staticmethod
     def _past_slots(writer: OutputWriter, reply: pb.PrepareRetrieveResponse, queries: torch.Tensor, sequences: int,
-                    k: int, past: retro.PastQueries) -> tuple[torch.Tensor, torch.Tensor]:
-        """The reply slots of a plan with past queries: ids [n, Hq, k] and packed [n, P + 1, Hq, d + 1]."""
+                    k: int, past: retro.PastQueries) -> list[AttendSlots]:
+        """The reply slots of a plan with past queries, per sequence (`packed_slots`): views of ids [n, Hq, k] and
+        packed [n, P + 1, Hq, d + 1]."""
         if queries.dim() != 3 or queries.shape[0] != sequences or not 1 <= k <= MAX_K:
             raise InvalidArgument(f"queries must be [{sequences}, P + 1, num_query_heads, head_dim] and "
                                   f"1 <= k <= {MAX_K}")
         n, heads, dim = queries.shape
         ids = writer.reserve((n, heads, k), torch.int64, reply.ids)
         packed = writer.reserve((n, past.queries.shape[1] + 1, heads, dim + 1), torch.float32, reply.packed)
-        return ids, packed
+        return [packed_slots(ids[i], packed[i]) for i in range(n)]
 
     def run(self, payload: bytes, tenant: str, labels: dict) -> bytes:
         started = time.perf_counter()
@@ -154,14 +149,8 @@ class ConnectionPlans:
             raise FailedPrecondition("the shared-memory region of this prepared Retrieve was unregistered; prepare "
                                      "it again")
         results, promoted = self.engine.retrieve_prepared(plan.prepared, layer, ranges)
-        if plan.packed is not None and plan.ids is not None:
-            for i, result in enumerate(results):
-                if not result.in_place:  # the graph's fused region writes the packed block itself
-                    plan.ids[i].copy_(result.ids)
-                    retro.fill_packed(result, plan.packed[i])
-        else:
-            assert plan.prepared.spec.into is not None
-            fill_slots(plan.prepared.spec.into, results)
+        assert plan.prepared.spec.into is not None
+        fill_slots(plan.prepared.spec.into, results)
         labels["mode"] = Mode.ATTENTION.value
         labels["index"] = results[0].index_kind
         labels["sequences"] = str(len(results))

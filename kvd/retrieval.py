@@ -200,10 +200,15 @@ def retrieve_batch(sessions: list[Session], queries: torch.Tensor, spec: Retriev
 
 
 def fill_slots(into: list[AttendSlots], results: list[SequenceResult]) -> None:
-    """Copy into each sequence's slots the results that were not written there in place."""
+    """Copy into each sequence's slots the results that were not written there in place (with past queries: into
+    its packed block, `index.base.packed_slots`)."""
     for slots, result in zip(into, results, strict=True):
-        if not result.in_place:
-            slots.ids.copy_(result.ids)
+        if result.in_place:
+            continue
+        slots.ids.copy_(result.ids)
+        if slots.packed is not None:
+            retro.fill_packed(result, slots.packed)
+        else:
             slots.output.copy_(result.output)
             slots.lse.copy_(result.lse)
 
