@@ -1,5 +1,6 @@
 """Profile the kvd daemon a benchmark starts: run the benchmark, attach py-spy to its daemon once the daemon is up,
 record for a while (without pausing the daemon), and report where the samples inside a chosen frame went.
+`--target bench` profiles the benchmark's own process instead (the client side, e.g. `--within _attend_retro`).
 
     python3 -m bench.profile_daemon --delay 40 --seconds 60 --within run_signalled -- \
         python3 bench/retro_bench.py --phases speed --windows 2 --interleave --index graph
@@ -38,6 +39,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--native", action="store_true", help="also sample native frames (numba kernels show as such)")
     p.add_argument("--idle", action="store_true",
                    help="also sample threads off the CPU (waiting for the GIL, a lock or the socket)")
+    p.add_argument("--target", choices=("daemon", "bench"), default="daemon",
+                   help="the process to profile: the daemon, or the benchmark itself (the client's side)")
     p.add_argument("--out", default=None, help="JSON path (default: $OUT/profile_daemon.json or bench/results/)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the benchmark command, after --")
     args = p.parse_args()
@@ -140,9 +143,11 @@ def main() -> None:
     bench = subprocess.Popen(args.command)
     try:
         daemon = find_daemon(bench, 300.0)
-        print(f"daemon pid {daemon}; recording in {args.delay:.0f} s for {args.seconds:.0f} s", flush=True)
+        target = daemon if args.target == "daemon" else bench.pid
+        print(f"daemon pid {daemon}; recording pid {target} in {args.delay:.0f} s for {args.seconds:.0f} s",
+              flush=True)
         time.sleep(args.delay)
-        cmd = [spy, "record", "--pid", str(daemon), "--nonblocking", "--threads", "--format", "raw",
+        cmd = [spy, "record", "--pid", str(target), "--nonblocking", "--threads", "--format", "raw",
                "--rate", str(args.rate), "--duration", str(int(args.seconds)), "--output", str(raw_path)]
         if args.native:
             cmd.append("--native")
@@ -162,8 +167,8 @@ def main() -> None:
         raw_path.unlink()
     total, inside, rows, lines = summarize(raw, args.within, args.exclude, args.top)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": args.command, "delay_s": args.delay, "seconds": args.seconds,
-                               "rate": args.rate, "within": args.within, "samples": total,
+    out.write_text(json.dumps({"command": args.command, "target": args.target, "delay_s": args.delay,
+                               "seconds": args.seconds, "rate": args.rate, "within": args.within, "samples": total,
                                "samples_within": inside, "exclude": args.exclude, "bench_exit": code, "rows": rows,
                                "lines": lines}, indent=1))
     print(f"\n{inside} of {total} samples within {args.within}; raw stacks: {raw_path}.gz")

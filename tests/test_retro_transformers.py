@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -273,28 +274,70 @@ def test_config_and_misuse() -> None:
 
 def test_request_leaves_out_bounds_that_exclude_nothing() -> None:
     """The past-query arguments: seen_from only when some entry's bound is below this call's range end (a flush
-    since its step), one memoized tensor for all layers; views of the cached tensors at w = 2."""
+    since its step), one memoized tensor for all layers; at w = 2 the cached entry's seen ids as they are. The
+    queries: the cached ones, then the new token's, in one new float32 tensor."""
     from kvd_transformers.retro import RetroLayer
 
     bounds: dict[tuple[int, ...], torch.Tensor] = {}
     layers = [RetroLayer(), RetroLayer()]
+    cached = torch.randn(2, 1, 4, 8)
     for layer in layers:
-        layer.commit(torch.zeros(2, 1, 4, 8), torch.zeros(2, 1, 4), torch.randn(2, 4, 8),
-                     torch.randint(0, 100, (2, 4, 5)), 100, capacity=1)
+        layer.commit(torch.zeros(2, 1, 4, 8), torch.zeros(2, 1, 4, 1), cached,
+                     np.random.randint(0, 100, (2, 1, 4, 5)), 100, capacity=1)
     got = layers[0].request(bounds, end=100)
-    assert set(got) == {"below", "past_in_queries", "past_seen_ids", "packed"}
-    assert got["below"].shape == (2, 1, 4, 8) and got["past_in_queries"] == 1
-    assert got["below"].data_ptr() == layers[0].queries[0].data_ptr()
+    assert set(got) == {"past_in_queries", "past_seen_ids", "packed"}
+    assert got["past_in_queries"] == 1
+    assert got["past_seen_ids"].data_ptr() == layers[0].seen[0].ctypes.data  # the entry as it is
+    new = torch.randn(2, 4, 1, 8, dtype=torch.bfloat16)
+    queries = layers[0].with_query(new)
+    assert queries.dtype == torch.float32 and torch.equal(queries[:, 0], cached[:, 0])
+    assert torch.equal(queries[:, 1], new[:, :, 0].float())
     flushed = [layer.request(bounds, end=132) for layer in layers]
     assert torch.equal(flushed[0]["past_seen_from"], torch.tensor([[100], [100]]))
     assert flushed[0]["past_seen_from"] is flushed[1]["past_seen_from"]  # shared by the layers
     assert "past_seen_from" in layers[0].request()  # no end given: always sent
     three = RetroLayer()
     for i in range(3):
-        three.commit(torch.zeros(1, i + 1, 4, 8), torch.zeros(1, min(i + 1, 2), 4), torch.randn(1, 4, 8),
-                     torch.randint(0, 100, (1, 4, 3 + i)), 100 + 8 * i, capacity=2)
+        three.commit(torch.zeros(1, i + 1, 4, 8), torch.zeros(1, i + 1, 4, 1), torch.full((1, i + 1, 4, 8), float(i)),
+                     np.random.randint(0, 100, (1, 1, 4, 3 + i)), 100 + 8 * i, capacity=2)
     assert len(three) == 2 and three.seen_from == [108, 116]
     assert three.out is not None and three.out.shape[1] == 2 and three.lse is not None and three.lse.shape[1] == 2
+    assert three.queries is not None and three.queries.shape[1] == 2 and (three.queries[:, 1] == 2).all()
     got = three.request(bounds, end=116)
     assert torch.equal(got["past_seen_from"], torch.tensor([[108, 116]]))
     assert got["past_seen_ids"].shape == (1, 2, 4, 5) and (got["past_seen_ids"][:, 0, :, 4:] == -1).all()
+    assert torch.equal(got["past_seen_ids"][:, 1], torch.from_numpy(three.seen[1][:, 0]))
+
+
+def test_past_inputs_write_seen_ids_and_write_bounds_only_when_they_change() -> None:
+    """PastInputs writes a layer's seen ids into the plan every time, and its bounds only when they differ from
+    what the plan holds (the layers mostly share them); NO_BOUND where none is below the range end."""
+    from kvd_client.prepared import NO_BOUND
+    from kvd_transformers.retro import PastInputs, RetroLayer
+
+    class Plan:
+        past = 1
+        queries = torch.zeros(1, 2, 4, 8)
+        seen_ids = torch.zeros(1, 1, 4, 5, dtype=torch.int64)
+        seen_from = torch.zeros(1, 1, dtype=torch.int64)
+
+        def slots(self) -> None:
+            return None
+
+    plan, bounds = Plan(), {}
+    inputs = PastInputs(plan, plan.slots())
+    layers = [RetroLayer(), RetroLayer()]
+    for i, layer in enumerate(layers):
+        layer.commit(torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 1), torch.zeros(1, 1, 4, 8),
+                     np.full((1, 1, 4, 5), i), 100, capacity=1)
+    inputs.write(layers[0], bounds, end=100)
+    assert (plan.seen_ids == 0).all() and (plan.seen_from == NO_BOUND).all()
+    plan.seen_from.fill_(-7)  # a later write with the same bounds leaves them alone
+    inputs.write(layers[1], bounds, end=100)
+    assert (plan.seen_ids == 1).all() and (plan.seen_from == -7).all()
+    inputs.write(layers[1], bounds, end=132)  # a flush since: the bound excludes positions now
+    assert (plan.seen_from == 100).all()
+    inputs.write(layers[0], bounds, end=132)
+    assert (plan.seen_ids == 0).all() and (plan.seen_from == 100).all()
+    inputs.write(layers[0], bounds, end=100)
+    assert (plan.seen_from == NO_BOUND).all()

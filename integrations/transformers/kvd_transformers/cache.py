@@ -23,10 +23,11 @@ import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
-from kvd_client.prepared import NO_BOUND
 from transformers.cache_utils import Cache
 
 from kvd_transformers import ops
@@ -34,7 +35,7 @@ from kvd_transformers.config import CacheStats, KVDConfig
 from kvd_transformers.launch_ahead import RegisteredPlan, StreamWaiter, ahead_threads, stream_waiter
 from kvd_transformers.layer import Job, KVDLayer, resident_padding, resident_valid
 from kvd_transformers.lookahead import LookaheadState
-from kvd_transformers.retro import RetroState
+from kvd_transformers.retro import RetroLayer, RetroState
 
 
 class _UpdateToken:
@@ -68,30 +69,24 @@ _PLANS_KEPT = 16  # prepared plans per cache (plain decode, retro's past counts 
 
 
 def _run_plan(plan: Any, layer_idx: int, q_host: torch.Tensor, ranges: list[tuple[int, int]],
-              below: torch.Tensor | None, past: dict[str, Any], keep: bool) -> Any:
-    """One decode Retrieve as a run of its prepared plan: the query (and retro's cached queries, seen ids and
-    bounds) written into the plan's shared memory, then the run. The result's tensors are views that the plan's
-    next run rewrites: with `keep` (something holds on to the result: the retro cache its ids, a debug log), and
-    always with past queries, they are copied out."""
-    if below is None:
-        plan.queries.copy_(q_host)
+              write_past: Callable[[Any], None] | None, keep: bool) -> Any:
+    """One decode Retrieve as a run of its prepared plan: the queries (with RetroAttention's past queries stacked
+    below the new one) written into the plan's shared memory, `write_past` the rest of the past queries' inputs
+    (seen ids and bounds), then the run. The result's tensors are views that the plan's next run rewrites: with
+    `keep` (something holds on to the result: the retro cache its ids, a debug log), and always with past queries,
+    they are copied out."""
+    plan.queries.copy_(q_host)
+    if write_past is None:
         res = plan.run(layer_idx, ranges)
         return replace(res, ids=res.ids.clone(), output=res.output.clone(), lse=res.lse.clone()) if keep else res
-    _write_past(plan, below, past)
-    plan.queries[:, below.shape[1]].copy_(q_host)
+    write_past(plan)
     res = plan.run(layer_idx, ranges)
     return replace(res, ids=res.ids.clone(), packed=res.packed.clone())
 
 
-def _write_past(plan: Any, below: torch.Tensor, past: dict[str, Any]) -> None:
-    """RetroAttention's cached queries [B, P, Hq, D], their seen ids and bounds, written into a plan's inputs."""
-    plan.queries[:, :below.shape[1]].copy_(below)
-    if plan.seen_ids is not None:
-        plan.seen_ids.copy_(past["past_seen_ids"])
-    if (seen_from := past.get("past_seen_from")) is not None:
-        plan.seen_from.copy_(seen_from)
-    else:
-        plan.seen_from.fill_(NO_BOUND)
+def _write_past(retro: RetroState, cache: RetroLayer, end: int, plan: Any) -> None:
+    """RetroAttention's seen ids and bounds of the layer's cached entries, written into a plan's inputs."""
+    retro.past_inputs(plan).write(cache, retro.bounds, end)
 
 
 class KVDCache(Cache):
@@ -135,6 +130,7 @@ class KVDCache(Cache):
         self._stream: Any = None  # CUDA side stream of the device-to-host copies
         self._plans: dict[tuple[Any, ...], Any] = {}  # the decode Retrieves' prepared plans (config.prepared)
         self._registered: dict[int, RegisteredPlan] = {}  # id(plan) -> its region registered (launch_ahead)
+        self._settings_memo: tuple[Any, ...] | None = None  # _plan_settings
         # the plan whose started run the device waits on (launch_ahead), and what to do with its reply
         self._ahead_started: tuple[Any, Callable[[Any], None] | None] | None = None
         self._ahead_event: Any = None  # marks the query's copy into the plan's region (launch_ahead)
@@ -614,11 +610,12 @@ class KVDCache(Cache):
         return got
 
     def _start_retrieve(self, layer_idx: int, q_host: torch.Tensor, event: Any, ranges: list[tuple[int, int]],
-                        sids: list[str], scale: float, below: torch.Tensor | None = None, **extra: Any
-                        ) -> Callable[[], Any]:
+                        sids: list[str], scale: float, write_past: Callable[[Any], None] | None = None,
+                        **extra: Any) -> Callable[[], Any]:
         """Start the Retrieve call (in the worker thread with overlap=True); returns a waiter for its result.
-        `extra`: retro's past-query arguments or lookahead's candidates; `below`: retro's cached queries
-        [B, P, Hq, D], sent stacked before q_host in one queries tensor."""
+        `extra`: retro's past-query arguments (its past queries stacked before the new one in q_host
+        [B, P + 1, Hq, D]; `write_past` writes its seen ids and bounds into a prepared plan instead) or
+        lookahead's candidates."""
         cfg = self.config
         client = self.client
         log = self.retrieve_log
@@ -626,11 +623,10 @@ class KVDCache(Cache):
         stats = self.stats
         plan = None
         keep = log is not None or self.retro is not None
-        if below is None and not extra:
+        if not extra:
             plan = self._decode_plan(sids, scale)
-        elif below is not None and "candidates" not in extra:
-            seen = extra.get("past_seen_ids")
-            plan = self._decode_plan(sids, scale, below.shape[1], 0 if seen is None else seen.shape[-1])
+        elif (past := extra.get("past_in_queries")) and write_past is not None:
+            plan = self._decode_plan(sids, scale, past, extra["past_seen_ids"].shape[-1])
 
         def call() -> Any:
             started = time.perf_counter()
@@ -638,10 +634,9 @@ class KVDCache(Cache):
                 event.synchronize()
             synced = time.perf_counter()
             if plan is not None:
-                res = _run_plan(plan, layer_idx, q_host, ranges, below, extra, keep)
+                res = _run_plan(plan, layer_idx, q_host, ranges, write_past if extra else None, keep)
             else:
-                queries = q_host if below is None else torch.cat([below, q_host.unsqueeze(1)], dim=1)
-                res = client.retrieve(sids, layer_idx, queries, k=cfg.top_k, mode="attention", ranges=ranges,
+                res = client.retrieve(sids, layer_idx, q_host, k=cfg.top_k, mode="attention", ranges=ranges,
                                       scale=scale, exact=exact, search_params=cfg.search_params, **extra)
             stats.query_sync_s += synced - started
             stats.retrieve_rpc_s += time.perf_counter() - synced
@@ -664,10 +659,8 @@ class KVDCache(Cache):
         prepare = getattr(self.client, "prepare_retrieve", None)
         if not cfg.prepared or prepare is None:
             return None
-        params = dict(cfg.search_params or {})
-        if cfg.launch_ahead and self._ahead_device and "threads" not in params:
-            params["threads"] = str(ahead_threads())
-        key = (tuple(sids), scale, cfg.top_k, cfg.exact, tuple(sorted(params.items())), past, seen)
+        params, settings = self._plan_settings()
+        key = (tuple(sids), scale, settings, past, seen)
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= _PLANS_KEPT:
@@ -675,6 +668,19 @@ class KVDCache(Cache):
             plan = self._plans[key] = prepare(list(sids), k=cfg.top_k, scale=scale, exact=cfg.exact,
                                               search_params=params or None, past=past, seen=seen)
         return plan
+
+    def _plan_settings(self) -> tuple[dict[str, str], tuple[Any, ...]]:
+        """The plans' search params (launch-ahead's thread count added) and the settings that tell plans apart,
+        made again only when the config or its search params change (it runs at every decode layer)."""
+        cfg, memo = self.config, self._settings_memo
+        if memo is not None and memo[0] is cfg and memo[1] == cfg.search_params and memo[2] == self._ahead_device:
+            return memo[3], memo[4]
+        params = dict(cfg.search_params or {})
+        if cfg.launch_ahead and self._ahead_device and "threads" not in params:
+            params["threads"] = str(ahead_threads())
+        settings = (cfg.top_k, cfg.exact, tuple(sorted(params.items())))
+        self._settings_memo = (cfg, dict(cfg.search_params or {}), self._ahead_device, params, settings)
+        return params, settings
 
     def _close_plans(self) -> None:
         self._finish_ahead()
@@ -736,15 +742,18 @@ class KVDCache(Cache):
                 and self.retrieve_log is None) or (waiter := self._waiter(query.device)) is None:
             return None
         plan = self._decode_plan(sids, scale, past, seen)
-        if plan is None or plan.slots() is None or plan.signal_word() is None:
+        if plan is None:
             return None
         registered = self._registered.get(id(plan))
-        if registered is None or registered.plan is not plan:
-            try:
-                registered = self._registered[id(plan)] = RegisteredPlan(plan, waiter)
-            except RuntimeError as exc:  # e.g. the driver refused to page-lock the region
-                self._give_up_ahead(exc)
-                return None
+        if registered is not None and registered.plan is plan:  # registered: prepared, with a region, until closed
+            return registered
+        if plan.slots() is None or plan.signal_word() is None:
+            return None
+        try:
+            registered = self._registered[id(plan)] = RegisteredPlan(plan, waiter)
+        except RuntimeError as exc:  # e.g. the driver refused to page-lock the region
+            self._give_up_ahead(exc)
+            return None
         return registered
 
     def _give_up_ahead(self, exc: BaseException) -> None:
@@ -763,7 +772,7 @@ class KVDCache(Cache):
         region, the window attention launched, the run sent, and the device told to wait for its results, which it
         then copies and merges; returns without waiting for kvd."""
         plan = registered.plan
-        self._copy_query(registered, plan.queries, query)
+        self._copy_query(registered, plan.queries, query[:, :, 0].to(torch.float32))
         out_w, lse_w = ops.window_attention(query, key, value, scale, mask=valid)
         res = self._start_ahead(layer_idx, registered, ranges, query.device)
         if res is not None:  # no fast lane at the moment: it was a blocking run
@@ -776,10 +785,10 @@ class KVDCache(Cache):
         lse_r = lse.to(query.device, non_blocking=True).unsqueeze(2)
         return ops.merge_into_window(out_w, lse_w, out_r, lse_r).to(query.dtype)
 
-    def _copy_query(self, registered: RegisteredPlan, into: torch.Tensor, query: torch.Tensor) -> None:
-        """The new token's query ([B, Hq, 1, D] on the device) copied into a plan input (float32 [B, Hq, D]) on the
-        stream; the event marks its arrival."""
-        into.copy_(query[:, :, 0].to(torch.float32), non_blocking=True)
+    def _copy_query(self, registered: RegisteredPlan, into: torch.Tensor, queries: torch.Tensor) -> None:
+        """The queries (float32 on the device, in the shape of `into`, a plan input) copied into the plan on the
+        stream; the event marks their arrival."""
+        into.copy_(queries, non_blocking=True)
         if self._ahead_event is None:
             self._ahead_event = registered.waiter.event()
         self._ahead_event.record()
@@ -953,73 +962,89 @@ class KVDCache(Cache):
         valid = resident_valid(mask, layer) if mask is not None else None
         if end <= self.config.sink_tokens:  # nothing offloaded: the device holds the whole sequence
             self._finish_ahead()
-            out_w, lse_w = ops.window_attention(q_new, key, value, scale, mask=valid)
-            out, lse = cache.rows(out_w[:, :, 0], lse_w[:, :, 0])
-            q_copy = q_new[:, :, 0].to("cpu", torch.float32, copy=True)
-            seen = torch.empty(*q_copy.shape[:2], 0, dtype=torch.int64)
+            out, lse = cache.rows(*ops.window_attention(q_new, key, value, scale, mask=valid, rows=True))
+            seen = np.empty((q_new.shape[0], 1, q_new.shape[1], 0), dtype=np.int64)
+            cache.commit(out, lse, cache.with_query(q_new), seen, end, retro.capacity)
         else:
             self._await_kvd(layer_idx, layer, end)
             ranges = self._ranges(end, mask)
             sids = self.session_ids or []
-            past = cache.request(retro.bounds, end) if count else {}
-            seen_ids = past.get("past_seen_ids")
-            registered = self._ahead_plan(q_new, sids, scale, count, 0 if seen_ids is None else seen_ids.shape[-1])
+            registered = self._ahead_plan(q_new, sids, scale, count, cache.seen_width() if count else 0)
             if registered is not None:
                 out = self._attend_retro_ahead(layer_idx, registered, cache, q_new, key, value, valid, ranges, scale,
-                                               past, end)
-                self.stats.decode_s += time.perf_counter() - t0
-                return out.transpose(1, 2).to(query.dtype)
-            self._finish_ahead()
-            q_host, event = layer.stage_query(q_new)
-            if self._retriever is not None:
-                wait = self._start_retrieve(layer_idx, q_host, event, ranges, sids, scale, **past)
-                out_w, lse_w = ops.window_attention(q_new, key, value, scale, mask=valid)
+                                               end)
             else:
-                out_w, lse_w = ops.window_attention(q_new, key, value, scale, mask=valid)
-                wait = self._start_retrieve(layer_idx, q_host, event, ranges, sids, scale, **past)
-            base = cache.rows(out_w[:, :, 0], lse_w[:, :, 0])  # while kvd works
-            t1 = time.perf_counter()
-            res = wait()
-            self.stats.retrieve_wait_s += time.perf_counter() - t1
-            # one merge for all rows, then the commit (kvd_transformers.retro)
-            out = retro.finish(cache, res, base, q_host.clone(), end, query.device)
-            self.stats.decode_s += time.perf_counter() - t0
-            return out.transpose(1, 2).to(query.dtype)
-        cache.commit(out, lse, q_copy, seen, end, retro.capacity)
+                out = self._attend_retro_blocking(layer_idx, layer, cache, q_new, key, value, valid, ranges, scale,
+                                                  end)
         self.stats.decode_s += time.perf_counter() - t0
         return out.transpose(1, 2).to(query.dtype)
 
-    def _attend_retro_ahead(self, layer_idx: int, registered: RegisteredPlan, cache: Any, q_new: torch.Tensor,
-                            key: torch.Tensor, value: torch.Tensor, valid: Any, ranges: list[tuple[int, int]],
-                            scale: float, past: dict[str, Any], end: int) -> torch.Tensor:
-        """A retro step's attention with launch-ahead: as `_attend_decode`'s, the cached queries, their seen ids
-        and bounds written into the plan once the previous run read its own; the merge of all rows is queued on
-        the device, and the host's part of the step (the retrieved ids as seen, the commit) is done when the reply
-        is read (RetroState.record). Returns float32 [B, P + 1, Hq, D]."""
+    def _attend_retro_blocking(self, layer_idx: int, layer: KVDLayer, cache: RetroLayer, q_new: torch.Tensor,
+                               key: torch.Tensor, value: torch.Tensor, valid: Any, ranges: list[tuple[int, int]],
+                               scale: float, end: int) -> torch.Tensor:
+        """A retro step's attention with the Retrieve made by this thread (or the overlap worker): the window part
+        computed while kvd works, then one merge of all rows and the commit (RetroState.finish). Returns float32
+        [B, P + 1, Hq, D]."""
+        assert self.retro is not None
+        retro, count = self.retro, len(cache)
+        self._finish_ahead()
+        queries = cache.with_query(q_new)
+        q_host, event = layer.query_stage.put(queries if count else queries[:, 0])
+        past, write = {}, None
+        if count:
+            past = cache.request(retro.bounds, end)
+            write = partial(_write_past, retro, cache, end)
+        sids = self.session_ids or []
+        if self._retriever is not None:
+            wait = self._start_retrieve(layer_idx, q_host, event, ranges, sids, scale, write, **past)
+            window = ops.window_attention(q_new, key, value, scale, mask=valid, rows=True)
+        else:
+            window = ops.window_attention(q_new, key, value, scale, mask=valid, rows=True)
+            wait = self._start_retrieve(layer_idx, q_host, event, ranges, sids, scale, write, **past)
+        base = cache.rows(*window)  # while kvd works
+        t1 = time.perf_counter()
+        res = wait()
+        self.stats.retrieve_wait_s += time.perf_counter() - t1
+        return retro.finish(cache, res, base, queries, end, q_new.device)
+
+    def _attend_retro_ahead(self, layer_idx: int, registered: RegisteredPlan, cache: RetroLayer,
+                            q_new: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: Any,
+                            ranges: list[tuple[int, int]], scale: float, end: int) -> torch.Tensor:
+        """A retro step's attention with launch-ahead: as `_attend_decode`'s, with all queries (the cached ones,
+        then the new token's) copied into the plan on the stream, and the seen ids and bounds written once the
+        previous run read its own; the merge of all rows is queued on the device, and the host's part of the step
+        (the retrieved ids as seen, the commit) is done when the reply is read (RetroState.record). Returns
+        float32 [B, P + 1, Hq, D]."""
         assert self.retro is not None
         retro, plan, count, device = self.retro, registered.plan, len(cache), q_new.device
-        query_slot = plan.queries[:, count] if count else plan.queries
-        self._copy_query(registered, query_slot, q_new)
-        out_w, lse_w = ops.window_attention(q_new, key, value, scale, mask=valid)
-        base = cache.rows(out_w[:, :, 0], lse_w[:, :, 0])
-        write = (lambda: _write_past(plan, past["below"], past)) if count else None
+        queries = cache.with_query(q_new)
+        inputs = retro.past_inputs(plan) if count else None
+        if inputs is not None:
+            self._copy_query(registered, inputs.queries, queries)
+        else:
+            self._copy_query(registered, plan.queries, queries[:, 0])
+        base = cache.rows(*ops.window_attention(q_new, key, value, scale, mask=valid, rows=True))
+        write = None if inputs is None else partial(inputs.write, cache, retro.bounds, end)
         res = self._start_ahead(layer_idx, registered, ranges, device, write)
-        query_host = query_slot.clone()  # the new token's query, kept by the commit
         if res is not None:  # a blocking run: its results may be views that the next run rewrites
             kept = {name: t.clone() for name in ("ids", "packed", "output", "lse")
                     if (t := getattr(res, name, None)) is not None}
-            return retro.finish(cache, replace(res, **kept), base, query_host, end, device)
-        slots = plan.slots()
-        if count:
-            both = slots["packed"].to(device, non_blocking=True)
-        else:
-            output = slots["output"].to(device, non_blocking=True)
-            both = torch.cat([output, slots["lse"].to(device, non_blocking=True).unsqueeze(-1)], -1).unsqueeze(1)
-        out, lse = retro.merge(both, count, base)
+            return retro.finish(cache, replace(res, **kept), base, queries, end, device)
+        if inputs is not None:
+            assert inputs.ids is not None and inputs.past_lse is not None
+            ids, past_lse = inputs.ids, inputs.past_lse
+            out, lse = retro.merge(*inputs.reply_on(device), base)
 
-        def record(reply: Any) -> None:
-            past_lse = reply.packed[:, :count, :, -1].clone() if count else None
-            retro.record(cache, reply.ids.clone(), past_lse, out, lse, query_host, end)
+            def record(reply: Any) -> None:  # the slots hold the reply until the next run: ids copied, lse counted
+                retro.record(cache, ids.copy(), past_lse, out, lse, queries, end)
+        else:
+            slots = plan.slots()
+            out_r = slots["output"].to(device, non_blocking=True).unsqueeze(1)
+            lse_r = slots["lse"].to(device, non_blocking=True)[:, None, :, None]
+            out, lse = retro.merge(out_r, lse_r, base)
+
+            def record(reply: Any) -> None:
+                retro.record(cache, reply.ids.numpy()[:, None].copy(), None, out, lse, queries, end)
 
         self._ahead_started = (plan, record)
         return out

@@ -20,23 +20,26 @@ class Job:
 
 
 class QueryStage:
-    """A reused host buffer for queries on their way to kvd: pinned, filled by an asynchronous copy whose arrival
-    a CUDA event marks (queries on the CPU are passed through as float32)."""
+    """Reused host buffers for queries on their way to kvd: pinned, filled by an asynchronous copy whose arrival
+    a CUDA event marks (queries on the CPU are passed through as float32). One buffer per shape: a retro step's
+    queries (the P cached ones, then the new one) change shape while its output cache fills, and pinned memory is
+    slow to allocate."""
 
     def __init__(self) -> None:
-        self.host: torch.Tensor | None = None
-        self.event: Any = None
+        self.hosts: dict[tuple[int, ...], tuple[torch.Tensor, Any]] = {}
 
     def put(self, q: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """q [..., D] -> (float32 host tensor of its shape, the event to wait for before reading it, or None)."""
         if q.device.type != "cuda":
             return q.float().contiguous(), None
-        if self.host is None or self.host.shape != q.shape:
-            self.host = torch.empty(q.shape, dtype=torch.float32, pin_memory=True)
-            self.event = torch.cuda.Event()
-        self.host.copy_(q, non_blocking=True)
-        self.event.record()
-        return self.host, self.event
+        got = self.hosts.get(tuple(q.shape))
+        if got is None:
+            got = self.hosts[tuple(q.shape)] = (torch.empty(q.shape, dtype=torch.float32, pin_memory=True),
+                                                torch.cuda.Event())
+        host, event = got
+        host.copy_(q, non_blocking=True)
+        event.record()
+        return host, event
 
 
 class KVDLayer(CacheLayerMixin):

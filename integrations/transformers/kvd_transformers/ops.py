@@ -63,14 +63,15 @@ _fused_ok: dict[str, bool] = {}
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                     mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     mask: torch.Tensor | None = None, rows: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention of one query per row over the device-resident keys, with its log-sum-exp.
 
     q [B, Hq, 1, D]; k, v [B, Hkv, L, D]. The G = Hq / Hkv query heads of a KV head become the query axis of an
     ordinary attention over that head ([B, Hkv, G, D] x [B, Hkv, L, D]), so one fused SDPA kernel that also
     returns the log-sum-exp does the work (memory-efficient attention on CUDA, the flash kernel on the CPU);
     anything else falls back to `attend_lse`. Returns out [B, Hq, 1, D] (q's dtype on the fused path, float32
-    otherwise) and lse float32 [B, Hq, 1].
+    otherwise) and lse float32 [B, Hq, 1]; with `rows`, laid out as one row of RetroAttention's rows: out
+    [B, 1, Hq, D] and lse [B, 1, Hq, 1] (the same memory on the fused path, no extra op).
     """
     b, hq, _, d = q.shape
     hkv = k.shape[1]
@@ -87,10 +88,13 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
                 out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qg, k, v, scale=scale)
             else:
                 raise NotImplementedError(dev)
+            if rows:
+                return out.reshape(b, 1, hq, d), lse.reshape(b, 1, hq, 1).float()
             return out.reshape(b, hq, 1, d), lse.reshape(b, hq, 1).float()
         except (RuntimeError, NotImplementedError, TypeError, AttributeError):
             _fused_ok[dev] = False
-    return attend_lse(q, k, v, scale, mask=mask)
+    out, lse = attend_lse(q, k, v, scale, mask=mask)
+    return (out.transpose(1, 2), lse.view(b, 1, hq, 1)) if rows else (out, lse)
 
 
 def merge_into_window(out_w: torch.Tensor, lse_w: torch.Tensor, out_r: torch.Tensor, lse_r: torch.Tensor

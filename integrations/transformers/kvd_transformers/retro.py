@@ -23,7 +23,9 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import numpy as np
 import torch
+from kvd_client.prepared import NO_BOUND
 
 MAX_WINDOW = 8
 
@@ -32,16 +34,16 @@ class RetroLayer:
     """Output cache of one layer, oldest entry first."""
 
     def __init__(self) -> None:
-        self.queries: list[torch.Tensor] = []    # host float32 [B, Hq, D] per entry
-        self.seen: list[torch.Tensor] = []       # host int64 [B, Hq, S] per entry (-1 = none)
+        self.queries: torch.Tensor | None = None  # float32 [B, P, Hq, D] on the model's device
+        self.seen: list[np.ndarray] = []         # int64 [B, 1, Hq, S] per entry (-1 = none)
         self.seen_from: list[int] = []
         self.out: torch.Tensor | None = None     # float32 [B, P, Hq, D] on the device
-        self.lse: torch.Tensor | None = None     # float32 [B, P, Hq]
+        self.lse: torch.Tensor | None = None     # float32 [B, P, Hq, 1]
         self.host: torch.Tensor | None = None    # staging of one reply: [B, 1 + P, Hq, D + 1]
         self.host_parts: tuple[torch.Tensor, ...] = ()  # its views: new token's out, lse; past outs, lses
 
     def __len__(self) -> int:
-        return len(self.queries)
+        return len(self.seen_from)
 
     def clear(self) -> None:
         self.keep_newest(0)
@@ -50,52 +52,75 @@ class RetroLayer:
         drop = len(self) - count
         if drop <= 0:
             return
-        del self.queries[:drop], self.seen[:drop], self.seen_from[:drop]
+        del self.seen[:drop], self.seen_from[:drop]
         if count == 0:
-            self.out = self.lse = None
+            self.queries = self.out = self.lse = None
         else:
-            assert self.out is not None and self.lse is not None
-            self.out, self.lse = self.out[:, drop:], self.lse[:, drop:]
+            assert self.queries is not None and self.out is not None and self.lse is not None
+            self.queries, self.out, self.lse = self.queries[:, drop:], self.out[:, drop:], self.lse[:, drop:]
 
-    def request(self, bounds: dict[tuple[int, ...], torch.Tensor] | None = None, end: int | None = None
-                ) -> dict[str, Any]:
-        """The past-query arguments of client.retrieve for the cached entries (views where one entry is cached,
-        the usual w = 2), plus `below`: the cached queries [B, P, Hq, D], which KVDCache._start_retrieve stacks
-        before the new token's query (client.retrieve's past_in_queries). `bounds`: a memo of seen_from tensors
-        shared by the layers (they hold the same bounds). `end`: where this call's ranges end; when no entry's
-        bound is below it (no flush since their steps, the usual case) the bounds exclude nothing and are left out
-        (one tensor less each way)."""
-        b = self.queries[0].shape[0]
-        got: dict[str, Any] = {}
-        if end is None or min(self.seen_from) < end:
-            key = (b, *self.seen_from)
-            seen_from = None if bounds is None else bounds.get(key)
-            if seen_from is None:
-                seen_from = torch.tensor([self.seen_from] * b, dtype=torch.int64)
-                if bounds is not None:
-                    if len(bounds) > 64:
-                        bounds.clear()
-                    bounds[key] = seen_from
-            got["past_seen_from"] = seen_from
-        # one reply tensor in the layout of `stage` (RetrieveResult.packed); the cached queries travel in the queries
-        # tensor, stacked `below` the new one once its host copy arrived (KVDCache._start_retrieve)
-        got.update(packed=True, past_in_queries=len(self))
-        if len(self) == 1:
-            got.update(below=self.queries[0].unsqueeze(1), past_seen_ids=self.seen[0].unsqueeze(1))
-            return got
-        seen = torch.full((b, len(self), self.seen[0].shape[1], max(s.shape[-1] for s in self.seen)), -1,
-                          dtype=torch.int64)
+    def with_query(self, query: torch.Tensor) -> torch.Tensor:
+        """The cached queries followed by the new token's (query [B, Hq, 1, D]): a new float32 tensor
+        [B, P + 1, Hq, D] on the query's device, the queries of this step's Retrieve in one copy (the cached ones
+        stacked below, client.retrieve's past_in_queries) and the rows that the commit keeps."""
+        new = query.transpose(1, 2)
+        if self.queries is None:
+            return new.to(torch.float32, copy=True)
+        return torch.cat([self.queries, new], dim=1)  # cat promotes to float32
+
+    def seen_width(self) -> int:
+        """The widest entry's seen ids (the plan's seen width)."""
+        return self.seen[0].shape[-1] if len(self.seen) == 1 else max(s.shape[-1] for s in self.seen)
+
+    def seen_ids(self) -> np.ndarray:
+        """The entries' seen ids stacked: int64 [B, P, Hq, S] (-1 pads the narrower ones; the entry itself at
+        w = 2)."""
+        if len(self.seen) == 1:
+            return self.seen[0]
+        width = self.seen_width()
+        if all(s.shape[-1] == width for s in self.seen):
+            return np.concatenate(self.seen, axis=1)
+        first = self.seen[0]
+        seen = np.full((first.shape[0], len(self), first.shape[2], width), -1, dtype=np.int64)
         for p, ids in enumerate(self.seen):
-            seen[:, p, :, :ids.shape[-1]] = ids
-        got.update(below=torch.stack(self.queries, dim=1), past_seen_ids=seen)
+            seen[:, p:p + 1, :, :ids.shape[-1]] = ids
+        return seen
+
+    def bounds(self, memo: dict[tuple[int, ...], torch.Tensor] | None = None, end: int | None = None
+               ) -> torch.Tensor | None:
+        """The entries' offload bounds as past_seen_from [B, P], or None where no bound is below `end` (this call's
+        ranges end there; no flush since their steps, the usual case): they exclude nothing and are left out (one
+        tensor less each way). `memo`: bounds tensors shared by the layers (they hold the same bounds)."""
+        if end is not None and min(self.seen_from) >= end:
+            return None
+        b = self.seen[0].shape[0]
+        key = (b, *self.seen_from)
+        seen_from = None if memo is None else memo.get(key)
+        if seen_from is None:
+            seen_from = torch.tensor([self.seen_from] * b, dtype=torch.int64)
+            if memo is not None:
+                if len(memo) > 64:
+                    memo.clear()
+                memo[key] = seen_from
+        return seen_from
+
+    def request(self, memo: dict[tuple[int, ...], torch.Tensor] | None = None, end: int | None = None
+                ) -> dict[str, Any]:
+        """The past-query arguments of client.retrieve for the cached entries, whose queries travel stacked below
+        the new token's in the queries tensor (`with_query`); the reply comes as one tensor in the layout of
+        `stage` (RetrieveResult.packed). `memo`, `end`: as `bounds`."""
+        got: dict[str, Any] = {"packed": True, "past_in_queries": len(self),
+                               "past_seen_ids": torch.from_numpy(self.seen_ids())}
+        if (seen_from := self.bounds(memo, end)) is not None:
+            got["past_seen_from"] = seen_from
         return got
 
     def note_retrieved(self, ids: torch.Tensor, capacity: int) -> None:
-        """The positions retrieved this step ([B, Hq, k], host) count as seen by the cached queries that the
+        """The positions retrieved this step ([B, 1, Hq, k], host) count as seen by the cached queries that the
         coming commit keeps (with `capacity`). Positions at or beyond an entry's bound stay too: kvd never
         counts them as new for it (they were in its window)."""
         for p in range(max(0, len(self) - capacity + 1), len(self)):
-            self.seen[p] = torch.cat([self.seen[p], ids], dim=-1)
+            self.seen[p] = np.concatenate([self.seen[p], ids], axis=-1)
 
     def stage(self, res: Any, count: int) -> torch.Tensor:
         """kvd's answer `res` as one host tensor [B, P + 1, Hq, D + 1] (the P past queries' partial attention over
@@ -120,31 +145,86 @@ class RetroLayer:
         return host
 
     def rows(self, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cached outputs followed by the new token's device-window part (out [B, Hq, D], lse [B, Hq]):
-        [B, P + 1, Hq, D] and [B, P + 1, Hq], float32."""
-        out, lse = out.unsqueeze(1), lse.unsqueeze(1)
+        """The cached outputs followed by the new token's device-window part (out [B, 1, Hq, D], lse
+        [B, 1, Hq, 1], as ops.window_attention(rows=True)): [B, P + 1, Hq, D] and [B, P + 1, Hq, 1], float32."""
         if self.out is None or self.lse is None:
             return out.float(), lse
         return torch.cat([self.out, out], dim=1), torch.cat([self.lse, lse], dim=1)  # cat promotes to float32
 
-    def commit(self, out: torch.Tensor, lse: torch.Tensor, query: torch.Tensor, seen: torch.Tensor, seen_from: int,
-               capacity: int) -> None:
-        """The step's final rows (corrected past outputs, then the new token's; `lse` may hold only the last
-        `capacity` rows) become the cache, with the new token's query (host [B, Hq, D]), seen positions and
-        bound; keeps at most `capacity` entries."""
-        self.queries.append(query)
+    def commit(self, out: torch.Tensor, lse: torch.Tensor, queries: torch.Tensor, seen: np.ndarray,
+               seen_from: int, capacity: int) -> None:
+        """The step's final rows (corrected past outputs, then the new token's; out, lse and `queries` (as
+        `with_query`) hold P + 1 rows, or only the last ones) become the cache, with the new token's seen
+        positions (host [B, 1, Hq, k], kept as given) and bound; keeps at most `capacity` entries."""
         self.seen.append(seen)
         self.seen_from.append(seen_from)
         keep = min(capacity, len(self))
         drop = len(self) - keep
         if drop:
-            del self.queries[:drop], self.seen[:drop], self.seen_from[:drop]
-        self.out = out if out.shape[1] == keep else out[:, out.shape[1] - keep:]
-        self.lse = lse if lse.shape[1] == keep else lse[:, lse.shape[1] - keep:]
+            del self.seen[:drop], self.seen_from[:drop]
+        self.queries = _last_rows(queries, keep)
+        self.out = _last_rows(out, keep)
+        self.lse = _last_rows(lse, keep)
 
     def nbytes(self) -> int:
-        tensors = [*self.queries, *self.seen, self.out, self.lse]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        tensors = [self.queries, self.out, self.lse]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None) + sum(s.nbytes for s in self.seen)
+
+
+def _last_rows(rows: torch.Tensor, keep: int) -> torch.Tensor:
+    return rows if rows.shape[1] == keep else rows[:, rows.shape[1] - keep:]
+
+
+_UNWRITTEN = object()
+
+
+class PastInputs:
+    """A prepared plan's past-query inputs, and with its slots (a launch-ahead plan) the reply's views that a retro
+    step reads, made once: a torch view costs microseconds and a retro step reads them at every layer (the host's
+    small copies go through numpy, which costs less per call). Remembers what the plan's bounds (seen_from)
+    hold, which the layers mostly share, so as not to write them again."""
+
+    def __init__(self, plan: Any, slots: dict[str, torch.Tensor] | None) -> None:
+        self.plan = plan
+        self.queries = plan.queries                # [B, P + 1, Hq, D]
+        self.seen_ids = None if plan.seen_ids is None else plan.seen_ids.numpy()  # [B, P, Hq, S] (None: S = 0)
+        self.seen_from = plan.seen_from            # [B, P]
+        self.written: Any = _UNWRITTEN             # the bounds tensor last written (None: NO_BOUND)
+        self.packed: torch.Tensor | None = None
+        self.ids: np.ndarray | None = None
+        self.past_lse: np.ndarray | None = None
+        self.device: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        if slots is not None:
+            self.packed = slots["packed"]                          # [B, P + 1, Hq, D + 1]
+            self.ids = slots["ids"].numpy()[:, None]               # [B, 1, Hq, k]: as the cache keeps seen ids
+            self.past_lse = self.packed.numpy()[:, :plan.past, :, -1]  # [B, P, Hq]
+
+    def write(self, cache: RetroLayer, memo: dict[tuple[int, ...], torch.Tensor], end: int | None) -> None:
+        """The layer's seen ids and bounds written into the plan's inputs (the queries travel with the new
+        token's, `RetroLayer.with_query`)."""
+        if self.seen_ids is not None:
+            np.copyto(self.seen_ids, cache.seen_ids())
+        seen_from = cache.bounds(memo, end)
+        if seen_from is self.written:
+            return
+        if seen_from is None:
+            self.seen_from.fill_(NO_BOUND)
+        else:
+            self.seen_from.copy_(seen_from)
+        self.written = seen_from
+
+    def reply_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packed reply copied to `device` (queued on the stream), as the outputs [B, P + 1, Hq, D] and
+        log-sum-exps [B, P + 1, Hq, 1]: one buffer per plan, views made once (each layer's copy is queued after
+        the previous layer's merge has read it)."""
+        assert self.packed is not None
+        if self.device is None or self.device[0].device != device:
+            buffer = torch.empty(self.packed.shape, dtype=torch.float32, device=device)
+            d = buffer.shape[-1] - 1
+            self.device = (buffer, buffer[..., :d], buffer[..., d:])
+        buffer, out, lse = self.device
+        buffer.copy_(self.packed, non_blocking=True)
+        return out, lse
 
 
 class RetroState:
@@ -158,24 +238,13 @@ class RetroState:
         self.ids: torch.Tensor | None = None  # [B, <= w-1] token ids of the cached positions, oldest first
         self.rows: int | None = None           # past rows of the forward under way (None: none prepared)
         self.rerun_rows = 0                    # past positions re-run (summed over steps)
-        self.bounds: dict[tuple[int, ...], torch.Tensor] = {}  # memo of the seen_from tensors (RetroLayer.request)
-        self._counted = 0                      # corrections counted so far
-        self._uncounted: list[torch.Tensor] = []  # past lse of replies not counted yet (counted in batches)
+        self.bounds: dict[tuple[int, ...], torch.Tensor] = {}  # memo of the seen_from tensors (RetroLayer.bounds)
+        self.corrections = 0                   # (row, past query, head) triples that received new keys
+        self._inputs: dict[int, PastInputs] = {}  # by id(plan)
 
     @property
     def capacity(self) -> int:
         return self.window - 1
-
-    @property
-    def corrections(self) -> int:
-        """(row, past query, head) triples that received new keys."""
-        self._count()
-        return self._counted
-
-    def _count(self) -> None:
-        if self._uncounted:
-            self._counted += int(torch.isfinite(torch.cat([t.reshape(-1) for t in self._uncounted])).sum())
-            self._uncounted.clear()
 
     def layer(self, idx: int) -> RetroLayer:
         while len(self.layers) <= idx:
@@ -201,46 +270,53 @@ class RetroState:
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
 
-    def finish(self, cache: RetroLayer, res: Any, base: tuple[torch.Tensor, torch.Tensor], query: torch.Tensor,
+    def past_inputs(self, plan: Any) -> PastInputs:
+        """The plan's PastInputs, made on first use (again when the plan was prepared anew: new slots)."""
+        slots = plan.slots()
+        got = self._inputs.get(id(plan))
+        if got is None or got.plan is not plan or (slots is not None and got.packed is not slots["packed"]):
+            if len(self._inputs) > 64:
+                self._inputs.clear()
+            got = self._inputs[id(plan)] = PastInputs(plan, slots)
+        return got
+
+    def finish(self, cache: RetroLayer, res: Any, base: tuple[torch.Tensor, torch.Tensor], queries: torch.Tensor,
                seen_from: int, device: torch.device) -> torch.Tensor:
         """The rest of a retro step once kvd answered (`res`, with past fields when the layer's cache holds
-        entries): one host-to-device copy of the answer, one exact log-sum-exp merge for all rows with `base`
-        (`cache.rows` of the new token's window part, computed while kvd works: the cached outputs, then the
-        window part; never empty, each row's window holds at least its own token), and the commit (the new
-        token's host query [B, Hq, D] is kept as given: the caller passes a copy). Returns the outputs of all
-        rows, float32 [B, P + 1, Hq, D]."""
+        entries; its tensors kept: not views that the next call rewrites): one host-to-device copy of the answer,
+        one exact log-sum-exp merge for all rows with `base` (`cache.rows` of the new token's window part,
+        computed while kvd works: the cached outputs, then the window part; never empty, each row's window holds
+        at least its own token), and the commit (`queries` as `RetroLayer.with_query`). Returns the outputs of
+        all rows, float32 [B, P + 1, Hq, D]."""
         count = len(cache)
         both = cache.stage(res, count).to(device, non_blocking=True)
-        out, lse = self.merge(both, count, base)
+        d = both.shape[-1] - 1
+        out, lse = self.merge(both[..., :d], both[..., d:], base)
         packed = getattr(res, "packed", None)
         past_lse = (res.past_lse if packed is None else packed[:, :count, :, -1]) if count else None
-        self.record(cache, res.ids, past_lse, out, lse, query, seen_from)
+        self.record(cache, res.ids.numpy()[:, None], None if past_lse is None else past_lse.numpy(), out, lse,
+                    queries, seen_from)
         return out
 
-    def merge(self, both: torch.Tensor, count: int, base: tuple[torch.Tensor, torch.Tensor]
+    @staticmethod
+    def merge(out_r: torch.Tensor, lse_r: torch.Tensor, base: tuple[torch.Tensor, torch.Tensor]
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """kvd's answer on the device ([B, P + 1, Hq, D + 1], as `RetroLayer.stage`) merged with `base`: the
-        outputs of all rows and the log-sum-exps of those that stay cached."""
+        """kvd's answer on the device (out_r [B, P + 1, Hq, D], lse_r [B, P + 1, Hq, 1]) merged with `base` (the
+        same shapes): the outputs and log-sum-exps of all rows."""
         base_out, base_lse = base
-        d = base_out.shape[-1]
-        lse_r = both[..., d]
-        out = torch.lerp(base_out, both[..., :d], torch.sigmoid(lse_r - base_lse).unsqueeze(-1))
-        keep = min(self.capacity, count + 1)  # only the rows that stay cached need their log-sum-exp
-        lse = torch.logaddexp(base_lse[:, count + 1 - keep:], lse_r[:, count + 1 - keep:])
-        return out, lse
+        out = torch.lerp(base_out, out_r, torch.sigmoid(lse_r - base_lse))
+        return out, torch.logaddexp(base_lse, lse_r)
 
-    def record(self, cache: RetroLayer, ids: torch.Tensor, past_lse: torch.Tensor | None, out: torch.Tensor,
-               lse: torch.Tensor, query: torch.Tensor, seen_from: int) -> None:
-        """The host side of a step once its reply is read: the retrieved ids ([B, Hq, k], kept: not a view that
-        the next call rewrites) count as seen by the cached queries, the past rows' lse are counted, and the
-        step's rows are committed."""
+    def record(self, cache: RetroLayer, ids: np.ndarray, past_lse: np.ndarray | None, out: torch.Tensor,
+               lse: torch.Tensor, queries: torch.Tensor, seen_from: int) -> None:
+        """The host side of a step once its reply is read: the retrieved ids ([B, 1, Hq, k], kept: not a view
+        that the next call rewrites) count as seen by the cached queries, the past rows' lse [B, P, Hq] count the
+        corrections, and the step's rows are committed."""
         if len(cache):
             cache.note_retrieved(ids, self.capacity)
             if past_lse is not None:
-                self._uncounted.append(past_lse)
-                if len(self._uncounted) >= 256:
-                    self._count()
-        cache.commit(out, lse, query, ids, seen_from, self.capacity)
+                self.corrections += int(np.count_nonzero(np.isfinite(past_lse)))
+        cache.commit(out, lse, queries, ids, seen_from, self.capacity)
 
 
 # --- the forward hooks that turn a one-token decode call into a retro step -------------------------------------
@@ -315,4 +391,4 @@ def install(model: torch.nn.Module) -> None:
     model._kvd_retro_hooked = True
 
 
-__all__ = ["MAX_WINDOW", "RetroLayer", "RetroState", "install", "post_hook", "pre_hook"]
+__all__ = ["MAX_WINDOW", "PastInputs", "RetroLayer", "RetroState", "install", "post_hook", "pre_hook"]
