@@ -3,6 +3,8 @@ waiting for a session's indexes, and the markdown table every benchmark prints l
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -89,3 +91,8 @@ def markdown_table(rows: Sequence[dict[str, Any]], cols: Sequence[tuple[str, str
     lines = [" | ".join(h for _, h in cols), " | ".join("-" * len(h) for _, h in cols)]
     lines += [" | ".join(str(r[key] if key in r else missing(r, key)) for key, _ in cols) for r in rows]
     return "\n".join(lines)
+
+
+def spin(count: int) -> list[subprocess.Popen]:
+    """`count` processes that spin on a core each (a busy host: like a GPU process's own threads); kill them after."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]

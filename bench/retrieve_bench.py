@@ -38,7 +38,7 @@ for extra in (ROOT / "client", ROOT):
 from kvd_client import KvdClient  # noqa: E402
 
 from bench import qkdata  # noqa: E402
-from bench.common import markdown_table  # noqa: E402
+from bench.common import markdown_table, spin  # noqa: E402
 from bench.daemon import Daemon  # noqa: E402
 from kvd.config import load  # noqa: E402
 from kvd.engine import Engine  # noqa: E402
@@ -231,10 +231,6 @@ def variants_table(rows: list[dict[str, Any]]) -> str:
     return markdown_table(flat, [("tokens", "tokens"), ("kind", "kind"), ("variant", "search params"),
                                  ("ms", "fast lane ms"), ("server_ms", "of which server"),
                                  ("kernel_ms", "of which kernels"), ("daemon_python_ms", "daemon, not kernels")])
-
-
-def spin(count: int) -> list[subprocess.Popen]:
-    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,7 @@ for extra in (ROOT / "client", ROOT):
 
 from kvd_client import KvdClient  # noqa: E402
 
+from bench.common import spin  # noqa: E402
 from bench.daemon import Daemon  # noqa: E402
 
 KV_HEADS, HEADS, DIM, K, SINK, WINDOW = 8, 32, 128, 100, 128, 544
@@ -81,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "with the ordinary calls (needs --stacked and --packed, the defaults)")
     p.add_argument("--transport", action="store_true",
                    help="time the transport steps of one call in-process instead (no daemon)")
+    p.add_argument("--busy", type=int, default=0,
+                   help="processes that spin on a core each while the calls are timed (a busy host: the region's "
+                        "threads share the cores, as beside a GPU process's launching thread)")
     p.add_argument("--out", default=None, help="JSON path (default: $OUT/retro_call_bench.json if OUT is set)")
     return p.parse_args(argv)
 
@@ -359,7 +363,13 @@ def main(argv: list[str] | None = None) -> int:
             clients["prepared"] = PlanCaller(clients["this"])
             if args.compare_target:
                 clients["prepared compared"] = PlanCaller(clients["compared"])
-        got = measure(clients, args, sid, counts)
+        spinners = spin(args.busy)
+        try:
+            got = measure(clients, args, sid, counts)
+        finally:
+            for proc in spinners:
+                proc.kill()
+                proc.wait()
         rows = [{"daemon": name, **row} for name, times in got.items() for row in summary(times)]
         if len(clients) == 1:
             rows = [{k: v for k, v in row.items() if k != "daemon"} for row in rows]
