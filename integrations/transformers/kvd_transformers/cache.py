@@ -36,7 +36,6 @@ from kvd_transformers.launch_ahead import RegisteredPlan, StreamWaiter, ahead_th
 from kvd_transformers.layer import Job, KVDLayer, resident_padding, resident_valid
 from kvd_transformers.lookahead import LookaheadState
 from kvd_transformers.retro import RetroLayer, RetroState
-from kvd_transformers.retro_merge import base_rows
 
 
 class _UpdateToken:
@@ -963,11 +962,9 @@ class KVDCache(Cache):
         valid = resident_valid(mask, layer) if mask is not None else None
         if end <= self.config.sink_tokens:  # nothing offloaded: the device holds the whole sequence
             self._finish_ahead()
-            out, lse = base_rows(cache.cached(), ops.window_attention(q_new, key, value, scale, mask=valid,
-                                                                       rows=True))
+            out, lse = cache.rows(*ops.window_attention(q_new, key, value, scale, mask=valid, rows=True))
             seen = np.empty((q_new.shape[0], 1, q_new.shape[1], 0), dtype=np.int64)
             cache.commit(out, lse, cache.with_query(q_new), seen, end, retro.capacity)
-            out = out.to(query.dtype)
         else:
             self._await_kvd(layer_idx, layer, end)
             ranges = self._ranges(end, mask)
@@ -980,14 +977,14 @@ class KVDCache(Cache):
                 out = self._attend_retro_blocking(layer_idx, layer, cache, q_new, key, value, valid, ranges, scale,
                                                   end)
         self.stats.decode_s += time.perf_counter() - t0
-        return out.transpose(1, 2)
+        return out.transpose(1, 2).to(query.dtype)
 
     def _attend_retro_blocking(self, layer_idx: int, layer: KVDLayer, cache: RetroLayer, q_new: torch.Tensor,
                                key: torch.Tensor, value: torch.Tensor, valid: Any, ranges: list[tuple[int, int]],
                                scale: float, end: int) -> torch.Tensor:
         """A retro step's attention with the Retrieve made by this thread (or the overlap worker): the window part
-        computed while kvd works, then one merge of all rows and the commit (RetroState.finish). Returns
-        [B, P + 1, Hq, D] in the query's dtype."""
+        computed while kvd works, then one merge of all rows and the commit (RetroState.finish). Returns float32
+        [B, P + 1, Hq, D]."""
         assert self.retro is not None
         retro, count = self.retro, len(cache)
         self._finish_ahead()
@@ -1004,10 +1001,11 @@ class KVDCache(Cache):
         else:
             window = ops.window_attention(q_new, key, value, scale, mask=valid, rows=True)
             wait = self._start_retrieve(layer_idx, q_host, event, ranges, sids, scale, write, **past)
+        base = cache.rows(*window)  # while kvd works
         t1 = time.perf_counter()
         res = wait()
         self.stats.retrieve_wait_s += time.perf_counter() - t1
-        return retro.finish(cache, res, window, queries, end, q_new.dtype)
+        return retro.finish(cache, res, base, queries, end, q_new.device)
 
     def _attend_retro_ahead(self, layer_idx: int, registered: RegisteredPlan, cache: RetroLayer,
                             q_new: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: Any,
@@ -1016,7 +1014,7 @@ class KVDCache(Cache):
         then the new token's) copied into the plan on the stream, and the seen ids and bounds written once the
         previous run read its own; the merge of all rows is queued on the device, and the host's part of the step
         (the retrieved ids as seen, the commit) is done when the reply is read (RetroState.record). Returns
-        [B, P + 1, Hq, D] in the query's dtype."""
+        float32 [B, P + 1, Hq, D]."""
         assert self.retro is not None
         retro, plan, count, device = self.retro, registered.plan, len(cache), q_new.device
         queries = cache.with_query(q_new)
@@ -1025,28 +1023,28 @@ class KVDCache(Cache):
             self._copy_query(registered, inputs.queries, queries)
         else:
             self._copy_query(registered, plan.queries, queries[:, 0])
-        window = ops.window_attention(q_new, key, value, scale, mask=valid, rows=True)
+        base = cache.rows(*ops.window_attention(q_new, key, value, scale, mask=valid, rows=True))
         write = None if inputs is None else partial(inputs.write, cache, retro.bounds, end)
         res = self._start_ahead(layer_idx, registered, ranges, device, write)
         if res is not None:  # a blocking run: its results may be views that the next run rewrites
             kept = {name: t.clone() for name in ("ids", "packed", "output", "lse")
                     if (t := getattr(res, name, None)) is not None}
-            return retro.finish(cache, replace(res, **kept), window, queries, end, q_new.dtype)
+            return retro.finish(cache, replace(res, **kept), base, queries, end, device)
         if inputs is not None:
             assert inputs.ids is not None and inputs.past_lse is not None
             ids, past_lse = inputs.ids, inputs.past_lse
-            out, kept, kept_lse = retro.merge(cache, window, inputs.reply_on(device), q_new.dtype)
+            out, lse = retro.merge(*inputs.reply_on(device), base)
 
             def record(reply: Any) -> None:  # the slots hold the reply until the next run: ids copied, lse counted
-                retro.record(cache, ids.copy(), past_lse, kept, kept_lse, queries, end)
+                retro.record(cache, ids.copy(), past_lse, out, lse, queries, end)
         else:
             slots = plan.slots()
             out_r = slots["output"].to(device, non_blocking=True).unsqueeze(1)
             lse_r = slots["lse"].to(device, non_blocking=True)[:, None, :, None]
-            out, kept, kept_lse = retro.merge(cache, window, (out_r, lse_r), q_new.dtype)
+            out, lse = retro.merge(out_r, lse_r, base)
 
             def record(reply: Any) -> None:
-                retro.record(cache, reply.ids.numpy()[:, None].copy(), None, kept, kept_lse, queries, end)
+                retro.record(cache, reply.ids.numpy()[:, None].copy(), None, out, lse, queries, end)
 
         self._ahead_started = (plan, record)
         return out

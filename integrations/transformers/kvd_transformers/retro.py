@@ -27,8 +27,6 @@ import numpy as np
 import torch
 from kvd_client.prepared import NO_BOUND
 
-from kvd_transformers.retro_merge import merge_rows
-
 MAX_WINDOW = 8
 
 
@@ -146,9 +144,12 @@ class RetroLayer:
             parts[3].copy_(res.past_lse)
         return host
 
-    def cached(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The cached outputs [B, P, Hq, D] and log-sum-exps [B, P, Hq, 1] (float32), None while empty."""
-        return None if self.out is None or self.lse is None else (self.out, self.lse)
+    def rows(self, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached outputs followed by the new token's device-window part (out [B, 1, Hq, D], lse
+        [B, 1, Hq, 1], as ops.window_attention(rows=True)): [B, P + 1, Hq, D] and [B, P + 1, Hq, 1], float32."""
+        if self.out is None or self.lse is None:
+            return out.float(), lse
+        return torch.cat([self.out, out], dim=1), torch.cat([self.lse, lse], dim=1)  # cat promotes to float32
 
     def commit(self, out: torch.Tensor, lse: torch.Tensor, queries: torch.Tensor, seen: np.ndarray,
                seen_from: int, capacity: int) -> None:
@@ -279,36 +280,38 @@ class RetroState:
             got = self._inputs[id(plan)] = PastInputs(plan, slots)
         return got
 
-    def finish(self, cache: RetroLayer, res: Any, window: tuple[torch.Tensor, torch.Tensor], queries: torch.Tensor,
-               seen_from: int, dtype: torch.dtype) -> torch.Tensor:
+    def finish(self, cache: RetroLayer, res: Any, base: tuple[torch.Tensor, torch.Tensor], queries: torch.Tensor,
+               seen_from: int, device: torch.device) -> torch.Tensor:
         """The rest of a retro step once kvd answered (`res`, with past fields when the layer's cache holds
         entries; its tensors kept: not views that the next call rewrites): one host-to-device copy of the answer,
-        one exact log-sum-exp merge of all rows (the cached ones, then `window`, the new token's device-window part:
-        never empty, each row's window holds at least its own token; retro_merge.merge_rows), and the commit
-        (`queries` as `RetroLayer.with_query`). Returns the outputs of all rows in `dtype`, [B, P + 1, Hq, D]."""
+        one exact log-sum-exp merge for all rows with `base` (`cache.rows` of the new token's window part,
+        computed while kvd works: the cached outputs, then the window part; never empty, each row's window holds
+        at least its own token), and the commit (`queries` as `RetroLayer.with_query`). Returns the outputs of
+        all rows, float32 [B, P + 1, Hq, D]."""
         count = len(cache)
-        both = cache.stage(res, count).to(window[0].device, non_blocking=True)
+        both = cache.stage(res, count).to(device, non_blocking=True)
         d = both.shape[-1] - 1
-        out, kept, kept_lse = self.merge(cache, window, (both[..., :d], both[..., d:]), dtype)
+        out, lse = self.merge(both[..., :d], both[..., d:], base)
         packed = getattr(res, "packed", None)
         past_lse = (res.past_lse if packed is None else packed[:, :count, :, -1]) if count else None
-        self.record(cache, res.ids.numpy()[:, None], None if past_lse is None else past_lse.numpy(), kept,
-                    kept_lse, queries, seen_from)
+        self.record(cache, res.ids.numpy()[:, None], None if past_lse is None else past_lse.numpy(), out, lse,
+                    queries, seen_from)
         return out
 
-    def merge(self, cache: RetroLayer, window: tuple[torch.Tensor, torch.Tensor],
-              reply: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """kvd's answer on the device (out [B, P + 1, Hq, D], lse [B, P + 1, Hq, 1]) merged with the layer's cached
-        rows and the window part: all rows' outputs in `dtype`, and the float32 outputs and log-sum-exps of the
-        rows that stay cached (retro_merge.merge_rows)."""
-        return merge_rows(cache.cached(), window, reply, min(self.capacity, len(cache) + 1), dtype)
+    @staticmethod
+    def merge(out_r: torch.Tensor, lse_r: torch.Tensor, base: tuple[torch.Tensor, torch.Tensor]
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """kvd's answer on the device (out_r [B, P + 1, Hq, D], lse_r [B, P + 1, Hq, 1]) merged with `base` (the
+        same shapes): the outputs and log-sum-exps of all rows."""
+        base_out, base_lse = base
+        out = torch.lerp(base_out, out_r, torch.sigmoid(lse_r - base_lse))
+        return out, torch.logaddexp(base_lse, lse_r)
 
     def record(self, cache: RetroLayer, ids: np.ndarray, past_lse: np.ndarray | None, out: torch.Tensor,
                lse: torch.Tensor, queries: torch.Tensor, seen_from: int) -> None:
         """The host side of a step once its reply is read: the retrieved ids ([B, 1, Hq, k], kept: not a view
         that the next call rewrites) count as seen by the cached queries, the past rows' lse [B, P, Hq] count the
-        corrections, and the step's rows that stay cached (out, lse: at least those) are committed."""
+        corrections, and the step's rows are committed."""
         if len(cache):
             cache.note_retrieved(ids, self.capacity)
             if past_lse is not None:
