@@ -309,3 +309,18 @@ def test_indexes_are_built_from_the_prefill_hints(shared_daemon: Any) -> None:
         time.sleep(0.05)
     assert [i["from_hints"] for i in indexes] == [True, True]
     cache.close()
+
+
+def test_plan_settings_are_made_once_and_follow_changes_of_the_search_params() -> None:
+    """The prepared plans' settings are kept between decode layers, and made again when config.search_params is
+    replaced or changed in place (a plan key that missed the change would run the old search)."""
+    from kvd_transformers.local import LocalKvdClient
+
+    cache = KVDCache(LocalKvdClient())
+    params, settings = cache._plan_settings()
+    assert params == {} and cache._plan_settings()[1] is settings
+    cache.config.search_params = {"ef": "64"}
+    assert cache._plan_settings()[1][-1] == (("ef", "64"),)
+    assert cache.config.search_params is not None
+    cache.config.search_params["ef"] = "128"
+    assert cache._plan_settings() == ({"ef": "128"}, (cache.config.top_k, False, (("ef", "128"),)))

@@ -679,7 +679,8 @@ class KVDCache(Cache):
         if cfg.launch_ahead and self._ahead_device and "threads" not in params:
             params["threads"] = str(ahead_threads())
         settings = (cfg.top_k, cfg.exact, tuple(sorted(params.items())))
-        self._settings_memo = (cfg, dict(cfg.search_params or {}), self._ahead_device, params, settings)
+        given = None if cfg.search_params is None else dict(cfg.search_params)  # a copy: changes in place count
+        self._settings_memo = (cfg, given, self._ahead_device, params, settings)
         return params, settings
 
     def _close_plans(self) -> None:
