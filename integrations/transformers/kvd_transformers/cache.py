@@ -84,11 +84,6 @@ def _run_plan(plan: Any, layer_idx: int, q_host: torch.Tensor, ranges: list[tupl
     return replace(res, ids=res.ids.clone(), packed=res.packed.clone())
 
 
-def _write_past(retro: RetroState, cache: RetroLayer, end: int, plan: Any) -> None:
-    """RetroAttention's seen ids and bounds of the layer's cached entries, written into a plan's inputs."""
-    retro.past_inputs(plan).write(cache, retro.bounds, end)
-
-
 class KVDCache(Cache):
     """A transformers Cache backed by kvd. One kvd session per batch row.
 
@@ -994,7 +989,7 @@ class KVDCache(Cache):
         past, write = {}, None
         if count:
             past = cache.request(retro.bounds, end)
-            write = partial(_write_past, retro, cache, end)
+            write = partial(retro.write_past, cache, end)
         sids = self.session_ids or []
         if self._retriever is not None:
             wait = self._start_retrieve(layer_idx, q_host, event, ranges, sids, scale, write, **past)

@@ -280,6 +280,11 @@ class RetroState:
             got = self._inputs[id(plan)] = PastInputs(plan, slots)
         return got
 
+    def write_past(self, cache: RetroLayer, end: int, plan: Any) -> None:
+        """The layer's seen ids and bounds written into a plan's inputs (after the plan's previous run read its
+        own): PastInputs.write with the layers' shared bounds."""
+        self.past_inputs(plan).write(cache, self.bounds, end)
+
     def finish(self, cache: RetroLayer, res: Any, base: tuple[torch.Tensor, torch.Tensor], queries: torch.Tensor,
                seen_from: int, device: torch.device) -> torch.Tensor:
         """The rest of a retro step once kvd answered (`res`, with past fields when the layer's cache holds
