@@ -32,6 +32,7 @@ import statistics
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -298,11 +299,12 @@ def decode_run(model: Any, client: Any, prompt: torch.Tensor, steps: int, window
 
 
 def interleaved_runs(model: Any, client: Any, prompt: torch.Tensor, windows: list[int], args: argparse.Namespace,
-                     device: torch.device) -> list[dict[str, Any]]:
+                     device: torch.device, around: Callable[[int, str], Any] | None = None) -> list[dict[str, Any]]:
     """Base and every window decoded side by side: one cache (session) each, prefilled one after the other, then
     every step runs each variant on the same token (the base's greedy choice), in an order that alternates from
     step to step. Besides each variant's own medians, `paired_overhead_pct` is the median of the per-step
-    differences to the base over the base's median: a drift of the machine's speed hits both alike."""
+    differences to the base over the base's median: a drift of the machine's speed hits both alike. `around(step,
+    variant)`: a context manager entered around each timed forward (bench/retro_trace.py profiles with it)."""
     kvd_transformers.enable(model)
     variants = [1, *windows]
     caches = {w: KVDCache(client, session=f"retro-bench-{uuid.uuid4().hex[:8]}", **knobs(args, w)) for w in variants}
@@ -328,8 +330,9 @@ def interleaved_runs(model: Any, client: Any, prompt: torch.Tensor, windows: lis
             for w in (variants if i % 2 == 0 else variants[::-1]):
                 sync(device)
                 t = time.perf_counter()
-                logits = model(token, past_key_values=caches[w]).logits
-                sync(device)
+                with around(i, rows[w]["variant"]) if around is not None else contextlib.nullcontext():
+                    logits = model(token, past_key_values=caches[w]).logits
+                    sync(device)
                 times[w].append(time.perf_counter() - t)
                 if w == 1:
                     following = logits[:, -1:].argmax(-1)

@@ -275,38 +275,89 @@ def test_config_and_misuse() -> None:
 def test_request_leaves_out_bounds_that_exclude_nothing() -> None:
     """The past-query arguments: seen_from only when some entry's bound is below this call's range end (a flush
     since its step), one memoized tensor for all layers; at w = 2 the cached entry's seen ids as they are. The
-    queries: the cached ones, then the new token's, in one new float32 tensor."""
+    queries: the cached ones, then the new token's, float32 rows of the layer's buffer."""
     from kvd_transformers.retro import RetroLayer
 
     bounds: dict[tuple[int, ...], torch.Tensor] = {}
-    layers = [RetroLayer(), RetroLayer()]
-    cached = torch.randn(2, 1, 4, 8)
+    layers = [RetroLayer(capacity=1), RetroLayer(capacity=1)]
+    cached = torch.randn(2, 4, 1, 8, dtype=torch.bfloat16)
     for layer in layers:
-        layer.commit(torch.zeros(2, 1, 4, 8), torch.zeros(2, 1, 4, 1), cached,
-                     np.random.randint(0, 100, (2, 1, 4, 5)), 100, capacity=1)
+        layer.begin(cached)
+        layer.commit(np.random.randint(0, 100, (2, 1, 4, 5)), 100)
     got = layers[0].request(bounds, end=100)
     assert set(got) == {"past_in_queries", "past_seen_ids", "packed"}
     assert got["past_in_queries"] == 1
     assert got["past_seen_ids"].data_ptr() == layers[0].seen[0].ctypes.data  # the entry as it is
     new = torch.randn(2, 4, 1, 8, dtype=torch.bfloat16)
-    queries = layers[0].with_query(new)
-    assert queries.dtype == torch.float32 and torch.equal(queries[:, 0], cached[:, 0])
-    assert torch.equal(queries[:, 1], new[:, :, 0].float())
+    queries = layers[0].begin(new).queries
+    assert queries.dtype == torch.float32 and queries.shape == (2, 2, 4, 8)
+    assert torch.equal(queries[:, 0], cached[:, :, 0].float()) and torch.equal(queries[:, 1], new[:, :, 0].float())
     flushed = [layer.request(bounds, end=132) for layer in layers]
     assert torch.equal(flushed[0]["past_seen_from"], torch.tensor([[100], [100]]))
     assert flushed[0]["past_seen_from"] is flushed[1]["past_seen_from"]  # shared by the layers
     assert "past_seen_from" in layers[0].request()  # no end given: always sent
-    three = RetroLayer()
+    three = RetroLayer(capacity=2)
     for i in range(3):
-        three.commit(torch.zeros(1, i + 1, 4, 8), torch.zeros(1, i + 1, 4, 1), torch.full((1, i + 1, 4, 8), float(i)),
-                     np.random.randint(0, 100, (1, 1, 4, 3 + i)), 100 + 8 * i, capacity=2)
+        three.begin(torch.full((1, 4, 1, 8), float(i)))
+        three.commit(np.random.randint(0, 100, (1, 1, 4, 3 + i)), 100 + 8 * i)
     assert len(three) == 2 and three.seen_from == [108, 116]
-    assert three.out is not None and three.out.shape[1] == 2 and three.lse is not None and three.lse.shape[1] == 2
-    assert three.queries is not None and three.queries.shape[1] == 2 and (three.queries[:, 1] == 2).all()
+    queries = three.begin(torch.full((1, 4, 1, 8), 3.0)).queries
+    assert torch.equal(queries[0, :, 0, 0], torch.tensor([1.0, 2.0, 3.0]))
     got = three.request(bounds, end=116)
     assert torch.equal(got["past_seen_from"], torch.tensor([[108, 116]]))
     assert got["past_seen_ids"].shape == (1, 2, 4, 5) and (got["past_seen_ids"][:, 0, :, 4:] == -1).all()
     assert torch.equal(got["past_seen_ids"][:, 1], torch.from_numpy(three.seen[1][:, 0]))
+
+
+@pytest.mark.parametrize("capacity", [1, 3, 7])
+def test_layer_rows_survive_the_buffer_wrapping_and_merge_in_place(capacity: int) -> None:
+    """A layer's rows over many steps, against a plain list of every step's query, output and lse: each step
+    sees its cached entries (the last `capacity` committed rows, oldest first) and its own new row, also after
+    the cached rows moved to the front of the buffers; the in-place merge equals the out-of-place formula; a
+    rewind (keep_newest) keeps the newest entries; the buffers never grow."""
+    from kvd_transformers.retro import RetroLayer, RetroState
+
+    layer, gen = RetroLayer(capacity=capacity), torch.Generator().manual_seed(5)
+    history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # committed (query, out, lse) rows
+    sizes = set()
+    for step in range(60):
+        if step == 40:  # a rewind: the two oldest entries go
+            layer.keep_newest(max(0, len(layer) - 2))
+            history = history[len(history) - len(layer):] if len(layer) else []
+        count = len(layer)
+        query = torch.randn(2, 4, 1, 8, generator=gen, dtype=torch.float64).to(torch.bfloat16)
+        views = layer.begin(query)
+        out_w = torch.randn(2, 1, 4, 8, generator=gen)
+        lse_w = torch.randn(2, 1, 4, 1, generator=gen)
+        base_out, base_lse = layer.put_window(views, out_w, lse_w)
+        assert base_out.shape == (2, count + 1, 4, 8) and base_lse.shape == (2, count + 1, 4, 1)
+        expect_q = torch.stack([q for q, _, _ in history[-count:]] + [query[:, :, 0].float()], dim=1) \
+            if count else query[:, :, 0].float()[:, None]
+        expect_out = torch.cat([o for _, o, _ in history[-count:]] + [out_w], dim=1) if count else out_w
+        expect_lse = torch.cat([s for _, _, s in history[-count:]] + [lse_w], dim=1) if count else lse_w
+        assert torch.equal(views.queries, expect_q) and torch.equal(views.first, expect_q[:, 0])
+        assert torch.equal(base_out, expect_out) and torch.equal(base_lse, expect_lse)
+        out_r = torch.randn(2, count + 1, 4, 8, generator=gen)
+        lse_r = torch.randn(2, count + 1, 4, 1, generator=gen)
+        lse_r[:, 0, 0] = float("-inf")  # nothing new for this row: it keeps its output
+        merged, merged_lse = RetroState.merge(out_r, lse_r, (base_out, base_lse))
+        assert merged.data_ptr() == base_out.data_ptr()  # in place
+        assert torch.equal(merged, torch.lerp(expect_out, out_r, torch.sigmoid(lse_r - expect_lse)))
+        # (on the CPU a strided logaddexp may take the scalar path: the last bit can differ)
+        torch.testing.assert_close(merged_lse, torch.logaddexp(expect_lse, lse_r), rtol=1e-6, atol=1e-6)
+        assert torch.equal(merged[:, 0, 0], expect_out[:, 0, 0])
+        history += [(expect_q[:, i], merged[:, i:i + 1].clone(), merged_lse[:, i:i + 1].clone())
+                    for i in range(count + 1)][count:]
+        for i in range(count):  # the cached entries were corrected in place
+            history[len(history) - 1 - count + i] = (expect_q[:, i], merged[:, i:i + 1].clone(),
+                                                     merged_lse[:, i:i + 1].clone())
+        layer.commit(np.zeros((2, 1, 4, 0), dtype=np.int64), step)
+        assert len(layer) == min(capacity, len(history))
+        history = history[len(history) - len(layer):]
+        sizes.add(layer.nbytes() - sum(s.nbytes for s in layer.seen))
+    assert len(sizes) == 1  # the buffers never grow
+    with pytest.raises(RuntimeError, match="another shape"):
+        layer.begin(torch.zeros(1, 4, 1, 8))
 
 
 def test_past_inputs_write_seen_ids_and_write_bounds_only_when_they_change() -> None:
@@ -328,8 +379,7 @@ def test_past_inputs_write_seen_ids_and_write_bounds_only_when_they_change() -> 
     inputs = PastInputs(plan, plan.slots())
     layers = [RetroLayer(), RetroLayer()]
     for i, layer in enumerate(layers):
-        layer.commit(torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 1), torch.zeros(1, 1, 4, 8),
-                     np.full((1, 1, 4, 5), i), 100, capacity=1)
+        layer.commit(np.full((1, 1, 4, 5), i), 100)
     inputs.write(layers[0], bounds, end=100)
     assert (plan.seen_ids == 0).all() and (plan.seen_from == NO_BOUND).all()
     plan.seen_from.fill_(-7)  # a later write with the same bounds leaves them alone

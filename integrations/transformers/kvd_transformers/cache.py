@@ -828,7 +828,12 @@ class KVDCache(Cache):
             return
         (plan, after), self._ahead_started = self._ahead_started, None
         waited = time.perf_counter()
-        res = plan.finish()
+        try:
+            res = plan.finish()
+        except BaseException:
+            if self.retro is not None:  # the device's merge read whatever the slots held: the corrected rows are lost
+                self.retro.reset()
+            raise
         done = time.perf_counter()
         self.stats.retrieve_wait_s += done - waited
         self.stats.retrieve_rpc_s += done - waited
@@ -949,7 +954,7 @@ class KVDCache(Cache):
         t0 = time.perf_counter()
         self.stats.decode_calls += 1
         assert self.retro is not None
-        retro, cache = self.retro, self.retro.layer(layer_idx)
+        cache = self.retro.layer(layer_idx)
         count = query.shape[2] - 1
         if len(cache) != count:
             raise RuntimeError(f"layer {layer_idx}: the retro output cache holds {len(cache)} steps, {count} re-run")
@@ -958,9 +963,9 @@ class KVDCache(Cache):
         valid = resident_valid(mask, layer) if mask is not None else None
         if end <= self.config.sink_tokens:  # nothing offloaded: the device holds the whole sequence
             self._finish_ahead()
-            out, lse = cache.rows(*ops.window_attention(q_new, key, value, scale, mask=valid, rows=True))
-            seen = np.empty((q_new.shape[0], 1, q_new.shape[1], 0), dtype=np.int64)
-            cache.commit(out, lse, cache.with_query(q_new), seen, end, retro.capacity)
+            views = cache.begin(q_new)
+            out, _ = cache.put_window(views, *ops.window_attention(q_new, key, value, scale, mask=valid, rows=True))
+            cache.commit(np.empty((q_new.shape[0], 1, q_new.shape[1], 0), dtype=np.int64), end)
         else:
             self._await_kvd(layer_idx, layer, end)
             ranges = self._ranges(end, mask)
@@ -984,8 +989,8 @@ class KVDCache(Cache):
         assert self.retro is not None
         retro, count = self.retro, len(cache)
         self._finish_ahead()
-        queries = cache.with_query(q_new)
-        q_host, event = layer.query_stage.put(queries if count else queries[:, 0])
+        views = cache.begin(q_new)
+        q_host, event = layer.query_stage.put(views.queries if count else views.first)
         past, write = {}, None
         if count:
             past = cache.request(retro.bounds, end)
@@ -997,11 +1002,11 @@ class KVDCache(Cache):
         else:
             window = ops.window_attention(q_new, key, value, scale, mask=valid, rows=True)
             wait = self._start_retrieve(layer_idx, q_host, event, ranges, sids, scale, write, **past)
-        base = cache.rows(*window)  # while kvd works
+        base = cache.put_window(views, *window)  # while kvd works
         t1 = time.perf_counter()
         res = wait()
         self.stats.retrieve_wait_s += time.perf_counter() - t1
-        return retro.finish(cache, res, base, queries, end, q_new.device)
+        return retro.finish(cache, res, base, end, q_new.device)
 
     def _attend_retro_ahead(self, layer_idx: int, registered: RegisteredPlan, cache: RetroLayer,
                             q_new: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: Any,
@@ -1013,34 +1018,34 @@ class KVDCache(Cache):
         float32 [B, P + 1, Hq, D]."""
         assert self.retro is not None
         retro, plan, count, device = self.retro, registered.plan, len(cache), q_new.device
-        queries = cache.with_query(q_new)
+        views = cache.begin(q_new)
         inputs = retro.past_inputs(plan) if count else None
         if inputs is not None:
-            self._copy_query(registered, inputs.queries, queries)
+            self._copy_query(registered, inputs.queries, views.queries)
         else:
-            self._copy_query(registered, plan.queries, queries[:, 0])
-        base = cache.rows(*ops.window_attention(q_new, key, value, scale, mask=valid, rows=True))
+            self._copy_query(registered, plan.queries, views.first)
+        base = cache.put_window(views, *ops.window_attention(q_new, key, value, scale, mask=valid, rows=True))
         write = None if inputs is None else partial(inputs.write, cache, retro.bounds, end)
         res = self._start_ahead(layer_idx, registered, ranges, device, write)
         if res is not None:  # a blocking run: its results may be views that the next run rewrites
             kept = {name: t.clone() for name in ("ids", "packed", "output", "lse")
                     if (t := getattr(res, name, None)) is not None}
-            return retro.finish(cache, replace(res, **kept), base, queries, end, device)
+            return retro.finish(cache, replace(res, **kept), base, end, device)
         if inputs is not None:
             assert inputs.ids is not None and inputs.past_lse is not None
             ids, past_lse = inputs.ids, inputs.past_lse
-            out, lse = retro.merge(*inputs.reply_on(device), base)
+            out, _ = retro.merge(*inputs.reply_on(device), base)
 
             def record(reply: Any) -> None:  # the slots hold the reply until the next run: ids copied, lse counted
-                retro.record(cache, ids.copy(), past_lse, out, lse, queries, end)
+                retro.record(cache, ids.copy(), past_lse, end)
         else:
             slots = plan.slots()
             out_r = slots["output"].to(device, non_blocking=True).unsqueeze(1)
             lse_r = slots["lse"].to(device, non_blocking=True)[:, None, :, None]
-            out, lse = retro.merge(out_r, lse_r, base)
+            out, _ = retro.merge(out_r, lse_r, base)
 
             def record(reply: Any) -> None:
-                retro.record(cache, reply.ids.numpy()[:, None].copy(), None, out, lse, queries, end)
+                retro.record(cache, reply.ids.numpy()[:, None].copy(), None, end)
 
         self._ahead_started = (plan, record)
         return out

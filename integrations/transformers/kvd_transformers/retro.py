@@ -14,14 +14,15 @@ P positions with the new token (one forward of P + 1 tokens; the cache rewinds i
   They reach kvd only once they leave the output cache (KVDConfig.hold_tokens >= w - 1 holds them back).
 
 A re-run row's freshly projected query is not used: the cached query keeps the union exact. Only the new token's
-logits are produced; tokens already emitted never change. Memory: (w-1) x (query + output + lse + at most
-(w-1) x top_k seen ids) per layer and row, independent of the generation length.
+logits are produced; tokens already emitted never change. Memory per layer and batch row, independent of the
+generation length: device buffers of 2w + SPARE_ROWS rows of (query + output + lse) in float32 (RetroLayer), and
+on the host at most (w-1) x (w-1) x top_k seen ids.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -30,15 +31,38 @@ from kvd_client.prepared import NO_BOUND
 MAX_WINDOW = 8
 
 
-class RetroLayer:
-    """Output cache of one layer, oldest entry first."""
+SPARE_ROWS = 8  # rows of a layer's buffers beyond twice the entries: the cached rows move to the front this seldom
 
-    def __init__(self) -> None:
-        self.queries: torch.Tensor | None = None  # float32 [B, P, Hq, D] on the model's device
+
+class StepViews(NamedTuple):
+    """Views of a layer's buffers for one step with P cached entries (rows [start, start + P + 1))."""
+
+    queries: torch.Tensor    # [B, P + 1, Hq, D]: the cached queries, then the new token's
+    first: torch.Tensor      # [B, Hq, D]: row 0 (the new token's when P = 0)
+    query_row: torch.Tensor  # [B, Hq, 1, D]: the new token's, in the layout of the model's query
+    out: torch.Tensor        # [B, P + 1, Hq, D]: the cached outputs, then the new token's window part
+    lse: torch.Tensor        # [B, P + 1, Hq, 1]
+    new_out: torch.Tensor    # [B, 1, Hq, D]: the new token's window part
+    new_lse: torch.Tensor    # [B, 1, Hq, 1]
+
+
+class RetroLayer:
+    """Output cache of one layer, oldest entry first.
+
+    The device state lives in three float32 row buffers on the model's device, queries [B, R, Hq, D], outputs
+    [B, R, Hq, D] and log-sum-exps [B, R, Hq, 1], whose rows [start, start + P) hold the P cached entries. A step
+    writes the new token's query and window part into row start + P (`begin`, `put_window`), the merge corrects
+    rows [start, start + P + 1) in place, and the commit only moves `start` past the entries it drops: no cat and
+    no copy per step (a torch call costs the model's thread more than these kernels cost the device). When the
+    buffers are full, the cached rows move to the front (one copy per buffer every R - P - 1 steps)."""
+
+    def __init__(self, capacity: int = 1) -> None:
+        self.capacity = capacity
         self.seen: list[np.ndarray] = []         # int64 [B, 1, Hq, S] per entry (-1 = none)
         self.seen_from: list[int] = []
-        self.out: torch.Tensor | None = None     # float32 [B, P, Hq, D] on the device
-        self.lse: torch.Tensor | None = None     # float32 [B, P, Hq, 1]
+        self.start = 0                           # the oldest entry's row in the buffers
+        self.buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # queries, outputs, lses
+        self._views: dict[tuple[int, int], StepViews] = {}
         self.host: torch.Tensor | None = None    # staging of one reply: [B, 1 + P, Hq, D + 1]
         self.host_parts: tuple[torch.Tensor, ...] = ()  # its views: new token's out, lse; past outs, lses
 
@@ -53,20 +77,48 @@ class RetroLayer:
         if drop <= 0:
             return
         del self.seen[:drop], self.seen_from[:drop]
-        if count == 0:
-            self.queries = self.out = self.lse = None
-        else:
-            assert self.queries is not None and self.out is not None and self.lse is not None
-            self.queries, self.out, self.lse = self.queries[:, drop:], self.out[:, drop:], self.lse[:, drop:]
+        self.start = self.start + drop if count else 0
 
-    def with_query(self, query: torch.Tensor) -> torch.Tensor:
-        """The cached queries followed by the new token's (query [B, Hq, 1, D]): a new float32 tensor
-        [B, P + 1, Hq, D] on the query's device, the queries of this step's Retrieve in one copy (the cached ones
-        stacked below, client.retrieve's past_in_queries) and the rows that the commit keeps."""
-        new = query.transpose(1, 2)
-        if self.queries is None:
-            return new.to(torch.float32, copy=True)
-        return torch.cat([self.queries, new], dim=1)  # cat promotes to float32
+    def begin(self, query: torch.Tensor) -> StepViews:
+        """A step's views, with the new token's query (query [B, Hq, 1, D]) written as float32 into its row (the
+        queries of this step's Retrieve: the cached ones stacked below, client.retrieve's past_in_queries)."""
+        b, hq, _, d = query.shape
+        count = len(self)
+        bufs = self.buffers
+        if bufs is None or bufs[0].device != query.device or bufs[0].shape[0] != b or bufs[0].shape[2:] != (hq, d):
+            if count:
+                raise RuntimeError("the retro output cache holds entries of another shape than query "
+                                   f"{tuple(query.shape)}")
+            rows = 2 * (self.capacity + 1) + SPARE_ROWS
+            bufs = self.buffers = (query.new_empty((b, rows, hq, d), dtype=torch.float32),
+                                   query.new_empty((b, rows, hq, d), dtype=torch.float32),
+                                   query.new_empty((b, rows, hq, 1), dtype=torch.float32))
+            self._views.clear()
+            self.start = 0
+        if self.start + count + 1 > bufs[0].shape[1]:  # full: the cached rows to the front (never overlapping)
+            for buf in bufs:
+                buf[:, :count].copy_(buf[:, self.start:self.start + count])
+            self.start = 0
+        views = self._views.get((self.start, count))
+        if views is None:
+            views = self._views[(self.start, count)] = self._make_views(self.start, count)
+        views.query_row.copy_(query)
+        return views
+
+    def _make_views(self, start: int, count: int) -> StepViews:
+        assert self.buffers is not None
+        queries, out, lse = (buf[:, start:start + count + 1] for buf in self.buffers)
+        return StepViews(queries=queries, first=queries[:, 0], query_row=queries[:, count:].transpose(1, 2),
+                         out=out, lse=lse, new_out=out[:, count:], new_lse=lse[:, count:])
+
+    @staticmethod
+    def put_window(views: StepViews, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The new token's device-window part (out [B, 1, Hq, D], lse [B, 1, Hq, 1], as
+        ops.window_attention(rows=True)) into its row; returns the rows that the merge corrects in place (the
+        cached outputs, then the window part): [B, P + 1, Hq, D] and [B, P + 1, Hq, 1], float32."""
+        views.new_out.copy_(out)
+        views.new_lse.copy_(lse)
+        return views.out, views.lse
 
     def seen_width(self) -> int:
         """The widest entry's seen ids (the plan's seen width)."""
@@ -107,19 +159,19 @@ class RetroLayer:
     def request(self, memo: dict[tuple[int, ...], torch.Tensor] | None = None, end: int | None = None
                 ) -> dict[str, Any]:
         """The past-query arguments of client.retrieve for the cached entries, whose queries travel stacked below
-        the new token's in the queries tensor (`with_query`); the reply comes as one tensor in the layout of
-        `stage` (RetrieveResult.packed). `memo`, `end`: as `bounds`."""
+        the new token's in the queries tensor (`StepViews.queries`); the reply comes as one tensor in the layout
+        of `stage` (RetrieveResult.packed). `memo`, `end`: as `bounds`."""
         got: dict[str, Any] = {"packed": True, "past_in_queries": len(self),
                                "past_seen_ids": torch.from_numpy(self.seen_ids())}
         if (seen_from := self.bounds(memo, end)) is not None:
             got["past_seen_from"] = seen_from
         return got
 
-    def note_retrieved(self, ids: torch.Tensor, capacity: int) -> None:
+    def note_retrieved(self, ids: np.ndarray) -> None:
         """The positions retrieved this step ([B, 1, Hq, k], host) count as seen by the cached queries that the
-        coming commit keeps (with `capacity`). Positions at or beyond an entry's bound stay too: kvd never
-        counts them as new for it (they were in its window)."""
-        for p in range(max(0, len(self) - capacity + 1), len(self)):
+        coming commit keeps. Positions at or beyond an entry's bound stay too: kvd never counts them as new for
+        it (they were in its window)."""
+        for p in range(max(0, len(self) - self.capacity + 1), len(self)):
             self.seen[p] = np.concatenate([self.seen[p], ids], axis=-1)
 
     def stage(self, res: Any, count: int) -> torch.Tensor:
@@ -144,35 +196,16 @@ class RetroLayer:
             parts[3].copy_(res.past_lse)
         return host
 
-    def rows(self, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cached outputs followed by the new token's device-window part (out [B, 1, Hq, D], lse
-        [B, 1, Hq, 1], as ops.window_attention(rows=True)): [B, P + 1, Hq, D] and [B, P + 1, Hq, 1], float32."""
-        if self.out is None or self.lse is None:
-            return out.float(), lse
-        return torch.cat([self.out, out], dim=1), torch.cat([self.lse, lse], dim=1)  # cat promotes to float32
-
-    def commit(self, out: torch.Tensor, lse: torch.Tensor, queries: torch.Tensor, seen: np.ndarray,
-               seen_from: int, capacity: int) -> None:
-        """The step's final rows (corrected past outputs, then the new token's; out, lse and `queries` (as
-        `with_query`) hold P + 1 rows, or only the last ones) become the cache, with the new token's seen
-        positions (host [B, 1, Hq, k], kept as given) and bound; keeps at most `capacity` entries."""
+    def commit(self, seen: np.ndarray, seen_from: int) -> None:
+        """The step's rows (corrected in place) become the cache, with the new token's seen positions (host
+        [B, 1, Hq, k], kept as given) and bound; keeps at most `capacity` entries."""
         self.seen.append(seen)
         self.seen_from.append(seen_from)
-        keep = min(capacity, len(self))
-        drop = len(self) - keep
-        if drop:
-            del self.seen[:drop], self.seen_from[:drop]
-        self.queries = _last_rows(queries, keep)
-        self.out = _last_rows(out, keep)
-        self.lse = _last_rows(lse, keep)
+        self.keep_newest(min(self.capacity, len(self)))
 
     def nbytes(self) -> int:
-        tensors = [self.queries, self.out, self.lse]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None) + sum(s.nbytes for s in self.seen)
-
-
-def _last_rows(rows: torch.Tensor, keep: int) -> torch.Tensor:
-    return rows if rows.shape[1] == keep else rows[:, rows.shape[1] - keep:]
+        buffers = sum(t.numel() * t.element_size() for t in self.buffers or ())
+        return buffers + sum(s.nbytes for s in self.seen)
 
 
 _UNWRITTEN = object()
@@ -201,7 +234,7 @@ class PastInputs:
 
     def write(self, cache: RetroLayer, memo: dict[tuple[int, ...], torch.Tensor], end: int | None) -> None:
         """The layer's seen ids and bounds written into the plan's inputs (the queries travel with the new
-        token's, `RetroLayer.with_query`)."""
+        token's, `StepViews.queries`)."""
         if self.seen_ids is not None:
             np.copyto(self.seen_ids, cache.seen_ids())
         seen_from = cache.bounds(memo, end)
@@ -248,7 +281,7 @@ class RetroState:
 
     def layer(self, idx: int) -> RetroLayer:
         while len(self.layers) <= idx:
-            self.layers.append(RetroLayer())
+            self.layers.append(RetroLayer(self.capacity))
         return self.layers[idx]
 
     def cached(self) -> int:
@@ -285,43 +318,41 @@ class RetroState:
         own): PastInputs.write with the layers' shared bounds."""
         self.past_inputs(plan).write(cache, self.bounds, end)
 
-    def finish(self, cache: RetroLayer, res: Any, base: tuple[torch.Tensor, torch.Tensor], queries: torch.Tensor,
-               seen_from: int, device: torch.device) -> torch.Tensor:
+    def finish(self, cache: RetroLayer, res: Any, base: tuple[torch.Tensor, torch.Tensor], seen_from: int,
+               device: torch.device) -> torch.Tensor:
         """The rest of a retro step once kvd answered (`res`, with past fields when the layer's cache holds
         entries; its tensors kept: not views that the next call rewrites): one host-to-device copy of the answer,
-        one exact log-sum-exp merge for all rows with `base` (`cache.rows` of the new token's window part,
-        computed while kvd works: the cached outputs, then the window part; never empty, each row's window holds
-        at least its own token), and the commit (`queries` as `RetroLayer.with_query`). Returns the outputs of
-        all rows, float32 [B, P + 1, Hq, D]."""
+        one exact log-sum-exp merge for all rows into `base` (`RetroLayer.put_window`'s rows, filled while kvd
+        worked: the cached outputs, then the window part; never empty, each row's window holds at least its own
+        token), and the commit. Returns the outputs of all rows, float32 [B, P + 1, Hq, D]."""
         count = len(cache)
         both = cache.stage(res, count).to(device, non_blocking=True)
         d = both.shape[-1] - 1
-        out, lse = self.merge(both[..., :d], both[..., d:], base)
+        out, _ = self.merge(both[..., :d], both[..., d:], base)
         packed = getattr(res, "packed", None)
         past_lse = (res.past_lse if packed is None else packed[:, :count, :, -1]) if count else None
-        self.record(cache, res.ids.numpy()[:, None], None if past_lse is None else past_lse.numpy(), out, lse,
-                    queries, seen_from)
+        self.record(cache, res.ids.numpy()[:, None], None if past_lse is None else past_lse.numpy(), seen_from)
         return out
 
     @staticmethod
     def merge(out_r: torch.Tensor, lse_r: torch.Tensor, base: tuple[torch.Tensor, torch.Tensor]
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """kvd's answer on the device (out_r [B, P + 1, Hq, D], lse_r [B, P + 1, Hq, 1]) merged with `base` (the
-        same shapes): the outputs and log-sum-exps of all rows."""
+        """kvd's answer on the device (out_r [B, P + 1, Hq, D], lse_r [B, P + 1, Hq, 1]) merged into `base` (the
+        same shapes; the layer's rows, updated in place): the outputs and log-sum-exps of all rows."""
         base_out, base_lse = base
-        out = torch.lerp(base_out, out_r, torch.sigmoid(lse_r - base_lse))
-        return out, torch.logaddexp(base_lse, lse_r)
+        base_out.lerp_(out_r, torch.sigmoid(lse_r - base_lse))
+        torch.logaddexp(base_lse, lse_r, out=base_lse)
+        return base_out, base_lse
 
-    def record(self, cache: RetroLayer, ids: np.ndarray, past_lse: np.ndarray | None, out: torch.Tensor,
-               lse: torch.Tensor, queries: torch.Tensor, seen_from: int) -> None:
+    def record(self, cache: RetroLayer, ids: np.ndarray, past_lse: np.ndarray | None, seen_from: int) -> None:
         """The host side of a step once its reply is read: the retrieved ids ([B, 1, Hq, k], kept: not a view
         that the next call rewrites) count as seen by the cached queries, the past rows' lse [B, P, Hq] count the
         corrections, and the step's rows are committed."""
         if len(cache):
-            cache.note_retrieved(ids, self.capacity)
+            cache.note_retrieved(ids)
             if past_lse is not None:
                 self.corrections += int(np.count_nonzero(np.isfinite(past_lse)))
-        cache.commit(out, lse, queries, ids, seen_from, self.capacity)
+        cache.commit(ids, seen_from)
 
 
 # --- the forward hooks that turn a one-token decode call into a retro step -------------------------------------
@@ -396,4 +427,4 @@ def install(model: torch.nn.Module) -> None:
     model._kvd_retro_hooked = True
 
 
-__all__ = ["MAX_WINDOW", "PastInputs", "RetroLayer", "RetroState", "install", "post_hook", "pre_hook"]
+__all__ = ["MAX_WINDOW", "PastInputs", "RetroLayer", "RetroState", "StepViews", "install", "post_hook", "pre_hook"]
