@@ -54,3 +54,33 @@ def test_summary_gives_each_variant_its_median_and_the_difference_to_base() -> N
     assert got["retro w=2 - base"]["wall_ms"] == pytest.approx(2.0)
     assert got["retro w=2 - base"]["starved_ms"] == pytest.approx(1.0)
     assert got["retro w=2 - base"]["device_ops"] == 0
+
+
+def test_frame_split_gives_the_innermost_function_its_wall_and_starved_time() -> None:
+    """Python calls nested on the model's thread: each span of the step goes to the innermost function whose name
+    matches (time outside any to "<outside>"), and the starved intervals are split the same way."""
+    from bench.retro_trace import frame_split, frame_table
+
+    def call(name: str, ts: float, dur: float, tid: int = 1) -> dict:
+        return {"ph": "X", "cat": "python_function", "name": name, "ts": ts, "dur": dur, "tid": tid}
+
+    def step(variant: str, ts: float) -> dict:
+        return {"ph": "X", "cat": "user_annotation", "name": f"{STEP_PREFIX}{variant} 0", "ts": ts, "dur": 100.0,
+                "tid": 1}
+
+    events = [
+        step("base", 0.0), call("/x/kvd_transformers/cache.py(1): attend", 10.0, 50.0),
+        call("/x/torch/other.py(3): helper", 20.0, 10.0),  # not matched: its time stays with attend
+        step("retro w=2", 200.0), call("/x/kvd_transformers/cache.py(1): attend", 210.0, 80.0),
+        call("/x/kvd_transformers/retro.py(9): merge", 220.0, 30.0),
+        call("/x/kvd_transformers/retro.py(9): merge", 230.0, 5.0, tid=2),  # another thread: ignored
+    ]
+    starved = [("base", 40.0, 70.0), ("retro w=2", 240.0, 260.0)]
+    got = frame_split(events, starved, ("kvd_transformers",))
+    assert got["base"]["cache.py: attend"] == {"cpu": 50.0, "starved": 20.0}
+    assert got["base"]["<outside>"] == {"cpu": 50.0, "starved": 10.0}
+    assert got["retro w=2"]["retro.py: merge"] == {"cpu": 30.0, "starved": 10.0}
+    assert got["retro w=2"]["cache.py: attend"] == {"cpu": 50.0, "starved": 10.0}
+    assert got["retro w=2"]["<outside>"] == {"cpu": 20.0, "starved": 0.0}
+    rows = {r["frame"]: r for r in frame_table(got, {"base": 1, "retro w=2": 1})}
+    assert rows["retro.py: merge"]["extra_cpu_us"] == 30.0 and rows["cache.py: attend"]["extra_starved_us"] == -10.0
