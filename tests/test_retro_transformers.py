@@ -109,7 +109,8 @@ class RetroProbe(KVDCache):
         pos = resident_positions(layer)
         replies = self.retrieve_log[before:]
         self.calls.append({
-            "layer": layer_idx, "query": query.detach().clone(), "out": out.detach().clone(), "total": layer.total,
+            "layer": layer_idx, "query": query.detach().clone(), "out": out.detach().clone(), "returned": out,
+            "total": layer.total,
             "end": layer.offloaded_end(), "positions": torch.arange(layer.total) if pos is None else pos,
             "keys": key.detach().clone(), "values": value.detach().clone(),
             "ids": replies[-1][1].ids if replies else None})
@@ -178,6 +179,8 @@ def test_corrected_outputs_equal_union_attention(shared_daemon: Any) -> None:
     got = kvd_steps(model, cache, ids, 120)
     assert cache.retro is not None and cache.retro.corrections > 0
     assert check_unions(cache, client, 3) > 10
+    # the outputs handed to the model are its own: not rows of the output cache that later steps rewrite
+    assert all(torch.equal(call["returned"], call["out"]) for call in cache.calls)
     local = kvd_steps(model, KVDCache(LocalKvdClient(), session=["l0", "l1"], top_k=3, retro=True, retro_window=3,
                                       **SMALL), ids, 120)
     assert torch.allclose(got, local, atol=1e-5), (got - local).abs().max()

@@ -978,7 +978,7 @@ class KVDCache(Cache):
                 out = self._attend_retro_blocking(layer_idx, layer, cache, q_new, key, value, valid, ranges, scale,
                                                   end)
         self.stats.decode_s += time.perf_counter() - t0
-        return out.transpose(1, 2).to(query.dtype)
+        return out.transpose(1, 2).to(query.dtype, copy=True)  # out: rows of the layer's buffers, rewritten later
 
     def _attend_retro_blocking(self, layer_idx: int, layer: KVDLayer, cache: RetroLayer, q_new: torch.Tensor,
                                key: torch.Tensor, value: torch.Tensor, valid: Any, ranges: list[tuple[int, int]],

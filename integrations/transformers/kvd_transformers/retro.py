@@ -52,9 +52,9 @@ class RetroLayer:
     The device state lives in three float32 row buffers on the model's device, queries [B, R, Hq, D], outputs
     [B, R, Hq, D] and log-sum-exps [B, R, Hq, 1], whose rows [start, start + P) hold the P cached entries. A step
     writes the new token's query and window part into row start + P (`begin`, `put_window`), the merge corrects
-    rows [start, start + P + 1) in place, and the commit only moves `start` past the entries it drops: no cat and
-    no copy per step (a torch call costs the model's thread more than these kernels cost the device). When the
-    buffers are full, the cached rows move to the front (one copy per buffer every R - P - 1 steps)."""
+    rows [start, start + P + 1) in place, and the commit only moves `start` past the entries it drops: no cat, and
+    the commit copies nothing (a torch call costs the model's thread more than these kernels cost the device).
+    When the buffers are full, the cached rows move to the front (one copy per buffer every R - P - 1 steps)."""
 
     def __init__(self, capacity: int = 1) -> None:
         self.capacity = capacity
