@@ -54,10 +54,21 @@ def _kind(event: dict[str, Any]) -> str:
     return "gemm" if any(part in name for part in ("gemm", "gemv", "nvjet", "cutlass", "splitk")) else "kernel"
 
 
-def split_steps(events: list[dict[str, Any]], prefix: str = STEP_PREFIX,
-                starved_at: list[tuple[str, float, float]] | None = None) -> list[dict[str, Any]]:
-    """A chrome trace's events (torch.profiler.export_chrome_trace) -> one row per `prefix` annotation (name
-    "<prefix><variant> <step>", covering the forward and its final device sync): the annotation's wall time and the
+def _is_step(event: dict[str, Any]) -> bool:
+    """A step's annotation: "<STEP_PREFIX><variant> <step>"."""
+    return event.get("ph") == "X" and event.get("cat") == "user_annotation" \
+        and str(event.get("name", "")).startswith(STEP_PREFIX)
+
+
+def _step_label(event: dict[str, Any]) -> tuple[str, int]:
+    variant, _, index = event["name"][len(STEP_PREFIX):].rpartition(" ")
+    return variant, int(index)
+
+
+def split_steps(events: list[dict[str, Any]], starved_at: list[tuple[str, float, float]] | None = None
+                ) -> list[dict[str, Any]]:
+    """A chrome trace's events (torch.profiler.export_chrome_trace) -> one row per step annotation (name
+    "<STEP_PREFIX><variant> <step>", covering the forward and its final device sync): the annotation's wall time and the
     device timeline inside it split into busy (by kind), starved and waiting, in ms; and the operations counted.
     `starved_at` receives each starved interval as (variant, begin us, end us)."""
     launches: dict[int, tuple[float, float]] = {}
@@ -71,14 +82,14 @@ def split_steps(events: list[dict[str, Any]], prefix: str = STEP_PREFIX,
             launches[corr] = (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)))
         elif cat in _DEVICE_CATS:
             device.append(e)
-        elif cat == "user_annotation" and str(e.get("name", "")).startswith(prefix):
+        elif _is_step(e):
             steps.append(e)
     device.sort(key=lambda e: float(e["ts"]))
     starts = [float(e["ts"]) for e in device]
     rows = []
     for step in sorted(steps, key=lambda e: float(e["ts"])):
         begin, end = float(step["ts"]), float(step["ts"]) + float(step["dur"])
-        variant, _, index = step["name"][len(prefix):].rpartition(" ")
+        variant, index = _step_label(step)
         busy: dict[str, float] = defaultdict(float)
         starved = waiting = 0.0
         frontier = begin  # the device is idle from here until the next operation starts
@@ -100,7 +111,7 @@ def split_steps(events: list[dict[str, Any]], prefix: str = STEP_PREFIX,
             if finish > frontier:
                 busy[_kind(e)] += finish - max(ts, frontier)
                 frontier = finish
-        rows.append({"variant": variant, "step": int(index), "wall_ms": (end - begin) / 1000,
+        rows.append({"variant": variant, "step": index, "wall_ms": (end - begin) / 1000,
                      "busy_ms": sum(busy.values()) / 1000, "gemm_ms": busy["gemm"] / 1000,
                      "kernel_ms": busy["kernel"] / 1000, "copy_ms": busy["copy"] / 1000,
                      "starved_ms": starved / 1000, "waiting_ms": waiting / 1000,
@@ -109,13 +120,12 @@ def split_steps(events: list[dict[str, Any]], prefix: str = STEP_PREFIX,
 
 
 def frame_split(events: list[dict[str, Any]], starved_at: list[tuple[str, float, float]],
-                patterns: tuple[str, ...], prefix: str = STEP_PREFIX) -> dict[str, dict[str, dict[str, float]]]:
+                patterns: tuple[str, ...]) -> dict[str, dict[str, dict[str, float]]]:
     """With a trace recorded with_stack (python_function events): per variant and per innermost Python function
     whose name holds one of `patterns` ("<outside>" where none is open), the model thread's wall time inside the
     steps (cpu) and the part of it during which the device starved (starved: `starved_at`, from split_steps),
     in us summed over the steps."""
-    steps = [e for e in events if e.get("ph") == "X" and e.get("cat") == "user_annotation"
-             and str(e.get("name", "")).startswith(prefix)]
+    steps = [e for e in events if _is_step(e)]
     if not steps:
         return {}
     thread = steps[0].get("tid")
@@ -126,7 +136,7 @@ def frame_split(events: list[dict[str, Any]], starved_at: list[tuple[str, float,
             ts, dur = float(e["ts"]), float(e.get("dur", 0.0))
             marks += [(ts, 1, i, e["name"]), (ts + dur, 0, i, e["name"])]
     for s in steps:
-        variant = s["name"][len(prefix):].rpartition(" ")[0]
+        variant = _step_label(s)[0]
         marks += [(float(s["ts"]), 2, -1, variant), (float(s["ts"]) + float(s["dur"]), -1, -1, variant)]
     marks.sort(key=lambda m: (m[0], m[1]))
     starved = sorted((a, b) for _, a, b in starved_at)
@@ -237,8 +247,8 @@ def save_events(events: list[dict[str, Any]], path: str, last: int) -> None:
     """The events that begin inside the `last` traced steps of each variant, gzipped JSON."""
     steps: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for e in events:
-        if e.get("cat") == "user_annotation" and str(e.get("name", "")).startswith(STEP_PREFIX):
-            steps[e["name"][len(STEP_PREFIX):].rpartition(" ")[0]].append((float(e["ts"]), float(e["ts"]) + e["dur"]))
+        if _is_step(e):
+            steps[_step_label(e)[0]].append((float(e["ts"]), float(e["ts"]) + e["dur"]))
     windows = sorted(w for got in steps.values() for w in sorted(got)[-last:])
     if not windows:
         return
